@@ -1,0 +1,37 @@
+"""nnx-parallel: tensor parallelism, FSDP and ZeRO for unmodified Flax NNX models."""
+
+from nnx_parallel.decorators import get_declared, sharded
+from nnx_parallel.errors import MeshError, ParallelError, PlanError
+from nnx_parallel.hooks import FallbackWarning, ModuleHooks
+from nnx_parallel.parallelize import parallelize
+from nnx_parallel.plan import ParamEntry, Resolution, resolve
+from nnx_parallel.styles import (
+    FSDP,
+    ColumnParallel,
+    ModuleContext,
+    Replicated,
+    RowParallel,
+    Shard,
+    Style,
+)
+
+__all__ = [
+    "FSDP",
+    "ColumnParallel",
+    "FallbackWarning",
+    "MeshError",
+    "ModuleContext",
+    "ModuleHooks",
+    "ParallelError",
+    "ParamEntry",
+    "PlanError",
+    "Replicated",
+    "Resolution",
+    "RowParallel",
+    "Shard",
+    "Style",
+    "get_declared",
+    "parallelize",
+    "resolve",
+    "sharded",
+]

@@ -1,0 +1,135 @@
+"""Every version-sensitive JAX / Flax access, in one place.
+
+Flax renamed the sharding metadata key across releases (`sharding`,
+`sharding_names`, `out_sharding`) and deprecated `Variable.value`; JAX moved
+`shard_map`, added `AxisType` and `reshard`. Nothing else in the package
+touches these APIs directly, so a new release means editing this file only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# The metadata key `nnx.with_partitioning` writes, newest first.
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+SHARDING_KEY = "out_sharding"
+# Our own marker: which plan pattern (or decorator) set a Variable's spec.
+SOURCE_KEY = "nnx_parallel_source"
+
+UNCONSTRAINED = P.UNCONSTRAINED
+
+
+# Variables ----------------------------------------------------------------
+
+
+def get_value(var: nnx.Variable) -> Any:
+    return var.get_value()
+
+
+def set_value(var: nnx.Variable, value: Any) -> None:
+    var.set_value(value)
+
+
+def get_metadata(var: nnx.Variable) -> dict[str, Any]:
+    return dict(var.get_metadata())
+
+
+def get_declared_spec(var: nnx.Variable) -> tuple | None:
+    """The spec a Variable's own metadata declares (any key Flax ever used)."""
+    meta = get_metadata(var)
+    for key in _SHARDING_KEYS:
+        value = meta.get(key)
+        if value:
+            return tuple(value)
+    return None
+
+
+def set_sharding_metadata(var: nnx.Variable, spec: P, mesh: Mesh, source: str) -> None:
+    """Writes what `nnx.with_partitioning(init, spec, mesh)` would have written."""
+    var.set_metadata(**{SHARDING_KEY: tuple(spec), "mesh": mesh, SOURCE_KEY: source})
+
+
+def restore_metadata(var: nnx.Variable, metadata: dict[str, Any]) -> None:
+    """Puts a Variable's metadata back exactly as `get_metadata` returned it."""
+    current = get_metadata(var)
+    for key in current:
+        if key not in metadata:
+            var.del_metadata(key)
+    var.set_metadata(**metadata)
+
+
+# Meshes -------------------------------------------------------------------
+
+
+def axis_type(mesh: Mesh, axis: str) -> Any:
+    types = getattr(mesh, "axis_types", None)
+    if types is None:
+        return AxisType.Auto
+    return dict(zip(mesh.axis_names, types))[axis]
+
+
+def is_explicit(mesh: Mesh, axes=None) -> bool:
+    """True if any of `axes` (default: all of them) is an Explicit mesh axis."""
+    axes = mesh.axis_names if axes is None else axes
+    return any(axis_type(mesh, a) == AxisType.Explicit for a in axes)
+
+
+def make_mesh(shape, names, *, explicit: bool, devices=None) -> Mesh:
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    kwargs = {} if devices is None else {"devices": devices}
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=(kind,) * len(names), **kwargs)
+
+
+def manual_axes() -> frozenset[str]:
+    """Mesh axes that are manual (inside `shard_map`) at the current trace."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
+
+
+def current_mesh_is_empty() -> bool:
+    return jax.sharding.get_abstract_mesh().empty
+
+
+def spec_of(x: Any) -> P | None:
+    """The PartitionSpec in an array's type (Explicit axes only), else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - non-array leaves have no type sharding
+        return None
+    spec = getattr(sharding, "spec", None)
+    return spec
+
+
+# Sharding ops ---------------------------------------------------------------
+
+
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs, axis_names):
+    return jax.shard_map(
+        f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axis_names)
+    )
+
+
+def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+    """Lays `x` out as `spec`: `reshard` on Explicit axes, a constraint on Auto."""
+    if is_explicit(mesh):
+        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def auto_axes(f, *, mesh: Mesh, out_sharding):
+    return jax.sharding.auto_axes(f, axes=tuple(mesh.axis_names), out_sharding=out_sharding)
+
+
+def checkpoint_name(x, name: str):
+    from jax.ad_checkpoint import checkpoint_name as _name
+
+    return _name(x, name)
+
+
+def device_put(value: Any, sharding: NamedSharding) -> Any:
+    return jax.device_put(value, sharding)

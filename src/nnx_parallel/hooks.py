@@ -1,0 +1,397 @@
+"""Call-time hooks: activation layouts and FSDP gathers around a module's call.
+
+NNX has no hook registry, so a hooked module gets a generated subclass of its
+own class (`isinstance(layer, nnx.Linear)` stays true) whose hooked methods
+run the steps below around the original method. The hook configuration is a
+hashable frozen dataclass stored on the subclass, so `nnx.split`/`merge`,
+`nnx.clone` and `nnx.jit` carry it along with the graph definition.
+
+FSDP gathers run the module inside a `shard_map` over the batch axes and
+`all_gather` the module's own parameters there. The transpose of that
+all-gather is a reduce-scatter, so gradients leave the module already summed
+over the batch and sharded: no full all-reduce, on any backend. Annotating
+parameters and letting GSPMD propagate instead compiles to an all-gather plus
+a full all-reduce of every gradient (2x the traffic) on backends where XLA
+does not rewrite it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nnx_parallel import _compat
+
+GATHERED_NAME = "nnx_parallel_gathered"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Activation layouts around a call, each aligned to trailing dims.
+
+    `input` lays out the first positional argument before the call, `output`
+    every array the call returns. Leading dims stay as they are (Auto axes)
+    or keep the input's batch layout (Explicit axes). `rank_delta` is the
+    output rank minus the input rank (Embed: +1).
+    """
+
+    input: tuple | None = None
+    output: tuple | None = None
+    rank_delta: int = 0
+    force_auto: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """FSDP: all-gather `params` ((name, dim) pairs) over `axes` per call."""
+
+    axes: tuple[str, ...]
+    batch_axes: tuple[str, ...]
+    params: tuple[tuple[str, int], ...]
+    remat: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleHooks:
+    """Everything a module does at call time, merged from all its styles."""
+
+    layout: Layout | None = None
+    gather: Gather | None = None
+    methods: tuple[str, ...] = ("__call__",)
+    mesh: Mesh | None = None
+
+    def merge(self, other: ModuleHooks | None) -> ModuleHooks:
+        if other is None:
+            return self
+        return ModuleHooks(
+            layout=other.layout or self.layout,
+            gather=other.gather or self.gather,
+            methods=tuple(dict.fromkeys(self.methods + other.methods)),
+            mesh=other.mesh or self.mesh,
+        )
+
+
+# Installing ---------------------------------------------------------------------
+
+_HOOKS_ATTR = "__nnx_parallel_hooks__"
+_BASE_ATTR = "__nnx_parallel_base__"
+
+
+@functools.cache
+def _hooked_class(base: type, hooks: ModuleHooks) -> type:
+    namespace = {
+        _HOOKS_ATTR: hooks,
+        _BASE_ATTR: base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    for name in hooks.methods:
+        namespace[name] = _wrap(getattr(base, name), name)
+    return type(base.__name__, (base,), namespace)
+
+
+def base_class(module: Any) -> type:
+    """The user's class of a (possibly hooked) module."""
+    return getattr(type(module), _BASE_ATTR, type(module))
+
+
+def get_hooks(module: Any) -> ModuleHooks | None:
+    return getattr(type(module), _HOOKS_ATTR, None)
+
+
+def install(module: nnx.Module, hooks: ModuleHooks) -> None:
+    """Swaps `module`'s class for the hooked subclass of its base class."""
+    object.__setattr__(module, "__class__", _hooked_class(base_class(module), hooks))
+
+
+def uninstall(module: nnx.Module) -> None:
+    object.__setattr__(module, "__class__", base_class(module))
+
+
+# Running ----------------------------------------------------------------------------
+
+
+def _wrap(method, name: str):
+    @functools.wraps(method)
+    def hooked(self, *args, **kwargs):
+        hooks: ModuleHooks = getattr(type(self), _HOOKS_ATTR)
+        layout = hooks.layout if name == "__call__" else None
+        return _run(self, method, hooks, layout, args, kwargs)
+
+    return hooked
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array) or hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _full_spec(x, trailing: tuple, mesh: Mesh, out_ndim: int | None = None) -> P:
+    """`trailing` padded on the left to the rank of `x` (or `out_ndim`)."""
+    ndim = x.ndim if out_ndim is None else out_ndim
+    n_lead = max(ndim - len(trailing), 0)
+    if _explicit_here(mesh):
+        spec = tuple(_compat.spec_of(x) or ())
+        spec = spec + (None,) * (x.ndim - len(spec))
+        lead = tuple(spec[i] if i < x.ndim else None for i in range(n_lead))
+    else:
+        lead = (_compat.UNCONSTRAINED,) * n_lead
+    return P(*(lead + tuple(trailing)[-ndim:] if ndim else ()))
+
+
+def _drop_manual(spec: P) -> P:
+    """Removes axes that are manual at this trace (we are inside shard_map)."""
+    manual = _compat.manual_axes()
+    if not manual:
+        return spec
+    out = []
+    for entry in spec:
+        if entry is _compat.UNCONSTRAINED or entry is None:
+            out.append(entry)
+            continue
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(n for n in names if n not in manual)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+
+def _constrain(x, spec: P, mesh: Mesh):
+    spec = _drop_manual(spec)
+    if all(e is _compat.UNCONSTRAINED for e in spec):
+        return x
+    here = _context_mesh(mesh)
+    if _explicit_here(mesh):
+        return jax.sharding.reshard(x, NamedSharding(here, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(here, spec))
+
+
+def _run(module, method, hooks: ModuleHooks, layout: Layout | None, args, kwargs):
+    mesh = hooks.mesh
+    if hooks.gather is None:
+        call = method if layout is None else _with_layout(method, layout, mesh)
+        return call(module, *args, **kwargs)
+    if layout is not None and _explicit_here(mesh) and args and _is_array(args[0]):
+        # Explicit axes: run the gather + layout with Auto axes inside and give
+        # the result the layout's sharding (JAX cannot yet transpose a gather
+        # inside a partly-manual shard_map over Explicit axes).
+        x = args[0]
+        out_spec = _drop_manual(_full_spec(x, layout.output or (), mesh, x.ndim + layout.rank_delta))
+        auto_layout = dataclasses.replace(layout, force_auto=True)
+        inner = _with_layout(method, auto_layout, mesh)
+        graphdef, state = nnx.split(module)
+
+        def run(state, *a):
+            clone = nnx.merge(graphdef, state)
+            out = _gather_call(clone, inner, hooks.gather, mesh, a, kwargs)
+            return out, nnx.state(clone, nnx.Not(nnx.Param))
+
+        out, rest = _compat.auto_axes(run, mesh=mesh, out_sharding=(out_spec, None))(state, *args)
+        nnx.update(module, rest)
+        return out
+    call = method if layout is None else _with_layout(method, layout, mesh)
+    return _gather_call(module, call, hooks.gather, mesh, args, kwargs)
+
+
+def _context_mesh(mesh: Mesh):
+    """The mesh to build shardings on here: the trace's abstract mesh where it
+    differs from `mesh` (inside shard_map or auto_axes), else `mesh`."""
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or tuple(context.axis_types) == tuple(mesh.axis_types) and not _compat.manual_axes():
+        return mesh
+    return context
+
+
+def _explicit_here(mesh: Mesh) -> bool:
+    context = _context_mesh(mesh)
+    manual = _compat.manual_axes()
+    return any(
+        t == jax.sharding.AxisType.Explicit
+        for a, t in zip(context.axis_names, context.axis_types)
+        if a not in manual
+    )
+
+
+def _with_layout(method, layout: Layout, mesh: Mesh):
+    accepts_out_sharding = "out_sharding" in inspect.signature(method).parameters
+
+    def call(module, *args, **kwargs):
+        if args and _is_array(args[0]) and layout.input is not None:
+            args = (_constrain(args[0], _full_spec(args[0], layout.input, mesh), mesh),) + args[1:]
+        explicit = _explicit_here(mesh) and not layout.force_auto
+        if layout.output is None or not (args and _is_array(args[0])):
+            return method(module, *args, **kwargs)
+        x = args[0]
+        out_ndim = x.ndim + layout.rank_delta
+        if explicit:
+            out_spec = _drop_manual(_full_spec(x, layout.output, mesh, out_ndim))
+            if accepts_out_sharding and kwargs.get("out_sharding") is None:
+                return method(module, *args, **{**kwargs, "out_sharding": out_spec})
+            return _compat.auto_axes(
+                lambda *a: method(module, *a, **kwargs), mesh=mesh, out_sharding=out_spec
+            )(*args)
+        out = method(module, *args, **kwargs)
+        return jax.tree.map(
+            lambda y: _constrain(y, _full_spec(y, layout.output, mesh), mesh) if _is_array(y) and y.ndim else y,
+            out,
+        )
+
+    return call
+
+
+# FSDP ----------------------------------------------------------------------------------
+
+
+def _gather_param(value, dim: int, axes: tuple[str, ...], remat: bool):
+    out = jax.lax.all_gather(value, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
+    if remat:
+        out = _compat.checkpoint_name(out, GATHERED_NAME)
+    return out
+
+
+def _map_state(fn, state):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    return jax.tree_util.tree_unflatten(treedef, [fn(_strip(p), v) for p, v in leaves])
+
+
+def _strip(path):
+    """Key path of a state leaf without the trailing Variable-value entry."""
+    keys = [k for k in path if hasattr(k, "key") or hasattr(k, "idx")]
+    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keys)
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, FallbackWarning, stacklevel=4)
+
+
+class FallbackWarning(UserWarning):
+    """A hook fell back to a correct but costlier layout."""
+
+
+def _gather_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
+    manual = _compat.manual_axes()
+    graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
+    if set(gather.axes) <= manual:
+        # Already inside an enclosing module's shard_map: gather our own params.
+        inner = nnx.merge(graphdef, _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate), rest)
+        return call(inner, *args, **kwargs)
+    batch_axes = tuple(a for a in gather.batch_axes if a not in manual)
+    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+    array_args = [a for a in jax.tree.leaves((args, kwargs)) if _is_array(a)]
+    reason = None
+    if any(a.ndim == 0 or a.shape[0] % n_batch for a in array_args):
+        shapes = [tuple(a.shape) for a in array_args]
+        reason = f"input shapes {shapes} do not split over batch axes {batch_axes} (size {n_batch})"
+    elif jax.tree.leaves(rest):
+        reason = "it holds non-parameter state (caches, batch stats, rngs) a shard_map cannot carry"
+    if reason is not None:
+        _warn_once(
+            (base_name(module), reason),
+            f"FSDP on {base_name(module)}: {reason}; gathering its parameters with a sharding "
+            "constraint instead, which costs a full all-reduce of their gradients.",
+        )
+        return _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
+    return _shard_map_call(call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs)
+
+
+def base_name(module) -> str:
+    return base_class(module).__name__
+
+
+def _manual_spec(spec: P, manual: set[str]) -> P:
+    out = []
+    for entry in spec:
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n in manual)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+
+def _param_specs(pstate):
+    """Each parameter's resolved spec, read from its `out_sharding` metadata."""
+
+    def spec(var):
+        declared = _compat.get_declared_spec(var)
+        return P(*declared) if declared is not None else P()
+
+    return jax.tree.map(spec, pstate, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs):
+    manual = set(batch_axes) | set(gather.axes)
+    batch_entry = batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    param_in = jax.tree.map(lambda s: _manual_spec(s, manual), _param_specs(pstate))
+
+    def leaf_spec(x):
+        return P(batch_entry) if _is_array(x) else None
+
+    arg_in = jax.tree.map(leaf_spec, (args, kwargs))
+    if _explicit_here(mesh):
+        args, kwargs = jax.tree.map(
+            lambda x: _reshard_batch(x, batch_entry, mesh) if _is_array(x) else x, (args, kwargs)
+        )
+
+    def body(pstate, inputs):
+        a, kw = inputs
+        inner = nnx.merge(graphdef, _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate), rest)
+        return call(inner, *a, **kw)
+
+    if gather.remat:
+        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED_NAME)
+        body = jax.checkpoint(body, policy=policy)
+    mapped = _compat.shard_map(
+        body, mesh=_context_mesh(mesh), in_specs=(param_in, arg_in), out_specs=P(batch_entry),
+        axis_names=manual,
+    )
+    return mapped(pstate, (args, kwargs))
+
+
+def _maybe_gather(path, value, gather: Gather):
+    dims = dict(gather.params)
+    name = ".".join(str(k) for k in path)
+    dim = dims.get(name)
+    return value if dim is None else _gather_param(value, dim, gather.axes, gather.remat)
+
+
+def _reshard_batch(x, batch_entry, mesh: Mesh):
+    spec = tuple(_compat.spec_of(x) or ())
+    spec = spec + (None,) * (x.ndim - len(spec))
+    if spec[0] == batch_entry:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(batch_entry, *spec[1:])))
+
+
+def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
+    axes = set(gather.axes)
+    specs = _param_specs(pstate)
+
+    def strip(path, value):
+        name = ".".join(str(k) for k in path)
+        if name not in dict(gather.params):
+            return value
+        spec = specs_by_name[name]
+        kept = []
+        for entry in spec:
+            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            left = tuple(n for n in names if n not in axes)
+            kept.append(left[0] if len(left) == 1 else (left or None))
+        return _compat.constrain(value, mesh, P(*kept))
+
+    specs_by_name = {".".join(str(k) for k in _strip(p)): s for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+    inner = nnx.merge(graphdef, _map_state(strip, pstate), rest)
+    out = call(inner, *args, **kwargs)
+    nnx.update(module, nnx.state(inner, nnx.Not(nnx.Param)))
+    return out

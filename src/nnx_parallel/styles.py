@@ -1,0 +1,511 @@
+"""Plan entries: frozen dataclasses that answer "which spec for this parameter?".
+
+A style implements the small `Style` protocol: `param_specs(ctx)` returns the
+PartitionSpec of each parameter a module owns, and `hooks(ctx, specs)` returns
+the call-time layout the module needs (or None). `parallelize` never checks
+for concrete style types, so a user extends the library by writing one class.
+
+PyTorch names: `ColwiseParallel` -> `ColumnParallel`, `RowwiseParallel` ->
+`RowParallel`, `fully_shard` -> `FSDP`, `NoParallel` -> `Replicated`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from nnx_parallel.errors import PlanError, did_you_mean
+from nnx_parallel.hooks import Gather, Layout, ModuleHooks
+
+AxisNames = str | tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleContext:
+    """What a style sees of one module while a plan is resolved.
+
+    Attributes:
+      path: Dotted module path ("" for the root).
+      pattern: The plan pattern (or "@sharded") that selected this style.
+      module: The module itself (possibly abstract, from `nnx.eval_shape`).
+      shapes: Parameter name -> shape, for the parameters this module owns.
+      current: Parameter name -> spec assigned so far (earlier styles in a
+        tuple, or an earlier `parallelize` call); None where unassigned.
+      mesh: The mesh.
+    """
+
+    path: str
+    pattern: str
+    module: Any
+    shapes: Mapping[str, tuple[int, ...]]
+    current: Mapping[str, P | None]
+    mesh: Mesh
+
+    def param_path(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, style: Any, name: str | None, why: str, fix: str) -> PlanError:
+        where = f"{self.param_path(name)!r}" if name else f"module {self.path or '<root>'!r}"
+        return PlanError(f"{style!r} cannot shard {where} (pattern {self.pattern!r}): {why}. {fix}")
+
+
+@runtime_checkable
+class Style(Protocol):
+    """The protocol every plan entry implements.
+
+    `subtree` says whether the style also applies to the parameters of
+    descendant modules (FSDP, Replicated) or only to the matched module's own
+    parameters (ColumnParallel, RowParallel, Shard).
+    """
+
+    subtree: bool
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]: ...
+
+    def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks | None: ...
+
+
+def _axis_size(mesh: Mesh, axes: AxisNames) -> int:
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def _with_dim(spec: P | None, ndim: int, dim: int, axes: AxisNames) -> P:
+    entries = list(spec) if spec is not None else []
+    entries += [None] * (ndim - len(entries))
+    entries[dim] = axes
+    return P(*entries)
+
+
+def _replicated(ndim: int) -> P:
+    return P(*([None] * ndim))
+
+
+# Tensor parallel ----------------------------------------------------------
+
+_WEIGHT_NAMES = ("kernel", "embedding", "weight", "w", "input_embedding")
+
+
+def _find_weight(style, ctx: ModuleContext) -> str:
+    if style.param is not None:
+        if style.param not in ctx.shapes:
+            raise ctx.fail(
+                style, None, f"it has no parameter {style.param!r} (it has {sorted(ctx.shapes)})",
+                f"Pass param= one of {sorted(ctx.shapes)}.{did_you_mean(style.param, ctx.shapes)}",
+            )
+        return style.param
+    for name in _WEIGHT_NAMES:
+        if name in ctx.shapes and len(ctx.shapes[name]) >= 2:
+            return name
+    matrices = [n for n, s in ctx.shapes.items() if len(s) >= 2]
+    if len(matrices) == 1:
+        return matrices[0]
+    kind = type(ctx.module).__name__
+    raise ctx.fail(
+        style, None,
+        f"a {kind} with parameters {sorted(ctx.shapes) or 'none'} has no single weight matrix",
+        "Point the pattern at the layer that owns the weight, or pass "
+        f"param='<name>' (and dim=) to {type(style).__name__}.",
+    )
+
+
+def _einsum_parts(module) -> tuple[str, str, str] | None:
+    spec = getattr(module, "einsum_str", None)
+    if not isinstance(spec, str) or "->" not in spec:
+        return None
+    lhs, out = spec.replace(" ", "").split("->")
+    operands = lhs.split(",")
+    if len(operands) != 2:
+        return None
+    return operands[0], operands[1], out
+
+
+def _tp_dims(module, weight_ndim: int, column: bool) -> tuple[int, int | None, int]:
+    """(weight dim to shard, output dim from the end or None, output-rank delta)."""
+    parts = _einsum_parts(module)
+    if parts is not None:
+        x_sub, k_sub, out_sub = parts
+        delta = len(out_sub) - len(x_sub)
+        if column:
+            letters = [c for c in k_sub if c in out_sub and c not in x_sub]
+            if letters:
+                return k_sub.index(letters[0]), len(out_sub) - out_sub.index(letters[0]), delta
+        else:
+            letters = [c for c in k_sub if c in x_sub and c not in out_sub]
+            if letters:
+                return k_sub.index(letters[0]), None, delta
+    in_feat = getattr(module, "in_features", None)
+    out_feat = getattr(module, "out_features", None)
+    if isinstance(in_feat, tuple) and isinstance(out_feat, tuple):  # LinearGeneral
+        n_batch = weight_ndim - len(in_feat) - len(out_feat)
+        delta = len(out_feat) - len(in_feat)
+        if column:
+            return n_batch + len(in_feat), len(out_feat), delta
+        return n_batch, None, delta
+    if isinstance(module, nnx.Embed):
+        return (weight_ndim - 1, 1, 1) if column else (0, None, 1)
+    if column:
+        return weight_ndim - 1, 1, 0
+    return weight_ndim - 2, None, 0
+
+
+def _row_input_dim(module, weight_ndim: int, dim: int) -> int | None:
+    """Position from the end of the input dim a row-parallel weight contracts."""
+    parts = _einsum_parts(module)
+    if parts is not None:
+        x_sub, k_sub, _ = parts
+        return len(x_sub) - x_sub.index(k_sub[dim])
+    in_feat = getattr(module, "in_features", None)
+    if isinstance(in_feat, tuple):
+        n_batch = weight_ndim - len(in_feat) - len(getattr(module, "out_features", ()))
+        return len(in_feat) - (dim - n_batch)
+    if isinstance(module, nnx.Embed):
+        return None  # ids in, no feature dim to expect sharded
+    return 1 if dim == weight_ndim - 2 else None
+
+
+def _trailing(pos_from_end: int | None, axis: AxisNames | None) -> tuple | None:
+    if pos_from_end is None:
+        return None
+    out = [None] * pos_from_end
+    out[0] = axis
+    return tuple(out)
+
+
+class _TensorParallel:
+    """Shared mechanics of ColumnParallel and RowParallel."""
+
+    subtree = False
+    _column: bool
+
+    def _validate_axis(self, ctx: ModuleContext) -> None:
+        names = (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+        for a in names:
+            if a not in ctx.mesh.axis_names:
+                raise ctx.fail(
+                    self, None, f"mesh axis {a!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
+                    f"Use one of {tuple(ctx.mesh.axis_names)}.{did_you_mean(a, ctx.mesh.axis_names)}",
+                )
+
+    def _weight_dim(self, ctx: ModuleContext, weight: str) -> int:
+        ndim = len(ctx.shapes[weight])
+        if self.dim is not None:
+            if not -ndim <= self.dim < ndim:
+                raise ctx.fail(
+                    self, weight, f"dim={self.dim} is out of range for shape {ctx.shapes[weight]}",
+                    f"Pass a dim in [{-ndim}, {ndim - 1}].",
+                )
+            return self.dim % ndim
+        return _tp_dims(ctx.module, ndim, self._column)[0]
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        self._validate_axis(ctx)
+        weight = _find_weight(self, ctx)
+        w_shape = ctx.shapes[weight]
+        dim = self._weight_dim(ctx, weight)
+        specs = {weight: _with_dim(ctx.current.get(weight), len(w_shape), dim, self.axis)}
+        for name, shape in ctx.shapes.items():
+            if name == weight:
+                continue
+            bias_dim = dim - (len(w_shape) - len(shape))
+            shard = (
+                self._column
+                and self.shard_bias
+                and 0 <= bias_dim < len(shape)
+                and shape[bias_dim] == w_shape[dim]
+            )
+            specs[name] = (
+                _with_dim(ctx.current.get(name), len(shape), bias_dim, self.axis)
+                if shard
+                else (ctx.current.get(name) or _replicated(len(shape)))
+            )
+        return specs
+
+    def _default_layout(self, ctx: ModuleContext, weight: str, dim: int) -> Layout:
+        raise NotImplementedError
+
+    def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks | None:
+        weight = _find_weight(self, ctx)
+        dim = self._weight_dim(ctx, weight)
+        layout = self._default_layout(ctx, weight, dim)
+        if self.input_spec is not None:
+            layout = dataclasses.replace(layout, input=tuple(self.input_spec))
+        if self.output_spec is not None:
+            layout = dataclasses.replace(layout, output=tuple(self.output_spec))
+        if layout.input is None and layout.output is None:
+            return None
+        return ModuleHooks(layout=layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnParallel(_TensorParallel):
+    """Shards a layer's output features over `axis` (Megatron's column split).
+
+    The weight's output-feature dim is sharded, so is the bias; the output
+    activation stays sharded on its feature dim, ready for a `RowParallel`
+    layer. Forward needs no communication.
+
+    Args:
+      axis: Mesh axis (or tuple of axes) to shard over.
+      param: Name of the weight; default: `kernel`, `embedding`, `weight`,
+        `w`, or the module's only matrix.
+      dim: Weight dim to shard; default: the output-feature dim (last for
+        `Linear`/`Conv`/`Embed`, the first output dim for `LinearGeneral`,
+        the first kernel letter only in the output for `Einsum`).
+      shard_bias: Also shard the matching bias dim.
+      input_spec: Layout to put the input in, aligned to trailing dims.
+      output_spec: Layout of the output, aligned to trailing dims; default:
+        the feature dim sharded over `axis`.
+
+    Example:
+      >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+      >>> _ = parallelize(layer, mesh8, ColumnParallel("model"))
+      >>> layer.kernel[...].sharding.spec, layer.bias[...].sharding.spec
+      (PartitionSpec(None, 'model'), PartitionSpec('model',))
+    """
+
+    axis: AxisNames = "model"
+    param: str | None = None
+    dim: int | None = None
+    shard_bias: bool = True
+    input_spec: tuple | None = None
+    output_spec: tuple | None = None
+    _column = True
+
+    def _default_layout(self, ctx, weight, dim):
+        _, out_pos, delta = _tp_dims(ctx.module, len(ctx.shapes[weight]), True)
+        if self.dim is not None and self.dim % len(ctx.shapes[weight]) != _tp_dims(ctx.module, len(ctx.shapes[weight]), True)[0]:
+            out_pos = None  # a custom dim: we cannot know where it lands
+        return Layout(output=_trailing(out_pos, self.axis), rank_delta=delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowParallel(_TensorParallel):
+    """Shards a layer's input features over `axis` (Megatron's row split).
+
+    The weight's input-feature dim is sharded; the layer expects its input
+    sharded on the feature dim (as a `ColumnParallel` layer leaves it) and its
+    output is summed over `axis`: one all-reduce in forward. Biases stay
+    replicated so they are added once.
+
+    Args:
+      axis: Mesh axis (or tuple of axes) to shard over.
+      param: Name of the weight (see `ColumnParallel`).
+      dim: Weight dim to shard; default: the input-feature dim.
+      input_spec: Layout of the input, aligned to trailing dims; default:
+        the feature dim sharded over `axis`.
+      output_spec: Layout of the output, aligned to trailing dims; default:
+        replicated feature dim.
+
+    Example:
+      >>> layer = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+      >>> _ = parallelize(layer, mesh8, RowParallel("model"))
+      >>> layer.kernel[...].sharding.spec
+      PartitionSpec('model', None)
+    """
+
+    axis: AxisNames = "model"
+    param: str | None = None
+    dim: int | None = None
+    input_spec: tuple | None = None
+    output_spec: tuple | None = None
+    shard_bias = False
+    _column = False
+
+    def _default_layout(self, ctx, weight, dim):
+        ndim = len(ctx.shapes[weight])
+        _, _, delta = _tp_dims(ctx.module, ndim, False)
+        in_pos = _row_input_dim(ctx.module, ndim, dim)
+        return Layout(input=_trailing(in_pos, self.axis), output=(None,), rank_delta=delta)
+
+
+# Explicit specs -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Shard:
+    """Gives each named parameter of a module an explicit spec.
+
+    Args:
+      **param_specs: Parameter name -> PartitionSpec (full rank).
+      input_spec: Layout to put the first input in, aligned to trailing dims.
+      output_spec: Layout of the output, aligned to trailing dims.
+
+    Example:
+      >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+      >>> _ = parallelize(layer, mesh2x4, Shard(kernel=P("data", "model")))
+      >>> layer.kernel[...].sharding.spec
+      PartitionSpec('data', 'model')
+    """
+
+    specs: tuple[tuple[str, P], ...]
+    input_spec: tuple | None
+    output_spec: tuple | None
+    subtree = False
+
+    def __init__(self, *, input_spec=None, output_spec=None, **param_specs: P):
+        for name, spec in param_specs.items():
+            if not isinstance(spec, P):
+                raise PlanError(
+                    f"Shard({name}={spec!r}): expected a PartitionSpec. "
+                    f"Write Shard({name}=P(...))."
+                )
+        object.__setattr__(self, "specs", tuple(sorted(param_specs.items())))
+        object.__setattr__(self, "input_spec", None if input_spec is None else tuple(input_spec))
+        object.__setattr__(self, "output_spec", None if output_spec is None else tuple(output_spec))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.specs)
+        return f"Shard({inner})"
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        out = {}
+        for name, spec in self.specs:
+            if name not in ctx.shapes:
+                raise ctx.fail(
+                    self, name, f"the module has no parameter {name!r} (it has {sorted(ctx.shapes)})",
+                    f"Name one of {sorted(ctx.shapes)}.{did_you_mean(name, ctx.shapes)}",
+                )
+            out[name] = spec
+        for name, shape in ctx.shapes.items():
+            out.setdefault(name, ctx.current.get(name) or _replicated(len(shape)))
+        return out
+
+    def hooks(self, ctx, specs):
+        if self.input_spec is None and self.output_spec is None:
+            return None
+        return ModuleHooks(layout=Layout(input=self.input_spec, output=self.output_spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    """Keeps every parameter under the matched module whole on every device.
+
+    An explicit "replicate here" entry, clearer than a missing key (torchtitan's
+    `NoParallel`). Applies to the matched module's whole subtree.
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> _ = parallelize(mlp, mesh8, {"up": ColumnParallel(), "down": Replicated()})
+      >>> mlp.down.kernel[...].sharding.spec
+      PartitionSpec(None, None)
+    """
+
+    subtree = True
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        return {name: _replicated(len(shape)) for name, shape in ctx.shapes.items()}
+
+    def hooks(self, ctx, specs):
+        return None
+
+
+# FSDP -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FSDP:
+    """Fully shards parameters over `axis` (ZeRO-3), gathered per module call.
+
+    Each parameter of at least `min_size` elements is sharded over `axis` on
+    its largest dim that the axis size divides and that no other style
+    already shards. When its module is called, the parameter is all-gathered
+    inside a `shard_map` over the batch axes, so the backward pass
+    reduce-scatters its gradient: Ψ gathered + Ψ scattered per step, the
+    optimum, on every backend.
+
+    Args:
+      axis: Mesh axis (or tuple of axes) to shard parameters over.
+      min_size: Parameters with fewer elements stay replicated.
+      batch_axes: Mesh axes the batch (dim 0 of every input) is sharded over;
+        default: `axis` plus a `'data'` axis if the mesh has one.
+      reshard_after_forward: True (ZeRO-3 memory): free the gathered copy
+        after forward and gather again in backward. False: keep it (one
+        all-gather less per step, more memory).
+      methods: Methods that read the parameters and get the gather hook.
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> _ = parallelize(mlp, fsdp8, FSDP("fsdp"))
+      >>> mlp.up.kernel[...].sharding.spec
+      PartitionSpec(None, 'fsdp')
+    """
+
+    axis: AxisNames = "fsdp"
+    min_size: int = 2**10
+    batch_axes: tuple[str, ...] | None = None
+    reshard_after_forward: bool = True
+    methods: tuple[str, ...] = ("__call__", "attend")
+    subtree = True
+
+    def _axes(self) -> tuple[str, ...]:
+        return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        for a in self._axes():
+            if a not in ctx.mesh.axis_names:
+                raise ctx.fail(
+                    self, None, f"mesh axis {a!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
+                    f"Use one of {tuple(ctx.mesh.axis_names)}.{did_you_mean(a, ctx.mesh.axis_names)}",
+                )
+        size = _axis_size(ctx.mesh, self.axis)
+        out = {}
+        for name, shape in ctx.shapes.items():
+            current = ctx.current.get(name)
+            out[name] = current if current is not None else _replicated(len(shape))
+            if math.prod(shape) < self.min_size:
+                continue
+            used = list(current) + [None] * (len(shape) - len(current)) if current else [None] * len(shape)
+            if any(set(self._axes()) & set((u,) if isinstance(u, str) else (u or ())) for u in used):
+                continue  # already sharded over this axis (parallelize called twice)
+            free = [d for d in range(len(shape)) if used[d] is None and shape[d] % size == 0]
+            if free:
+                best = max(free, key=lambda d: (shape[d], -d))
+                out[name] = _with_dim(current, len(shape), best, self.axis)
+        return out
+
+    def batch_axes_for(self, mesh: Mesh) -> tuple[str, ...]:
+        if self.batch_axes is not None:
+            return tuple(self.batch_axes)
+        extra = tuple(a for a in ("data",) if a in mesh.axis_names and a not in self._axes())
+        return extra + self._axes()
+
+    def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks | None:
+        axes = set(self._axes())
+        gathered = []
+        for name, spec in specs.items():
+            for d, entry in enumerate(spec):
+                names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+                if axes & set(names):
+                    gathered.append((name, d))
+        if not gathered:
+            return None
+        methods = tuple(m for m in self.methods if callable(getattr(type(ctx.module), m, None)))
+        return ModuleHooks(
+            gather=Gather(
+                axes=self._axes(),
+                batch_axes=self.batch_axes_for(ctx.mesh),
+                params=tuple(gathered),
+                remat=self.reshard_after_forward,
+            ),
+            methods=methods,
+        )
+
+
+def as_styles(entry: Any) -> tuple[Style, ...]:
+    """A plan value (a style or a tuple of styles) as a tuple of styles."""
+    items = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+    for item in items:
+        if not isinstance(item, Style):
+            raise PlanError(
+                f"plan value {item!r} is not a style. Use ColumnParallel(), RowParallel(), "
+                "Replicated(), Shard(...), FSDP(), a tuple of them, or your own class with "
+                "`subtree`, `param_specs(ctx)` and `hooks(ctx, specs)`."
+            )
+    return items
