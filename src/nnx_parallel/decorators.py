@@ -40,7 +40,7 @@ def sharded(spec: P | None = None, /, **param_specs: P):
       >>> layer = Up(16, 32, rngs=nnx.Rngs(0))
       >>> _ = parallelize(layer, mesh8, {})
       >>> layer.kernel[...].sharding.spec, layer.bias[...].sharding.spec
-      (PartitionSpec(None, 'model'), PartitionSpec('model',))
+      (P(None, 'model'), P('model',))
     """
     if spec is None and not param_specs:
         raise PlanError("sharded() needs a spec: @sharded(P(None, 'model')) or @sharded(kernel=P(...)).")

@@ -47,7 +47,7 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
       >>> _ = parallelize(mlp, mesh8, {"up": ColumnParallel("model"), "down": RowParallel("model")})
       >>> mlp.up.kernel[...].sharding.spec
-      PartitionSpec(None, 'model')
+      P(None, 'model')
       >>> mlp.up.kernel.get_metadata("out_sharding")
       (None, 'model')
     """

@@ -189,7 +189,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
       >>> abstract = nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0)))
       >>> res = resolve(abstract, mesh8, {"up": ColumnParallel(), "down": RowParallel()})
       >>> res.specs()["up.kernel"], res.specs()["down.kernel"]
-      (PartitionSpec(None, 'model'), PartitionSpec('model', None))
+      (P(None, 'model'), P('model', None))
     """
     if not isinstance(model, nnx.Module):
         raise PlanError(

@@ -267,7 +267,7 @@ class ColumnParallel(_TensorParallel):
       >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
       >>> _ = parallelize(layer, mesh8, ColumnParallel("model"))
       >>> layer.kernel[...].sharding.spec, layer.bias[...].sharding.spec
-      (PartitionSpec(None, 'model'), PartitionSpec('model',))
+      (P(None, 'model'), P('model',))
     """
 
     axis: AxisNames = "model"
@@ -307,7 +307,7 @@ class RowParallel(_TensorParallel):
       >>> layer = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
       >>> _ = parallelize(layer, mesh8, RowParallel("model"))
       >>> layer.kernel[...].sharding.spec
-      PartitionSpec('model', None)
+      P('model', None)
     """
 
     axis: AxisNames = "model"
@@ -341,7 +341,7 @@ class Shard:
       >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
       >>> _ = parallelize(layer, mesh2x4, Shard(kernel=P("data", "model")))
       >>> layer.kernel[...].sharding.spec
-      PartitionSpec('data', 'model')
+      P('data', 'model')
     """
 
     specs: tuple[tuple[str, P], ...]
@@ -394,7 +394,7 @@ class Replicated:
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
       >>> _ = parallelize(mlp, mesh8, {"up": ColumnParallel(), "down": Replicated()})
       >>> mlp.down.kernel[...].sharding.spec
-      PartitionSpec(None, None)
+      P(None, None)
     """
 
     subtree = True
@@ -434,7 +434,7 @@ class FSDP:
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
       >>> _ = parallelize(mlp, fsdp8, FSDP("fsdp"))
       >>> mlp.up.kernel[...].sharding.spec
-      PartitionSpec(None, 'fsdp')
+      P(None, 'fsdp')
     """
 
     axis: AxisNames = "fsdp"
