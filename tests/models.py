@@ -20,7 +20,9 @@ class Attention(nnx.Module):
     def __init__(self, d=32, heads=8, *, rngs: nnx.Rngs):
         self.heads = heads
         self.q = nnx.Linear(d, d, rngs=rngs)
-        self.k = nnx.Linear(d, d, rngs=rngs)
+        # No key bias: softmax is invariant to it, so its gradient is pure
+        # rounding noise that Adam would amplify into a random step.
+        self.k = nnx.Linear(d, d, use_bias=False, rngs=rngs)
         self.v = nnx.Linear(d, d, rngs=rngs)
         self.o = nnx.Linear(d, d, rngs=rngs)
 

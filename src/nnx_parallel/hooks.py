@@ -339,7 +339,12 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
         return P(batch_entry) if _is_array(x) else None
 
     arg_in = jax.tree.map(leaf_spec, (args, kwargs))
+    restore = _MISSING
     if _explicit_here(mesh):
+        first = next((a for a in jax.tree.leaves((args, kwargs)) if _is_array(a)), None)
+        lead = tuple(_compat.spec_of(first) or (None,))[:1] if first is not None else (batch_entry,)
+        if lead and lead[0] != batch_entry:
+            restore = lead[0]  # e.g. positions (T,): not a batch, give the layout back
         args, kwargs = jax.tree.map(
             lambda x: _reshard_batch(x, batch_entry, mesh) if _is_array(x) else x, (args, kwargs)
         )
@@ -356,7 +361,19 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
         body, mesh=_context_mesh(mesh), in_specs=(param_in, arg_in), out_specs=P(batch_entry),
         axis_names=manual,
     )
-    return mapped(pstate, (args, kwargs))
+    out = mapped(pstate, (args, kwargs))
+    if restore is not _MISSING and _explicit_here(mesh) and restore != batch_entry:
+        out = jax.tree.map(lambda y: _set_lead(y, restore, mesh) if _is_array(y) else y, out)
+    return out
+
+
+_MISSING = object()
+
+
+def _set_lead(y, entry, mesh: Mesh):
+    spec = tuple(_compat.spec_of(y) or ())
+    spec = spec + (None,) * (y.ndim - len(spec))
+    return jax.sharding.reshard(y, NamedSharding(_context_mesh(mesh), P(entry, *spec[1:])))
 
 
 def _maybe_gather(path, value, gather: Gather):

@@ -1,0 +1,100 @@
+"""Shared assertions: compare a parallelized model with its unsharded twin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from nnx_parallel.collectives import collectives, count_collectives
+
+# f32 tolerances: sharded reductions reorder sums, nothing else differs.
+FWD_TOL = 1e-5
+GRAD_TOL = 1e-5
+STEP_TOL = 1e-5
+
+
+
+def tp_plans():
+    from nnx_parallel import ColumnParallel, RowParallel
+
+    col, row = ColumnParallel("model"), RowParallel("model")
+    attn = {"q": col, "k": col, "v": col, "o": row}
+    mlp = {"up": col, "down": row}
+    gpt = {f"blocks.*.attn.{k}": v for k, v in attn.items()}
+    gpt |= {f"blocks.*.mlp.{k}": v for k, v in mlp.items()}
+    gpt |= {"embed": col, "head": col}
+    return {"mlp": mlp, "attention": attn, "gpt": gpt}
+
+
+def params(model):
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_close(actual, expected, tol, what):
+    a, e = np.asarray(actual), np.asarray(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    err = float(np.max(np.abs(a - e))) if a.size else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def loss_fn(model, x):
+    y = model(x)
+    return jnp.mean(y.astype(jnp.float32) ** 2)
+
+
+def make_step(loss=loss_fn):
+    @nnx.jit
+    def step(model, opt, x):
+        value, grads = nnx.value_and_grad(loss)(model, x)
+        opt.update(model, grads)
+        return value, grads
+
+    return step
+
+
+def batch_for(model_name, mesh, batch_axes=("data",)):
+    """A deterministic input batch, sharded over the mesh's batch axes."""
+    key = jax.random.key(42)
+    if model_name == "gpt":
+        x = jax.random.randint(key, (4, 8), 0, 64)
+    elif model_name == "attention":
+        x = jax.random.normal(key, (4, 8, 32))
+    else:
+        x = jax.random.normal(key, (8, 16))
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    spec = jax.P(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return x, jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def check_equivalence(model, ref, mesh, x_sharded, x, *, lr=1e-2):
+    """Forward, grads and one Adam step of `model` equal those of `ref`."""
+    with jax.set_mesh(mesh):
+        assert_close(model(x_sharded), ref(x), FWD_TOL, "forward")
+        opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+        opt_ref = nnx.Optimizer(ref, optax.adam(lr), wrt=nnx.Param)
+        step = make_step()
+        loss, grads = step(model, opt, x_sharded)
+        loss_ref, grads_ref = step(ref, opt_ref, x)
+    assert_close(loss, loss_ref, FWD_TOL, "loss")
+    g, g_ref = params(grads), params(grads_ref)
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        assert_close(g[k], g_ref[k], GRAD_TOL, f"grad of {k}")
+    p, p_ref = params(model), params(ref)
+    for k in p:
+        assert_close(p[k], p_ref[k], STEP_TOL, f"param {k} after one Adam step")
+    return opt
+
+
+def step_collectives(model, opt, x, mesh):
+    with jax.set_mesh(mesh):
+        compiled = make_step().lower(model, opt, x).compile()
+    return collectives(compiled, mesh)
+
+
+def forward_counts(model, x, mesh):
+    with jax.set_mesh(mesh):
+        compiled = nnx.jit(lambda m, x: m(x)).lower(model, x).compile()
+    return count_collectives(compiled, mesh)
