@@ -317,13 +317,18 @@ def _check_conflicts(owner, own, previous, current, sources) -> None:
             continue
         ndim = max(len(tuple(old)), len(tuple(new)))
         for d, (a, b) in enumerate(zip(_padded(old, ndim), _padded(new, ndim))):
-            if a is not None and a != b:
+            moved = a is None and b is not None and set(_names(b)) & {n for e in old for n in _names(e)}
+            if a is not None and a != b or moved:
                 raise PlanError(
                     f"{own[name][0]!r} is already parallelized as {old} and the new plan "
                     f"(pattern {sources.get(name)!r}) wants {new}, which changes dim {d}. "
                     "Use nnx_parallel.reshard(model, mesh, plan) to move to a different plan, "
                     "or only add axes to dims that are still unsharded."
                 )
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def _check_spec(path: str, source: str, spec: P, shape: tuple, mesh: Mesh) -> None:
