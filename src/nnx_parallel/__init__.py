@@ -5,6 +5,8 @@ from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
+from nnx_parallel import zero
+from nnx_parallel.zero import ShardedOptimizer, ZeRO
 from nnx_parallel.styles import (
     FSDP,
     ColumnParallel,
@@ -30,8 +32,11 @@ __all__ = [
     "RowParallel",
     "Shard",
     "Style",
+    "ShardedOptimizer",
+    "ZeRO",
     "get_declared",
     "parallelize",
     "resolve",
     "sharded",
+    "zero",
 ]

@@ -67,6 +67,8 @@ def apply(model: nnx.Module, resolution: Resolution) -> None:
             undo.append(("var", var, var.get_value(), _compat.get_metadata(var)))
             _compat.set_value(var, _place(var.get_value(), NamedSharding(mesh, entry.spec)))
             _compat.set_sharding_metadata(var, entry.spec, mesh, entry.source)
+            if entry.metadata:
+                var.set_metadata(**dict(entry.metadata))
         for var in _other_state(model):
             undo.append(("var", var, var.get_value(), _compat.get_metadata(var)))
             _replicate_variable(var, mesh)

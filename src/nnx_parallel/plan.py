@@ -37,6 +37,7 @@ class ParamEntry:
     dtype: Any
     spec: P
     source: str  # plan pattern, "@sharded", or "" when no rule touched it
+    metadata: tuple = ()  # extra (key, value) metadata styles asked for
 
     def shard_shape(self, mesh: Mesh) -> tuple[int, ...]:
         return tuple(n // _entry_size(mesh, e) for n, e in zip(self.shape, _padded(self.spec, len(self.shape))))
@@ -220,11 +221,16 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         own = by_owner.get(owner, {})
         module = modules[owner]
         shapes = {n: tuple(v.get_value().shape) for n, (_, v) in own.items()}
-        specs, sources, module_hooks = _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, notes)
+        specs, sources, module_hooks, extra = _resolve_module(
+            owner, module, shapes, own, chosen, entries, modules, mesh, notes
+        )
         for name, (path, var) in own.items():
             spec = specs.get(name, P(*([None] * len(shapes[name]))))
             _check_spec(path, sources.get(name, ""), spec, shapes[name], mesh)
-            resolved[path] = ParamEntry(path, owner, name, shapes[name], var.get_value().dtype, spec, sources.get(name, ""))
+            resolved[path] = ParamEntry(
+                path, owner, name, shapes[name], var.get_value().dtype, spec, sources.get(name, ""),
+                tuple(sorted(extra.get(name, {}).items())),
+            )
         if module_hooks is not None:
             hooks[owner] = dataclasses.replace(module_hooks, mesh=mesh)
     ordered = {p: resolved[p] for p in params}
@@ -283,8 +289,9 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
                 styles += inherited
                 break
     hooks = get_hooks(module)
+    extra: dict[str, dict] = {}
     if not styles:
-        return current, sources, None
+        return current, sources, None, extra
     for pattern, style in styles:
         ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh)
         new = style.param_specs(ctx)
@@ -293,8 +300,12 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
                 sources[name] = pattern
             current[name] = spec
         hooks = (hooks or ModuleHooks()).merge(style.hooks(ctx, new))
+        metadata = getattr(style, "param_metadata", None)  # optional protocol method
+        if metadata is not None:
+            for name, meta in metadata(ctx, dict(current)).items():
+                extra.setdefault(name, {}).update(meta)
     _check_conflicts(owner, own, previous_specs, current, sources)
-    return current, sources, hooks
+    return current, sources, hooks, extra
 
 
 def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, P]:

@@ -61,7 +61,9 @@ class Style(Protocol):
 
     `subtree` says whether the style also applies to the parameters of
     descendant modules (FSDP, Replicated) or only to the matched module's own
-    parameters (ColumnParallel, RowParallel, Shard).
+    parameters (ColumnParallel, RowParallel, Shard). A style may also define
+    `param_metadata(ctx, specs) -> {name: {key: value}}` to attach extra
+    Variable metadata (ZeRO writes `optimizer_sharding` this way).
     """
 
     subtree: bool
