@@ -3,8 +3,10 @@
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
+from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
+from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
 from nnx_parallel import zero
 from nnx_parallel.zero import ShardedOptimizer, ZeRO
 from nnx_parallel.styles import (
@@ -30,8 +32,12 @@ __all__ = [
     "Replicated",
     "Resolution",
     "RowParallel",
+    "SequenceColumnParallel",
+    "SequenceParallel",
+    "SequenceRowParallel",
     "Shard",
     "Style",
+    "cross_entropy",
     "ShardedOptimizer",
     "ZeRO",
     "get_declared",
