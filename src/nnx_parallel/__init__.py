@@ -3,6 +3,7 @@
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
+from nnx_parallel import plans
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
@@ -38,6 +39,7 @@ __all__ = [
     "Shard",
     "Style",
     "cross_entropy",
+    "plans",
     "ShardedOptimizer",
     "ZeRO",
     "get_declared",

@@ -1,0 +1,352 @@
+"""Ready-made plans: FSDP for any model, tensor parallelism for transformers.
+
+`tensor_parallel(model)` reads a model's module tree (types, names, weight
+shapes) and writes the Megatron plan a person would write by hand: the
+in-projections of attention and MLP (q/k/v, up/gate) column-parallel, the
+out-projections (o, down) row-parallel, the token embedding and LM head
+vocab-parallel. What it cannot classify it lists in the report instead of
+guessing. The plan is a plain dict: print it, edit it, pass it to
+`parallelize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+
+from nnx_parallel.errors import PlanError
+from nnx_parallel.plan import walk
+from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
+from nnx_parallel.styles import FSDP, ColumnParallel, Replicated, RowParallel, as_styles
+
+# Names public transformer code gives its layers (last path segment, lower case).
+COLUMN_NAMES = frozenset({
+    "q", "k", "v", "q_proj", "k_proj", "v_proj", "wq", "wk", "wv", "query", "key", "value",
+    "q_einsum", "kv_einsum", "qkv_einsum", "qkv", "qkv_proj", "wqkv", "c_attn", "in_proj",
+    "query_key_value", "to_q", "to_k", "to_v", "to_qkv",
+    "up", "up_proj", "gate", "gate_proj", "w1", "w3", "fc1", "linear1", "c_fc", "wi", "wi_0",
+    "wi_1", "fc_in", "dense_h_to_4h", "gating_einsum", "w_in", "w_up", "w_gate",
+})
+ROW_NAMES = frozenset({
+    "o", "o_proj", "wo", "out", "out_proj", "proj", "attn_out", "c_proj", "attn_vec_einsum",
+    "to_out", "dense", "down", "down_proj", "w2", "fc2", "linear2", "fc_out", "dense_4h_to_h",
+    "w_out", "w_down", "linear_einsum",
+})
+FUSED_QKV_NAMES = frozenset({"qkv", "qkv_proj", "wqkv", "c_attn", "in_proj", "query_key_value", "to_qkv"})
+POSITION_NAMES = ("pos", "wpe", "position")
+HEAD_NAMES = frozenset({"head", "lm_head", "unembed", "output", "logits", "out_head", "decoder"})
+_WEIGHT_NAMES = ("kernel", "embedding", "weight", "w", "input_embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    """What `tensor_parallel` decided, and what it left alone.
+
+    Attributes:
+      roles: Module path -> the role it was given ("column: attention q", ...).
+      unclassified: Module path -> why it was left replicated. Look at these:
+        a layer the planner does not know may deserve a plan entry.
+      notes: Anything worth a second look (fused qkv, tied weights, ...).
+    """
+
+    roles: Mapping[str, str]
+    unclassified: Mapping[str, str]
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{path or '<root>':40} {role}" for path, role in self.roles.items()]
+        lines += [f"{path:40} UNCLASSIFIED: {why}" for path, why in self.unclassified.items()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def fsdp(
+    axis: str | tuple[str, ...] = "fsdp",
+    *,
+    min_size: int = 2**10,
+    batch_axes: tuple[str, ...] | None = None,
+    reshard_after_forward: bool = True,
+) -> dict[str, FSDP]:
+    """A plan that fully shards every parameter of any model (ZeRO-3).
+
+    Args:
+      axis: Mesh axis (or axes) to shard parameters over.
+      min_size: Parameters with fewer elements stay replicated.
+      batch_axes: Mesh axes the batch is sharded over (see `FSDP`).
+      reshard_after_forward: Free gathered parameters after forward.
+
+    Returns:
+      `{"": FSDP(...)}`: the root pattern, so the whole tree is covered.
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> _ = parallelize(mlp, fsdp8, plans.fsdp(min_size=64))
+      >>> mlp.up.kernel[...].sharding.spec
+      P(None, 'fsdp')
+    """
+    return {"": FSDP(axis, min_size=min_size, batch_axes=batch_axes, reshard_after_forward=reshard_after_forward)}
+
+
+def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, Any]:
+    """Adds FSDP around a tensor-parallel plan, for 2D/3D meshes.
+
+    On a `('fsdp', 'model')` or `('data', 'fsdp', 'model')` mesh, the
+    tensor-parallel entries shard over `'model'` and FSDP shards what they
+    leave (the other dim of TP weights, norms, embeddings) over `'fsdp'`;
+    a `'data'` axis just shards the batch. `Replicated()` entries of the TP
+    plan become FSDP entries: replicated over `'model'`, sharded over `'fsdp'`.
+
+    Args:
+      tp_plan: A plan dict, e.g. from `tensor_parallel`.
+      fsdp: The FSDP style; default `FSDP('fsdp')`.
+
+    Returns:
+      A new plan dict; `tp_plan` is not changed.
+
+    Example:
+      >>> mesh = jax.make_mesh((2, 4), ("fsdp", "model"))
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> tp = {"up": ColumnParallel("model"), "down": RowParallel("model")}
+      >>> _ = parallelize(mlp, mesh, plans.combine(tp, FSDP("fsdp", min_size=64)))
+      >>> mlp.up.kernel[...].sharding.spec
+      P('fsdp', 'model')
+    """
+    fsdp = FSDP("fsdp") if fsdp is None else fsdp
+    out: dict[str, Any] = {"": fsdp}
+    for pattern, entry in tp_plan.items():
+        styles = as_styles(entry)
+        if all(isinstance(s, Replicated) for s in styles) or pattern == "" and all(s.subtree for s in styles):
+            out[pattern] = fsdp
+        else:
+            out[pattern] = entry
+    return out
+
+
+# Tensor parallel auto-plan --------------------------------------------------------
+
+
+def tensor_parallel(
+    model: nnx.Module,
+    axis: str = "model",
+    *,
+    sequence_parallel: bool = False,
+    vocab_parallel: bool = True,
+) -> tuple[dict[str, Any], PlanReport]:
+    """Writes a Megatron tensor-parallel plan for a transformer.
+
+    Layers are classified by module type, weight shape and the names public
+    code uses (`q_proj`, `wq`, `query`, `q_einsum`, fused `qkv`, `up`/`gate`/
+    `down`, `w1`/`w2`/`w3`, `fc1`/`fc2`, `linear1`/`linear2`, `o_proj`, `out`,
+    `proj`, ...). In-projections get `ColumnParallel`, out-projections
+    `RowParallel`: one all-reduce per attention and one per MLP in forward.
+    Einsum kernels shard their head letter (`ColumnParallel(dim=...)`), not
+    a q/k/v stack letter or the head size. A pair of unnamed layers d -> f -> d
+    in one parent is read as an MLP. Layers it cannot place are reported, not
+    guessed, and stay replicated.
+
+    Args:
+      model: The model (concrete or from `nnx.eval_shape`); not modified.
+      axis: The tensor-parallel mesh axis.
+      sequence_parallel: Megatron-SP: norms and dropout get
+        `SequenceParallel`, in-projections all-gather the sequence first,
+        out-projections and the embedding reduce-scatter onto it.
+      vocab_parallel: Shard the token embedding (`RowParallel`: vocab rows)
+        and the LM head (`ColumnParallel`: logits sharded on vocab; use
+        `cross_entropy` on them). False leaves both replicated.
+
+    Returns:
+      `(plan, report)`: a plan dict with `*` for layer indices, and a
+      `PlanReport` of roles, unclassified layers and notes.
+
+    Example:
+      >>> from tests.models import GPT
+      >>> plan, report = plans.tensor_parallel(nnx.eval_shape(lambda: GPT(rngs=nnx.Rngs(0))))
+      >>> plan["blocks.*.attn.q"], plan["blocks.*.mlp.down"], plan["embed"]
+      (ColumnParallel(axis='model', param=None, dim=None, shard_bias=True, input_spec=None, output_spec=None), RowParallel(axis='model', param=None, dim=None, input_spec=None, output_spec=None), RowParallel(axis='model', param=None, dim=None, input_spec=None, output_spec=None))
+      >>> dict(report.unclassified)
+      {}
+    """
+    if not isinstance(model, nnx.Module):
+        raise PlanError(f"tensor_parallel expects an nnx.Module, got {type(model).__name__}.")
+    modules, params = walk(model)
+    own: dict[str, dict[str, tuple]] = {}
+    for _, (owner, name, var) in params.items():
+        own.setdefault(owner, {})[name] = tuple(var.get_value().shape)
+    column = SequenceColumnParallel if sequence_parallel else ColumnParallel
+    row = SequenceRowParallel if sequence_parallel else RowParallel
+    roles: dict[str, str] = {}
+    unclassified: dict[str, str] = {}
+    notes: list[str] = []
+    styles: dict[str, Any] = {}
+
+    embeds = {p: own[p] for p, m in modules.items() if isinstance(m, nnx.Embed) and p in own}
+    token, positions = _split_embeddings(embeds)
+    vocab = embeds[token]["embedding"][0] if token else None
+    for path in positions:
+        roles[path] = "replicated: position embedding"
+    if token is not None:
+        if vocab_parallel:
+            styles[token] = row(axis)
+            roles[token] = "vocab-parallel embedding (rows sharded)"
+        else:
+            roles[token] = "replicated: token embedding (vocab_parallel=False)"
+
+    weighted = {p: shapes for p, shapes in own.items() if p not in embeds and _weight(shapes)}
+    classified = _classify(weighted, modules, vocab, unclassified)
+    for path, (role, why) in classified.items():
+        module = modules[path]
+        if role == "head":
+            if vocab_parallel:
+                styles[path] = column(axis)
+                roles[path] = f"vocab-parallel LM head (logits sharded on vocab; {why})"
+            else:
+                roles[path] = "replicated: LM head (vocab_parallel=False)"
+            continue
+        weight = _weight(weighted[path])
+        dim = _column_dim(module, weighted[path][weight]) if role == "column" else None
+        style = column(axis, dim=dim) if role == "column" else row(axis)
+        styles[path] = style
+        roles[path] = f"{role}: {why}" + (f" (dim {dim}: heads)" if dim is not None else "")
+        if role == "column" and path.split(".")[-1].lower() in FUSED_QKV_NAMES and not _einsum(module):
+            notes.append(
+                f"{path}: a fused qkv Linear is column-sharded on its 3*d outputs, so each device "
+                "holds a mix of q/k/v columns and the split after it reshards. Correct, but an "
+                "einsum with a stack dim (or separate q/k/v layers) avoids the extra traffic."
+            )
+    if sequence_parallel:
+        for path, module in modules.items():
+            if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm, nnx.Dropout)):
+                styles[path] = SequenceParallel(axis)
+                roles[path] = "sequence-parallel norm/dropout"
+    _check_pairs(styles, notes)
+    plan = _generalize(styles)
+    ordered_roles = {p: roles[p] for p in modules if p in roles}
+    return plan, PlanReport(ordered_roles, unclassified, tuple(notes))
+
+
+def _weight(shapes: Mapping[str, tuple]) -> str | None:
+    for name in _WEIGHT_NAMES:
+        if name in shapes and len(shapes[name]) >= 2:
+            return name
+    matrices = [n for n, s in shapes.items() if len(s) >= 2]
+    return matrices[0] if len(matrices) == 1 else None
+
+
+def _split_embeddings(embeds: Mapping[str, Mapping[str, tuple]]) -> tuple[str | None, list[str]]:
+    """(token embedding path, position embedding paths)."""
+    positions = [p for p in embeds if any(k in p.split(".")[-1].lower() for k in POSITION_NAMES)]
+    rest = [p for p in embeds if p not in positions]
+    if not rest:
+        return None, positions
+    token = max(rest, key=lambda p: embeds[p]["embedding"][0])
+    return token, positions + [p for p in rest if p != token]
+
+
+def _einsum(module) -> tuple[str, str, str] | None:
+    spec = getattr(module, "einsum_str", None)
+    if not isinstance(spec, str) or "->" not in spec:
+        return None
+    lhs, out = spec.replace(" ", "").split("->")
+    operands = lhs.split(",")
+    return (operands[0], operands[1], out) if len(operands) == 2 else None
+
+
+def _io(module, shape: tuple) -> tuple[int, int] | None:
+    """(input size, output size) of a 2D-like projection, or None."""
+    if isinstance(module, nnx.Linear):
+        return module.in_features, module.out_features
+    if _einsum(module) is None and len(shape) == 2:
+        return shape[0], shape[1]
+    return None
+
+
+def _classify(weighted, modules, vocab, unclassified) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for path, shapes in weighted.items():
+        module, name = modules[path], path.split(".")[-1].lower()
+        io = _io(module, shapes[_weight(shapes)])
+        if io is not None and vocab is not None and io[1] == vocab and name not in COLUMN_NAMES | ROW_NAMES - {"out"}:
+            out[path] = ("head", f"output size {vocab} = vocab")
+        elif vocab is None and name in HEAD_NAMES:
+            out[path] = ("head", f"named {name!r}")
+        elif name in COLUMN_NAMES:
+            out[path] = ("column", f"in-projection named {name!r}")
+        elif name in ROW_NAMES:
+            out[path] = ("row", f"out-projection named {name!r}")
+    # Unnamed d -> f -> d pairs under one parent: an MLP.
+    by_parent: dict[str, list[str]] = {}
+    for path in weighted:
+        if path not in out:
+            by_parent.setdefault(path.rpartition(".")[0], []).append(path)
+    for parent, paths in by_parent.items():
+        pair = _mlp_pair(paths, weighted, modules)
+        for path in paths:
+            if pair and path in pair:
+                out[path] = pair[path]
+            else:
+                kind = type(modules[path]).__name__
+                unclassified[path] = (
+                    f"a {kind} with weights {dict(weighted[path])} and a name the planner does not "
+                    "know; add a plan entry (ColumnParallel/RowParallel/Replicated) for it"
+                )
+    return out
+
+
+def _mlp_pair(paths, weighted, modules) -> dict[str, tuple[str, str]] | None:
+    if len(paths) != 2:
+        return None
+    a, b = paths
+    io_a = _io(modules[a], weighted[a][_weight(weighted[a])])
+    io_b = _io(modules[b], weighted[b][_weight(weighted[b])])
+    if io_a is None or io_b is None or io_a[0] == io_a[1]:
+        return None
+    if io_a == io_b[::-1]:
+        first, second = (a, b) if io_a[1] > io_a[0] else (b, a)
+        return {first: ("column", "MLP d -> f by shape"), second: ("row", "MLP f -> d by shape")}
+    return None
+
+
+def _column_dim(module, kernel_shape: tuple) -> int | None:
+    """The head dim of an einsum kernel, where the default would pick another."""
+    parts = _einsum(module)
+    if parts is None:
+        return None
+    x_sub, k_sub, out_sub = parts
+    candidates = [c for c in k_sub if c in out_sub and c not in x_sub]
+    if len(candidates) < 2:
+        return None
+    shared = [out_sub.index(c) for c in out_sub if c in x_sub]
+    after = [c for c in candidates if out_sub.index(c) > max(shared, default=-1)]  # not a q/k/v stack
+    after = [c for c in after if c != out_sub[-1]] or after  # not the head size
+    chosen = (after or candidates)[0]
+    dim = k_sub.index(chosen)
+    return None if dim == k_sub.index(candidates[0]) else dim
+
+
+def _check_pairs(styles: Mapping[str, Any], notes: list[str]) -> None:
+    parents_col = {p.rpartition(".")[0] for p, s in styles.items() if isinstance(s, ColumnParallel)}
+    parents_row = {p.rpartition(".")[0] for p, s in styles.items() if isinstance(s, RowParallel)}
+    for parent in sorted(parents_col - parents_row):
+        if parent and any(p.startswith(parent + ".") for p in styles):
+            notes.append(
+                f"{parent}: column-parallel layers without a row-parallel partner; their sharded "
+                "outputs get gathered where they are used."
+            )
+
+
+def _generalize(styles: Mapping[str, Any]) -> dict[str, Any]:
+    """Replaces digit segments by `*` where every matching path got the same style."""
+    groups: dict[str, list[tuple[str, Any]]] = {}
+    for path, style in styles.items():
+        pattern = ".".join("*" if seg.isdigit() else seg for seg in path.split("."))
+        groups.setdefault(pattern, []).append((path, style))
+    plan: dict[str, Any] = {}
+    for pattern, items in groups.items():
+        if len({repr(s) for _, s in items}) == 1:
+            plan[pattern] = items[0][1]
+        else:
+            plan.update(dict(items))
+    return plan
