@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import ColumnParallel, RowParallel, cross_entropy, parallelize, plans
-from nnx_parallel.collectives import collectives, count_collectives
+from nnx_parallel.collectives import bytes_by_kind, collectives, count_collectives
 from tests import models
 
 VOCAB, D, HEADS, T = 64, 32, 8, 8
@@ -301,3 +301,102 @@ def test_auto_plan_matches_unsharded(name, sp, mesh8):
     assert g.keys() == g_ref.keys()
     for key in g:
         assert _max_err(g[key], g_ref[key]) <= 1e-5, key
+
+
+# Sequence parallelism: collectives per layer ------------------------------------
+
+
+def _per_layer(counts_1, counts_2):
+    return {k: counts_2[k] - counts_1[k] for k in counts_1}
+
+
+def _compiled(sp, layers, mesh):
+    model = _gpt(layers=layers, rngs=nnx.Rngs(0))
+    plan, _ = plans.tensor_parallel(model, sequence_parallel=sp)
+    parallelize(model, mesh, plan)
+    tokens = _tokens()
+
+    def loss(m, t):
+        return jnp.mean(m(t) ** 2)
+
+    with jax.set_mesh(mesh):
+        forward = nnx.jit(lambda m, t: m(t)).lower(model, tokens).compile()
+        step = nnx.jit(nnx.value_and_grad(loss)).lower(model, tokens).compile()
+    return forward, step
+
+
+def test_sequence_parallel_trades_all_reduces_for_gathers_and_scatters(mesh8):
+    """Megatron per layer: TP has 2 all-reduces in forward and 2 in backward.
+    SP adds 2 all-gathers per direction (before the column layers in forward,
+    the transpose of the scatters in backward), and turns each all-reduce into
+    a reduce-scatter of equal bytes. XLA:CPU has no reduce-scatter creator
+    pass, so on CPU a scatter compiles to an all-reduce + dynamic-slice: we
+    count reduce-scatter and all-reduce together (GPU/TPU emit reduce-scatter)."""
+    act = 2 * T * D * 4  # one (batch, seq, d) f32 activation
+    fwd, step, fwd_bytes = {}, {}, {}
+    for sp in (False, True):
+        (f1, s1), (f2, s2) = _compiled(sp, 1, mesh8), _compiled(sp, 2, mesh8)
+        fwd[sp] = _per_layer(count_collectives(f1, mesh8), count_collectives(f2, mesh8))
+        step[sp] = _per_layer(count_collectives(s1, mesh8), count_collectives(s2, mesh8))
+        fwd_bytes[sp] = _per_layer(bytes_by_kind(collectives(f1, mesh8)), bytes_by_kind(collectives(f2, mesh8)))
+        assert all(c.axes == ("model",) for c in collectives(s2, mesh8))
+    assert fwd[False] == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    assert fwd_bytes[False]["all-reduce"] == 2 * act
+    assert step[False]["all-reduce"] == 4 and step[False]["all-gather"] == 0
+    assert fwd[True]["all-gather"] == 2
+    assert fwd[True]["all-reduce"] + fwd[True]["reduce-scatter"] == 2
+    assert fwd_bytes[True]["all-gather"] == 2 * act
+    assert fwd_bytes[True]["all-reduce"] + fwd_bytes[True]["reduce-scatter"] == 2 * act
+    assert step[True]["all-gather"] == 4
+    assert step[True]["all-reduce"] + step[True]["reduce-scatter"] == 4
+
+
+def test_sequence_parallel_keeps_the_residual_stream_sharded(mesh8):
+    """Between blocks each device holds 1/8 of the sequence (TP: all of it)."""
+    for sp, spec in [(False, P()), (True, P(None, "model"))]:
+        block = models.Block(rngs=nnx.Rngs(0))
+        plan, _ = plans.tensor_parallel(block, sequence_parallel=sp)
+        parallelize(block, mesh8, plan)
+        x = jax.random.normal(jax.random.key(0), (2, T, D))
+        if sp:
+            x = jax.device_put(x, NamedSharding(mesh8, P(None, "model")))
+        with jax.set_mesh(mesh8):
+            y = jax.jit(lambda x: block(x))(x)
+        shard = y.sharding.shard_shape(y.shape)
+        assert shard == ((2, T // 8, D) if sp else (2, T, D)), (sp, shard)
+
+
+# Loss-parallel cross-entropy ----------------------------------------------------------
+
+
+def test_cross_entropy_equals_optax_without_gathering_logits(mesh2x4):
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, T, VOCAB))
+    labels = jax.random.randint(jax.random.key(1), (4, T), 0, VOCAB)
+    sharded = jax.device_put(logits, NamedSharding(mesh2x4, P("data", None, "model")))
+    sharded_labels = jax.device_put(labels, NamedSharding(mesh2x4, P("data")))
+
+    def ref(lg, y):
+        return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean()
+
+    fn = jax.jit(jax.value_and_grad(lambda lg, y: cross_entropy(lg, y, mesh2x4).mean()))
+    with jax.set_mesh(mesh2x4):
+        (loss, grad), compiled = fn(sharded, sharded_labels), fn.lower(sharded, sharded_labels).compile()
+        per_example = jax.jit(lambda lg, y: cross_entropy(lg, y, mesh2x4))(sharded, sharded_labels)
+    loss_ref, grad_ref = jax.value_and_grad(ref)(logits, labels)
+    assert _max_err(loss, loss_ref) <= 1e-5 and _max_err(grad, grad_ref) <= 1e-6
+    assert _max_err(per_example, optax.softmax_cross_entropy_with_integer_labels(logits, labels)) <= 1e-5
+    assert grad.sharding.spec == P("data", None, "model")
+    ops = collectives(compiled, mesh2x4)
+    assert count_collectives(compiled, mesh2x4)["all-gather"] == 0
+    logits_bytes = 4 * T * VOCAB * 4
+    assert max(c.size for c in ops) < logits_bytes // 8  # only per-token scalars cross devices
+
+
+def test_cross_entropy_errors(mesh8):
+    logits, labels = jnp.zeros((2, 64)), jnp.zeros((2,), jnp.int32)
+    with pytest.raises(Exception, match="mesh axis 'vocab' is not in the mesh"):
+        cross_entropy(logits, labels, mesh8, axis="vocab")
+    with pytest.raises(Exception, match="not divisible by mesh axis 'model'"):
+        cross_entropy(jnp.zeros((2, 60)), labels, mesh8)
+    with pytest.raises(Exception, match="do not fit"):
+        cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), mesh8)
