@@ -3,6 +3,7 @@
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
+from nnx_parallel.inspect import CommunicationReport, communication_report, explain, render, summary, treescope_renderer
 from nnx_parallel import plans
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
@@ -38,7 +39,13 @@ __all__ = [
     "SequenceRowParallel",
     "Shard",
     "Style",
+    "CommunicationReport",
+    "communication_report",
     "cross_entropy",
+    "explain",
+    "render",
+    "summary",
+    "treescope_renderer",
     "plans",
     "ShardedOptimizer",
     "ZeRO",

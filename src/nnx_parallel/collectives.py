@@ -27,7 +27,7 @@ _DTYPE_BYTES = {
 _OP = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
     r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?P<suffix>-start|-done)?\((?P<args>[^)]*)\)(?P<attrs>.*)$"
+    r"(?P<suffix>-start|-done)?\((?P<args>(?:[^()]|\([^()]*\))*)\)(?P<attrs>.*)$"
 )
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 
@@ -61,6 +61,12 @@ class Collective:
         if self.kind == "collective-permute":
             return float(self.size)
         return self.size * (n - 1) / n
+
+
+def _last_operand(args: str) -> str:
+    """The name of the last operand: `%x` or `(f32[2]{0}, f32[8]{0}) %x` -> `x`."""
+    names = re.findall(r"%?([\w.\-]+)\s*$", args.strip())
+    return names[0] if names else args.strip()
 
 
 def _bytes(shape_text: str) -> int:
@@ -140,7 +146,7 @@ def collectives(program: Any, mesh: Mesh | None = None) -> list[Collective]:
         if not m:
             continue
         if m.group("suffix") == "-done":
-            done_shapes[m.group("args").strip().lstrip("%")] = m.group("shape")
+            done_shapes[_last_operand(m.group("args"))] = m.group("shape")
             continue
         parsed.append(m)
     out = []

@@ -1,0 +1,579 @@
+"""Inspection: what got sharded, what it costs, and why.
+
+Three text views and one HTML view, all read-only:
+
+* `summary` - one row per parameter: spec, shard shape, bytes per device and
+  the plan pattern that set it, with per-device totals. Works on a
+  `Resolution`, so it runs before anything is allocated.
+* `explain` - which pattern matched which module, which matched nothing, and
+  which parameters no rule touched.
+* `communication_report` - the collectives and memory of one compiled step.
+* `render` / `treescope_renderer` - treescope rendering (notebook or standalone
+  HTML) with each parameter's layout on its line and the device layout of its
+  array a click away.
+
+Nothing here mutates a model; rendering goes through treescope's public
+renderer API (`TreescopeRenderer.extended_with`, `active_renderer`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import treescope
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from treescope import rendering_parts
+
+from nnx_parallel import _compat
+from nnx_parallel.collectives import KINDS, Collective, collectives
+from nnx_parallel.plan import ParamEntry, Resolution, _itemsize, _normalize_plan, _suggest, resolve, walk
+
+_SORTS = ("size", "path", "none")
+
+
+# Formatting helpers -------------------------------------------------------------
+
+
+def format_spec(spec: Any) -> str:
+    """`P(None, 'model')` style text for a PartitionSpec (or spec tuple).
+
+    Example:
+      >>> format_spec(P(None, ("data", "model"))), format_spec(()), format_spec((None,))
+      ("P(None, ('data', 'model'))", 'P()', 'P(None)')
+    """
+    entries = tuple(spec) if spec is not None else ()
+    return "P(" + ", ".join(_entry_text(e) for e in entries) + ")"
+
+
+def _entry_text(entry: Any) -> str:
+    if entry is None or isinstance(entry, str):
+        return repr(entry)
+    return "(" + ", ".join(repr(a) for a in entry) + ")"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - unreachable
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _mesh_text(mesh: Mesh | None) -> str:
+    if mesh is None:
+        return "no mesh (1 device)"
+    return f"mesh {dict(mesh.shape)} ({mesh.devices.size} devices)"
+
+
+# Parameter entries from a model or a resolution --------------------------------------
+
+
+def _sharding_of(value: Any) -> NamedSharding | None:
+    sharding = getattr(value, "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _axes_in(spec: Any) -> list[str]:
+    return [a for e in spec for a in ((e,) if isinstance(e, str) else (e or ()))]
+
+
+def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, mesh: Mesh | None):
+    """A ParamEntry (and its mesh) read back from a Variable's metadata and value."""
+    value = var.get_value()
+    shape = tuple(value.shape)
+    meta = _compat.get_metadata(var)
+    sharding = _sharding_of(value)
+    mesh = mesh or meta.get("mesh") or (sharding.mesh if sharding is not None else None)
+    declared = _compat.get_declared_spec(var)
+    if declared is not None and mesh is not None and not set(_axes_in(declared)) <= set(mesh.axis_names):
+        declared = None  # names no axis of this mesh (e.g. a layer-stack name)
+    if declared is not None:
+        spec = tuple(declared)
+    elif sharding is not None:
+        spec = tuple(sharding.spec)
+    else:
+        spec = ()
+    spec = P(*(spec + (None,) * (len(shape) - len(spec))))
+    source = meta.get(_compat.SOURCE_KEY) or ""
+    return ParamEntry(path, owner, name, shape, value.dtype, spec, source), mesh
+
+
+def param_entries(obj: Any, mesh: Mesh | None = None) -> tuple[dict[str, ParamEntry], Mesh | None]:
+    """Every `nnx.Param`'s resolved layout, from a `Resolution` or a module.
+
+    A module's layouts are read from what `parallelize` wrote (`out_sharding`,
+    `mesh` and source metadata), else from its arrays' shardings; parameters
+    with neither count as replicated. Abstract modules (`nnx.eval_shape`) work.
+
+    Args:
+      obj: A `Resolution` or an `nnx.Module`.
+      mesh: Overrides the mesh found in the resolution or metadata.
+
+    Returns:
+      `({param path: ParamEntry}, mesh)`; the mesh is None if none was found.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> entries, mesh = param_entries(mlp)
+      >>> entries["up.kernel"].spec, entries["up.kernel"].source, mesh.shape["model"]
+      (P(None, 'model'), 'up', 8)
+    """
+    if isinstance(obj, Resolution):
+        return dict(obj.params), mesh or obj.mesh
+    if not isinstance(obj, nnx.Module):
+        raise TypeError(f"expected an nnx.Module or a Resolution, got {type(obj).__name__}.")
+    entries: dict[str, ParamEntry] = {}
+    found = mesh
+    for path, (owner, name, var) in walk(obj)[1].items():
+        entries[path], var_mesh = _entry_from_variable(path, owner, name, var, mesh)
+        found = found or var_mesh
+    return entries, found
+
+
+def _total_bytes(entry: ParamEntry) -> int:
+    return math.prod(entry.shape) * _itemsize(entry.dtype)
+
+
+class _OneDevice:
+    """Stands in for a mesh when every spec entry is None."""
+
+    shape: dict = {}
+
+
+_ONE = _OneDevice()
+
+
+def _is_replicated(entry: ParamEntry) -> bool:
+    return all(e is None for e in tuple(entry.spec))
+
+
+def _source_text(entry: ParamEntry, root_matched: bool) -> str:
+    if entry.source:
+        return entry.source
+    # The root pattern "" and "no rule" share the empty source (see docs).
+    return "'' (root)" if root_matched else "none"
+
+
+# summary ------------------------------------------------------------------------------
+
+
+def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "size") -> str:
+    """A table of every parameter's layout and per-device cost.
+
+    Columns: path, shape, dtype, spec, shard shape, bytes per device and
+    source (the plan pattern, `@sharded`, or `none` when no rule touched it).
+    Replicated parameters are flagged. The footer gives the bytes each device
+    holds, split into sharded and replicated parameters, and the unsharded size.
+
+    Args:
+      model_or_resolution: A `Resolution` (from `resolve`, works on abstract
+        models before allocation) or a module (parallelized or not).
+      mesh: Overrides the mesh of the resolution / metadata.
+      sort: `"size"` (largest bytes per device first), `"path"` or `"none"`
+        (model order).
+
+    Returns:
+      The table as text.
+
+    Raises:
+      ValueError: an unknown `sort`.
+
+    Example:
+      >>> abstract = nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0)))
+      >>> res = resolve(abstract, mesh8, {"up": ColumnParallel(), "down": RowParallel()})
+      >>> print(summary(res))
+      mesh {'model': 8} (8 devices), 4 params
+      path         shape     dtype    spec              shard shape  bytes/device  source  note
+      -----------  --------  -------  ----------------  -----------  ------------  ------  ----------
+      down.kernel  (64, 16)  float32  P('model', None)  (8, 16)               512  down
+      up.kernel    (16, 64)  float32  P(None, 'model')  (16, 8)               512  up
+      down.bias    (16,)     float32  P(None)           (16,)                  64  down    replicated
+      up.bias      (64,)     float32  P('model')        (8,)                   32  up
+      per device: 1,120 B (1.1 KiB) = sharded 1,056 B (3 params) + replicated 64 B (1 param)
+      unsharded: 8,512 B (8.3 KiB); each device holds 13.2%
+    """
+    if sort not in _SORTS:
+        raise ValueError(f"sort={sort!r} is not one of {_SORTS}.")
+    entries, mesh = param_entries(model_or_resolution, mesh)
+    root = isinstance(model_or_resolution, Resolution) and "" in model_or_resolution.matches
+    items = list(entries.values())
+    on = mesh if mesh is not None else _ONE
+    if sort == "size":
+        items.sort(key=lambda e: (-e.bytes_per_device(on), -_total_bytes(e), e.path))
+    elif sort == "path":
+        items.sort(key=lambda e: e.path)
+    n_devices = mesh.devices.size if mesh is not None else 1
+    rows = []
+    for e in items:
+        flag = "replicated" if _is_replicated(e) and n_devices > 1 else ""
+        rows.append([
+            e.path, str(e.shape), str(jax.numpy.dtype(e.dtype)), format_spec(e.spec),
+            str(e.shard_shape(on)), f"{e.bytes_per_device(on):,}", _source_text(e, root), flag,
+        ])
+    header = ["path", "shape", "dtype", "spec", "shard shape", "bytes/device", "source", "note"]
+    lines = [f"{_mesh_text(mesh)}, {len(items)} params"] + _table(header, rows, right={5})
+    sharded = [e for e in items if not _is_replicated(e)]
+    replicated = [e for e in items if _is_replicated(e)]
+    s_bytes = sum(e.bytes_per_device(on) for e in sharded)
+    r_bytes = sum(e.bytes_per_device(on) for e in replicated)
+    full = sum(_total_bytes(e) for e in items)
+    total = s_bytes + r_bytes
+    lines.append(
+        f"per device: {total:,} B ({_human(total)}) = sharded {s_bytes:,} B ({_plural(len(sharded), 'param')})"
+        f" + replicated {r_bytes:,} B ({_plural(len(replicated), 'param')})"
+    )
+    share = f"{100 * total / full:.1f}%" if full else "n/a"
+    lines.append(f"unsharded: {full:,} B ({_human(full)}); each device holds {share}")
+    return "\n".join(lines)
+
+
+# explain ------------------------------------------------------------------------------
+
+
+def _style_text(style: Any) -> str:
+    axis = getattr(style, "axis", None)
+    return f"{type(style).__name__}({axis!r})" if axis is not None else f"{type(style).__name__}()"
+
+
+def explain(model: Any, mesh: Mesh, plan: Any) -> str:
+    """Why each parameter got its layout: the plan, pattern by pattern.
+
+    Resolves `plan` with `strict=False` (nothing is modified) and lists, for
+    each pattern, its styles, the modules it matched and the parameters it set;
+    then the patterns that matched nothing (with a suggestion), the parameters
+    no rule touched, the modules that get call-time hooks, and resolver notes.
+
+    Args:
+      model: An `nnx.Module`, concrete or abstract (`nnx.eval_shape`).
+      mesh: The mesh the plan's styles refer to.
+      plan: A style, a tuple of styles, or a dict pattern -> style(s).
+
+    Returns:
+      The explanation as text.
+
+    Raises:
+      PlanError, MeshError: as `resolve` does, except for unmatched patterns.
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> print(explain(mlp, mesh8, {"up": ColumnParallel(), "mlp.gate": RowParallel()}))
+      plan on mesh {'model': 8} (8 devices): 2 patterns, 1 matched nothing; 4 params, 2 set by the plan
+      'up' -> ColumnParallel('model')
+        matched 1 module: up
+          up.bias    P('model')
+          up.kernel  P(None, 'model')
+      'mlp.gate' -> RowParallel('model')
+        matched nothing
+      patterns that matched nothing:
+        'mlp.gate'
+      params no rule touched (replicated): 2
+        down.bias    (16,)
+        down.kernel  (64, 16)
+      call-time hooks: up (layout)
+    """
+    entries = _normalize_plan(plan)
+    res = resolve(model, mesh, plan, strict=False)
+    touched = [e for e in res.params.values() if e.source or "" in res.matches]
+    lines = [
+        f"plan on {_mesh_text(mesh)}: {len(entries)} patterns, {len(res.unmatched)} matched nothing; "
+        f"{len(res.params)} params, {len(touched)} set by the plan"
+    ]
+    for pattern, styles in entries.items():
+        lines.append(f"{pattern!r} -> " + " + ".join(_style_text(s) for s in styles))
+        hits = res.matches[pattern]
+        if not hits:
+            lines.append("  matched nothing")
+            continue
+        shown = ", ".join(m or "<root>" for m in hits[:6]) + (f", ... ({len(hits) - 6} more)" if len(hits) > 6 else "")
+        lines.append(f"  matched {len(hits)} module{'s' if len(hits) != 1 else ''}: {shown}")
+        mine = [e for e in res.params.values() if e.source == pattern]
+        if not mine:
+            lines.append("    set no parameter (a more specific pattern won, or the style kept every spec)")
+        width = max((len(e.path) for e in mine), default=0)
+        lines += [f"    {e.path.ljust(width)}  {format_spec(e.spec)}" for e in mine]
+    if res.unmatched:
+        lines.append("patterns that matched nothing:")
+        modules = walk(model)[0]
+        lines += [f"  {p!r}{_suggest(p, modules)}" for p in res.unmatched]
+    if "" not in res.matches and res.untouched:
+        lines.append(f"params no rule touched (replicated): {len(res.untouched)}")
+        width = max(len(p) for p in res.untouched)
+        lines += [f"  {p.ljust(width)}  {res.params[p].shape}" for p in res.untouched]
+    if res.hooks:
+        parts = []
+        for path, h in res.hooks.items():
+            kinds = [k for k in ("layout", "gather") if getattr(h, k, None) is not None]
+            parts.append(f"{path or '<root>'} ({', '.join(kinds) or 'none'})")
+        lines.append("call-time hooks: " + ", ".join(parts))
+    if res.notes:
+        lines.append("notes:")
+        lines += [f"  {n}" for n in res.notes]
+    return "\n".join(lines)
+
+
+# communication_report -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CommStats:
+    """Totals over a group of collectives.
+
+    Attributes:
+      count: Number of ops.
+      bytes: Full-operand bytes (`Collective.size`), summed.
+      traffic: Bytes each device sends with ring algorithms, summed.
+    """
+
+    count: int = 0
+    bytes: int = 0
+    traffic: float = 0.0
+
+    def add(self, op: Collective) -> CommStats:
+        """These totals plus one op.
+
+        Example:
+          >>> from nnx_parallel.collectives import Collective
+          >>> CommStats().add(Collective("all-reduce", 64, 8, ("model",), "f32[16]"))
+          CommStats(count=1, bytes=64, traffic=112.0)
+        """
+        return CommStats(self.count + 1, self.bytes + op.size, self.traffic + op.traffic)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunicationReport:
+    """The collectives and memory of one compiled program.
+
+    Attributes:
+      collectives: Every collective op, in program order (async pairs once).
+      by_kind: Kind -> totals, every kind present (zeros included).
+      by_axis: Mesh axes (a tuple; `()` if unknown) -> totals.
+      by_kind_and_axis: `(kind, axes)` -> totals.
+      argument_bytes, output_bytes, temp_bytes, generated_code_bytes,
+        alias_bytes: Per-device figures from `compiled.memory_analysis()`
+        (None where the backend gives none).
+      mesh: The mesh used to name axes.
+
+    Example:
+      >>> hlo = "%ar = f32[16]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add"
+      >>> report = CommunicationReport.from_compiled(hlo, mesh2x4)
+      >>> report.count("all-reduce", "model"), report.by_axis[("model",)]
+      (1, CommStats(count=1, bytes=64, traffic=96.0))
+    """
+
+    collectives: tuple[Collective, ...]
+    by_kind: dict[str, CommStats]
+    by_axis: dict[tuple[str, ...], CommStats]
+    by_kind_and_axis: dict[tuple[str, tuple[str, ...]], CommStats]
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    temp_bytes: int | None = None
+    generated_code_bytes: int | None = None
+    alias_bytes: int | None = None
+    mesh: Mesh | None = None
+
+    @classmethod
+    def from_compiled(cls, compiled: Any, mesh: Mesh | None = None) -> CommunicationReport:
+        """Builds a report from a `jax.stages.Compiled` (or HLO text)."""
+        ops = tuple(collectives(compiled, mesh))
+        by_kind = {k: CommStats() for k in KINDS}
+        by_axis: dict = collections.defaultdict(CommStats)
+        both: dict = collections.defaultdict(CommStats)
+        for op in ops:
+            by_kind[op.kind] = by_kind[op.kind].add(op)
+            by_axis[op.axes] = by_axis[op.axes].add(op)
+            both[(op.kind, op.axes)] = both[(op.kind, op.axes)].add(op)
+        stats = None if isinstance(compiled, str) else compiled.memory_analysis()
+        get = lambda name: None if stats is None else int(getattr(stats, name))  # noqa: E731
+        return cls(
+            ops, by_kind, dict(by_axis), dict(both),
+            argument_bytes=get("argument_size_in_bytes"),
+            output_bytes=get("output_size_in_bytes"),
+            temp_bytes=get("temp_size_in_bytes"),
+            generated_code_bytes=get("generated_code_size_in_bytes"),
+            alias_bytes=get("alias_size_in_bytes"),
+            mesh=mesh,
+        )
+
+    def count(self, kind: str | None = None, axes: tuple[str, ...] | str | None = None) -> int:
+        """Number of ops of `kind` (any if None) over exactly `axes` (any if None)."""
+        axes = (axes,) if isinstance(axes, str) else axes
+        return sum(1 for c in self.collectives if (kind is None or c.kind == kind) and (axes is None or c.axes == axes))
+
+    @property
+    def total(self) -> CommStats:
+        out = CommStats()
+        for op in self.collectives:
+            out = out.add(op)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"communication on {_mesh_text(self.mesh)}: {self.total.count} collectives"]
+        rows = [
+            [kind, "+".join(axes) or "?", str(s.count), f"{s.bytes:,}", f"{s.traffic:,.0f}"]
+            for (kind, axes), s in sorted(self.by_kind_and_axis.items())
+        ]
+        t = self.total
+        rows.append(["total", "", str(t.count), f"{t.bytes:,}", f"{t.traffic:,.0f}"])
+        lines += _table(["kind", "axes", "count", "bytes", "traffic/device"], rows, right={2, 3, 4})
+        memory = [
+            ("arguments", self.argument_bytes), ("outputs", self.output_bytes),
+            ("temp", self.temp_bytes), ("generated code", self.generated_code_bytes),
+            ("aliased", self.alias_bytes),
+        ]
+        known = [(name, n) for name, n in memory if n is not None]
+        if known:
+            lines.append("memory per device: " + ", ".join(f"{name} {n:,} B" for name, n in known))
+        return "\n".join(lines)
+
+
+def _find_mesh(tree: Any) -> Mesh | None:
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        sharding = _sharding_of(value)
+        if sharding is not None and isinstance(sharding.mesh, Mesh):
+            return sharding.mesh
+    return None
+
+
+def communication_report(jitted_fn: Any, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> CommunicationReport:
+    """Compiles `jitted_fn(*args, **kwargs)` and reports its collectives and memory.
+
+    Works for `jax.jit` and `nnx.jit` functions (anything with `.lower`), and
+    for an already compiled program (`jax.stages.Compiled`, no args).
+
+    Args:
+      jitted_fn: The jitted function, or a compiled program.
+      *args: Its arguments (arrays, modules, optimizers, ShapeDtypeStructs).
+      mesh: The mesh to lower under (`jax.set_mesh`) and to name axes with;
+        default: the current mesh, else the mesh of the first sharded argument.
+      **kwargs: Its keyword arguments.
+
+    Returns:
+      A `CommunicationReport`; `print(report)` shows a table.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()})
+      >>> report = communication_report(nnx.jit(lambda m, x: m(x)), mlp, jax.numpy.ones((4, 16)), mesh=mesh8)
+      >>> report.count("all-reduce", "model"), report.by_kind["all-reduce"].bytes
+      (1, 256)
+    """
+    if not hasattr(jitted_fn, "lower"):
+        if args or kwargs:
+            raise TypeError("a compiled program takes no arguments; pass the jitted function instead.")
+        return CommunicationReport.from_compiled(jitted_fn, mesh)
+    if mesh is None:
+        current = jax.sharding.get_mesh()
+        mesh = current if isinstance(current, Mesh) and not current.empty else _find_mesh((args, kwargs))
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            compiled = jitted_fn.lower(*args, **kwargs).compile()
+    else:
+        compiled = jitted_fn.lower(*args, **kwargs).compile()
+    return CommunicationReport.from_compiled(compiled, mesh)
+
+
+# treescope ------------------------------------------------------------------------------
+
+
+def _layout_comment(var: nnx.Variable) -> str | None:
+    """`P(None, 'model') · shard (16, 8) · 512 B/device of 4,096 B · from 'up'`."""
+    entry, mesh = _entry_from_variable("", "", "", var, None)
+    if mesh is None:
+        return None
+    total = _total_bytes(entry)
+    per_device = entry.bytes_per_device(mesh)
+    where = "replicated" if _is_replicated(entry) else format_spec(entry.spec)
+    source = f"from {entry.source!r}" if entry.source else "no rule"
+    return (
+        f"{where} · shard {entry.shard_shape(mesh)} · {per_device:,} B/device of {total:,} B"
+        f" · {source}"
+    )
+
+
+def _param_layout_hook(node: Any, path: str | None, node_renderer: Any) -> Any:
+    """Treescope wrapper hook: Flax's own rendering plus a layout comment."""
+    if not isinstance(node, nnx.Variable):
+        return NotImplemented
+    comment = _layout_comment(node)
+    if comment is None:
+        return NotImplemented
+    rendered = node_renderer(node, path)
+    note = rendering_parts.comment_color(rendering_parts.text(f"  # {comment}"))
+    return rendering_parts.siblings_with_annotations(rendered, extra_annotations=[note])
+
+
+def treescope_renderer(base: Any = None) -> Any:
+    """A treescope renderer that annotates every sharded Variable with its layout.
+
+    Each Variable with a mesh (from `parallelize` metadata or its array's
+    sharding) gets an end-of-line comment: spec (or "replicated"), shard shape,
+    bytes per device, and the pattern that set it. Use it with treescope's own
+    API, e.g. in a notebook::
+
+        treescope.active_renderer.set_globally(npx.treescope_renderer())
+        treescope.active_autovisualizer.set_globally(treescope.ArrayAutovisualizer())
+
+    Args:
+      base: The renderer to extend; default `treescope.active_renderer.get()`.
+
+    Returns:
+      A new `treescope.renderers.TreescopeRenderer`.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> import treescope
+      >>> with treescope.active_renderer.set_scoped(treescope_renderer()):
+      ...     text = treescope.render_to_text(mlp)
+      >>> "P(None, 'model') · shard (16, 8) · 512 B/device of 4,096 B · from 'up'" in text
+      True
+    """
+    base = treescope.active_renderer.get() if base is None else base
+    return base.extended_with(wrapper_hooks=[_param_layout_hook])
+
+
+def render(model: Any, *, arrays: bool = True, compressed: bool = True) -> str:
+    """Standalone HTML for a model, with every parameter's layout visible.
+
+    Uses `treescope_renderer()`; with `arrays=True` treescope's
+    `ArrayAutovisualizer` draws each array and, one click away, which device
+    holds which block of it ("Sharded across 8 CPU devices").
+
+    Args:
+      model: Any value treescope can render, typically a parallelized module.
+      arrays: Visualize arrays and their device layout.
+      compressed: Compress the HTML (treescope's default); False keeps it
+        greppable.
+
+    Returns:
+      HTML text; write it to a file or show it with `IPython.display.HTML`.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> html = render(mlp, compressed=False)
+      >>> "512 B/device" in html and "Sharded across 8" in html
+      True
+    """
+    visualizer = treescope.ArrayAutovisualizer() if arrays else None
+    with treescope.active_renderer.set_scoped(treescope_renderer()):
+        with treescope.active_autovisualizer.set_scoped(visualizer):
+            return treescope.render_to_html(model, compressed=compressed)
