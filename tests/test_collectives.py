@@ -98,3 +98,28 @@ def test_fsdp_reshard_after_forward_halves_temp_memory(fsdp8):
         assert totals["all-reduce"] == 0 and totals["reduce-scatter"] == 512 * 512 * 4
     assert temps[False] >= 2 * 512 * 512 * 4  # the gathered copy is kept
     assert temps[True] <= 0.55 * temps[False]
+
+
+def test_fsdp_plus_tp_gathers_only_the_fsdp_axis(kind):
+    """2D ('fsdp', 'model'): each weight is all-gathered over 'fsdp' only (its
+    'model' slice stays local), the row output is all-reduced over 'model',
+    and gradients are reduce-scattered over 'fsdp'."""
+    from nnx_parallel import ColumnParallel, RowParallel
+
+    mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(kind, kind))
+    model = models.MLP(rngs=nnx.Rngs(0))
+    fsdp = FSDP("fsdp", min_size=16)
+    parallelize(model, mesh, {"up": (ColumnParallel(), fsdp), "down": (RowParallel(), fsdp)})
+    x = jax.device_put(jax.numpy.ones((8, 16)), jax.NamedSharding(mesh, jax.P("fsdp")))
+    with jax.set_mesh(mesh):
+        opt = nnx.Optimizer(model, __import__("optax").adam(1e-3), wrt=nnx.Param)
+    ops = helpers.step_collectives(model, opt, x, mesh)
+    weights_per_model_shard = (16 * 64 + 64 * 16) * 4 // 2
+    gathers = [c for c in ops if c.kind == "all-gather"]
+    assert {c.axes for c in gathers} == {("fsdp",)}
+    assert sum(c.size for c in gathers) == weights_per_model_shard + 16 * 4  # + down.bias
+    scatters = [c for c in ops if c.kind == "reduce-scatter"]
+    assert {c.axes for c in scatters} == {("fsdp",)}
+    assert sum(c.size for c in scatters) == weights_per_model_shard + 16 * 4
+    model_reduces = [c for c in ops if c.kind == "all-reduce" and c.axes == ("model",)]
+    assert len(model_reduces) == 1 and model_reduces[0].size == 2 * 16 * 4  # (batch/4, 16)

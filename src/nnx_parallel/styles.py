@@ -38,6 +38,8 @@ class ModuleContext:
       current: Parameter name -> spec assigned so far (earlier styles in a
         tuple, or an earlier `parallelize` call); None where unassigned.
       mesh: The mesh.
+      declared: Parameter name -> the spec its own `out_sharding` metadata
+        names, as written (mesh axes or not); absent where it has none.
     """
 
     path: str
@@ -46,6 +48,7 @@ class ModuleContext:
     shapes: Mapping[str, tuple[int, ...]]
     current: Mapping[str, P | None]
     mesh: Mesh
+    declared: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def param_path(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -128,14 +131,20 @@ def _einsum_parts(module) -> tuple[str, str, str] | None:
     return operands[0], operands[1], out
 
 
-def _tp_dims(module, weight_ndim: int, column: bool) -> tuple[int, int | None, int]:
-    """(weight dim to shard, output dim from the end or None, output-rank delta)."""
+def _tp_dims(module, weight_ndim: int, column: bool, shape=None, size: int = 1) -> tuple[int, int | None, int]:
+    """(weight dim to shard, output dim from the end or None, output-rank delta).
+
+    For an einsum, the first kernel letter that only the output has and whose
+    size `size` divides (fused "CNDH" kernels: the heads, not the 2 of k/v).
+    """
     parts = _einsum_parts(module)
     if parts is not None:
         x_sub, k_sub, out_sub = parts
         delta = len(out_sub) - len(x_sub)
         if column:
             letters = [c for c in k_sub if c in out_sub and c not in x_sub]
+            if shape is not None and len(shape) == len(k_sub):
+                letters = sorted(letters, key=lambda c: shape[k_sub.index(c)] % size != 0)
             if letters:
                 return k_sub.index(letters[0]), len(out_sub) - out_sub.index(letters[0]), delta
         else:
@@ -204,7 +213,11 @@ class _TensorParallel:
                     f"Pass a dim in [{-ndim}, {ndim - 1}].",
                 )
             return self.dim % ndim
-        return _tp_dims(ctx.module, ndim, self._column)[0]
+        return self._dims(ctx, weight)[0]
+
+    def _dims(self, ctx: ModuleContext, weight: str) -> tuple[int, int | None, int]:
+        shape = ctx.shapes[weight]
+        return _tp_dims(ctx.module, len(shape), self._column, shape, _axis_size(ctx.mesh, self.axis))
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
         self._validate_axis(ctx)
@@ -281,9 +294,12 @@ class ColumnParallel(_TensorParallel):
     _column = True
 
     def _default_layout(self, ctx, weight, dim):
-        _, out_pos, delta = _tp_dims(ctx.module, len(ctx.shapes[weight]), True)
-        if self.dim is not None and self.dim % len(ctx.shapes[weight]) != _tp_dims(ctx.module, len(ctx.shapes[weight]), True)[0]:
-            out_pos = None  # a custom dim: we cannot know where it lands
+        default_dim, out_pos, delta = self._dims(ctx, weight)
+        parts = _einsum_parts(ctx.module)
+        if dim != default_dim:
+            out_pos = None  # a custom dim: we cannot know where it lands, unless an einsum says
+            if parts is not None and len(parts[1]) == len(ctx.shapes[weight]) and parts[1][dim] in parts[2]:
+                out_pos = len(parts[2]) - parts[2].index(parts[1][dim])
         return Layout(output=_trailing(out_pos, self.axis), rank_delta=delta)
 
 
@@ -324,7 +340,11 @@ class RowParallel(_TensorParallel):
         ndim = len(ctx.shapes[weight])
         _, _, delta = _tp_dims(ctx.module, ndim, False)
         in_pos = _row_input_dim(ctx.module, ndim, dim)
-        return Layout(input=_trailing(in_pos, self.axis), output=(None,), rank_delta=delta)
+        axes = (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+        post = tuple(n for n in ctx.shapes if n != weight)
+        return Layout(
+            input=_trailing(in_pos, self.axis), output=(None,), rank_delta=delta, reduce=axes, post=post
+        )
 
 
 # Explicit specs -------------------------------------------------------------
@@ -431,6 +451,13 @@ class FSDP:
         after forward and gather again in backward. False: keep it (one
         all-gather less per step, more memory).
       methods: Methods that read the parameters and get the gather hook.
+        Add yours (e.g. `("__call__", "encode", "decode")` for an embedder):
+        a parameter read by another method is gathered by GSPMD instead, and
+        under Explicit axes an embedding lookup there needs an out_sharding.
+      scan_axes: Leading dims that stack layers (`nnx.vmap` + `nnx.scan`)
+        and are never sharded. Leading dims whose own `out_sharding` names a
+        non-mesh axis (the `nnx.PARTITION_NAME` of `transform_metadata`)
+        are skipped without it.
 
     Example:
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
@@ -444,7 +471,16 @@ class FSDP:
     batch_axes: tuple[str, ...] | None = None
     reshard_after_forward: bool = True
     methods: tuple[str, ...] = ("__call__", "attend")
+    scan_axes: int = 0
     subtree = True
+
+    def _stacked(self, ctx: ModuleContext, name: str) -> int:
+        """How many leading dims of `name` stack layers."""
+        declared = ctx.declared.get(name) or ()
+        tagged = 0
+        while tagged < len(declared) and isinstance(declared[tagged], str) and declared[tagged] not in ctx.mesh.axis_names:
+            tagged += 1
+        return max(self.scan_axes, tagged)
 
     def _axes(self) -> tuple[str, ...]:
         return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
@@ -466,7 +502,8 @@ class FSDP:
             used = list(current) + [None] * (len(shape) - len(current)) if current else [None] * len(shape)
             if any(set(self._axes()) & set((u,) if isinstance(u, str) else (u or ())) for u in used):
                 continue  # already sharded over this axis (parallelize called twice)
-            free = [d for d in range(len(shape)) if used[d] is None and shape[d] % size == 0]
+            stacked = self._stacked(ctx, name)
+            free = [d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0]
             if free:
                 best = max(free, key=lambda d: (shape[d], -d))
                 out[name] = _with_dim(current, len(shape), best, self.axis)
@@ -485,7 +522,7 @@ class FSDP:
             for d, entry in enumerate(spec):
                 names = (entry,) if isinstance(entry, str) else tuple(entry or ())
                 if axes & set(names):
-                    gathered.append((name, d))
+                    gathered.append((name, d - len(spec)))  # from the end: scan-proof
         if not gathered:
             return None
         methods = tuple(m for m in self.methods if callable(getattr(type(ctx.module), m, None)))
