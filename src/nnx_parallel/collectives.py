@@ -79,6 +79,32 @@ def _bytes(shape_text: str) -> int:
     return total
 
 
+# `mesh['axis_0'=2,'axis_1'=4] {'axis_0'}`, optionally with the devices in mesh
+# order: `mesh[...], device_ids=([2,4]T(1,0)) {...}` (iota) or an explicit list.
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:,\s*device_ids=\((?P<ids>.*?)\))?\s*\{(?P<chosen>[^}]*)\}"
+)
+
+
+def _iota(dims: list[int], perm: list[int] | None) -> np.ndarray:
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return ids.transpose(perm) if perm else ids
+
+
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
+def _device_ids(text: str | None, n: int) -> np.ndarray:
+    """Device ids in mesh order: from `[2,4]T(1,0)` (iota), `0,4,1,5`, or none."""
+    if not text:
+        return np.arange(n)
+    m = re.fullmatch(r"\s*\[([\d,]+)\](?:T\(([\d,]+)\))?\s*", text)
+    if m:
+        return _iota(_ints(m.group(1)), _ints(m.group(2)) or None).reshape(-1)
+    return np.array([int(x) for x in re.findall(r"\d+", text)])
+
+
 def _groups(attrs: str, n_devices: int) -> list[list[int]] | None:
     m = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:,\s*\{[\d,\s]*\})*)\}", attrs)
     if m:
@@ -92,13 +118,13 @@ def _groups(attrs: str, n_devices: int) -> list[list[int]] | None:
         if m.group(3):
             ids = ids.transpose([int(x) for x in m.group(3).split(",")])
         return ids.reshape(out_shape).tolist()
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    m = _MESH_GROUPS.search(attrs)
     if m:
-        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group("axes"))
         names = [a for a, _ in axes]
         sizes = [int(s) for _, s in axes]
-        chosen = re.findall(r"'([^']+)'", m.group(2))
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        chosen = re.findall(r"'([^']+)'", m.group("chosen"))
+        ids = _device_ids(m.group("ids"), math.prod(sizes)).reshape(sizes)
         inner = [names.index(c) for c in chosen]
         outer = [i for i in range(len(names)) if i not in inner]
         ids = ids.transpose(outer + inner).reshape(-1, math.prod(sizes[i] for i in inner) if inner else 1)
