@@ -289,7 +289,8 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
       params no rule touched (replicated): 2
         down.bias    (16,)
         down.kernel  (64, 16)
-      call-time hooks: up (layout)
+      call-time hooks (1 module):
+        up  layout
     """
     entries = _normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
@@ -320,11 +321,11 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         width = max(len(p) for p in res.untouched)
         lines += [f"  {p.ljust(width)}  {res.params[p].shape}" for p in res.untouched]
     if res.hooks:
-        parts = []
+        lines.append(f"call-time hooks ({_plural(len(res.hooks), 'module')}):")
+        width = max(len(p or "<root>") for p in res.hooks)
         for path, h in res.hooks.items():
             kinds = [k for k in ("layout", "gather") if getattr(h, k, None) is not None]
-            parts.append(f"{path or '<root>'} ({', '.join(kinds) or 'none'})")
-        lines.append("call-time hooks: " + ", ".join(parts))
+            lines.append(f"  {(path or '<root>').ljust(width)}  {', '.join(kinds) or 'none'}")
     if res.notes:
         lines.append("notes:")
         lines += [f"  {n}" for n in res.notes]
