@@ -103,6 +103,20 @@ def test_summary_names_decorator_and_root_sources(fsdp8):
     res = npx.resolve(nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0))), fsdp8, npx.FSDP(min_size=64))
     table = rows(npx.summary(res))
     assert table["up.kernel"][3:] == ["P(None, 'fsdp')", "(16, 8)", "512", "'' (root)"]
+    # The same plan applied to an abstract model: layouts read back from metadata.
+    abstract = nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0)))
+    npx.parallelize(abstract, fsdp8, npx.FSDP(min_size=64))
+    table = rows(npx.summary(abstract))
+    assert table["up.kernel"][3:] == ["P(None, 'fsdp')", "(16, 8)", "512", "'' (root)"]
+    assert table["down.bias"][3:] == ["P(None)", "(16,)", "64", "none", "replicated"]
+
+
+def test_explain_names_fsdp_gather_hooks(fsdp8):
+    text = npx.explain(models.MLP(rngs=nnx.Rngs(0)), fsdp8, {"up": npx.FSDP(min_size=64)})
+    assert text.splitlines()[0].endswith("1 pattern, 0 matched nothing; 4 params, 2 set by the plan")
+    assert "'up' -> FSDP('fsdp')" in text
+    assert text.endswith("call-time hooks (1 module):\n  up  gather")
+    assert "params no rule touched (replicated): 2\n  down.bias    (16,)\n  down.kernel  (64, 16)" in text
 
 
 # explain ----------------------------------------------------------------------------------

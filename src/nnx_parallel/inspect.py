@@ -167,10 +167,16 @@ def _is_replicated(entry: ParamEntry) -> bool:
     return all(e is None for e in tuple(entry.spec))
 
 
-def _source_text(entry: ParamEntry, root_matched: bool) -> str:
+def _source_text(entry: ParamEntry, root_matched: bool | None) -> str:
+    """The pattern, or `'' (root)` / `none`: both are stored as "" (see docs).
+
+    `root_matched` is known for a Resolution; for a model (None) only a
+    sharded spec shows that some rule, hence the root pattern, set it.
+    """
     if entry.source:
         return entry.source
-    # The root pattern "" and "no rule" share the empty source (see docs).
+    if root_matched is None:
+        root_matched = not _is_replicated(entry)
     return "'' (root)" if root_matched else "none"
 
 
@@ -215,7 +221,7 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     if sort not in _SORTS:
         raise ValueError(f"sort={sort!r} is not one of {_SORTS}.")
     entries, mesh = param_entries(model_or_resolution, mesh)
-    root = isinstance(model_or_resolution, Resolution) and "" in model_or_resolution.matches
+    root = "" in model_or_resolution.matches if isinstance(model_or_resolution, Resolution) else None
     items = list(entries.values())
     on = mesh if mesh is not None else _ONE
     if sort == "size":
@@ -296,8 +302,8 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
     res = resolve(model, mesh, plan, strict=False)
     touched = [e for e in res.params.values() if e.source or "" in res.matches]
     lines = [
-        f"plan on {_mesh_text(mesh)}: {len(entries)} patterns, {len(res.unmatched)} matched nothing; "
-        f"{len(res.params)} params, {len(touched)} set by the plan"
+        f"plan on {_mesh_text(mesh)}: {_plural(len(entries), 'pattern')}, {len(res.unmatched)} matched nothing; "
+        f"{_plural(len(res.params), 'param')}, {len(touched)} set by the plan"
     ]
     for pattern, styles in entries.items():
         lines.append(f"{pattern!r} -> " + " + ".join(_style_text(s) for s in styles))
@@ -504,7 +510,7 @@ def _layout_comment(var: nnx.Variable) -> str | None:
     total = _total_bytes(entry)
     per_device = entry.bytes_per_device(mesh)
     where = "replicated" if _is_replicated(entry) else format_spec(entry.spec)
-    source = f"from {entry.source!r}" if entry.source else "no rule"
+    source = f"from {entry.source!r}" if entry.source else "no rule" if _is_replicated(entry) else "from ''"
     return (
         f"{where} · shard {entry.shard_shape(mesh)} · {per_device:,} B/device of {total:,} B"
         f" · {source}"
