@@ -219,6 +219,25 @@ def _context_mesh(mesh: Mesh):
     return context
 
 
+def _out_ndim(module, method, args, kwargs, guess: int) -> int:
+    """Rank of the call's output, from an abstract trace with shardings stripped."""
+    if isinstance(module, _KNOWN_RANK):
+        return guess
+    graphdef, state = nnx.split(module)
+    plain = lambda t: jax.tree.map(  # noqa: E731
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if _is_array(v) else v, t
+    )
+    try:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            out = jax.eval_shape(
+                lambda st, a, kw: method(nnx.merge(graphdef, st), *a, **kw), plain(state), plain(args), plain(kwargs)
+            )
+    except Exception:  # noqa: BLE001 - fall back to the style's static guess
+        return guess
+    leaves = [o for o in jax.tree.leaves(out) if hasattr(o, "ndim")]
+    return leaves[0].ndim if leaves else guess
+
+
 def _explicit_here(mesh: Mesh) -> bool:
     context = _context_mesh(mesh)
     manual = _compat.manual_axes()
@@ -239,14 +258,22 @@ def _with_layout(method, layout: Layout, mesh: Mesh):
         if layout.output is None or not (args and _is_array(args[0])):
             return method(module, *args, **kwargs)
         x = args[0]
-        out_ndim = x.ndim + layout.rank_delta
         if explicit:
+            out_ndim = _out_ndim(module, method, args, kwargs, x.ndim + layout.rank_delta)
             out_spec = _drop_manual(_full_spec(x, layout.output, mesh, out_ndim))
             if accepts_out_sharding and kwargs.get("out_sharding") is None:
                 return method(module, *args, **{**kwargs, "out_sharding": out_spec})
-            return _compat.auto_axes(
-                lambda *a: method(module, *a, **kwargs), mesh=mesh, out_sharding=out_spec
-            )(*args)
+            # The module's state goes in as an argument: closed-over Explicit
+            # arrays would clash with the Auto mesh inside auto_axes.
+            graphdef, state = nnx.split(module)
+
+            def run(state, *a):
+                inner = nnx.merge(graphdef, state)
+                return method(inner, *a, **kwargs), nnx.state(inner, nnx.Not(nnx.Param))
+
+            out, rest = _compat.auto_axes(run, mesh=mesh, out_sharding=(out_spec, None))(state, *args)
+            nnx.update(module, rest)
+            return out
         out = method(module, *args, **kwargs)
         return jax.tree.map(
             lambda y: _constrain(y, _full_spec(y, layout.output, mesh), mesh) if _is_array(y) and y.ndim else y,
@@ -403,6 +430,9 @@ def _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch):
 
 
 # FSDP + tensor parallel: one fully manual region -----------------------------------
+
+# Layers whose output rank the styles compute statically.
+_KNOWN_RANK = (nnx.Linear, nnx.Einsum, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
 
 # Layers whose call only reads parameter shapes, so they compute correctly on
 # local shards: inside a shard_map manual over the tensor-parallel axis too,
