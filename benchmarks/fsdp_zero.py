@@ -41,8 +41,8 @@ def loss_fn(model, x):
     return jnp.mean(model(x) ** 2)
 
 
-def build(kind, mesh):
-    model = Stack(nnx.Rngs(0))
+def build(kind, mesh, make=None):
+    model = (make or (lambda: Stack(nnx.Rngs(0))))()
     if kind == "fsdp":
         npx.parallelize(model, mesh, npx.FSDP("data", min_size=1))
     elif kind == "naive":  # annotate like FSDP, no hooks: GSPMD propagates
@@ -58,11 +58,12 @@ def build(kind, mesh):
     return model
 
 
-def measure(kind, mesh, x):
-    model = build(kind, mesh)
+def measure(kind, mesh, x, make=None, loss=None):
+    loss_fn_ = loss or loss_fn
+    model = build(kind, mesh, make)
     with jax.set_mesh(mesh):
         opt = npx.ShardedOptimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-        grad_fn = npx.zero.value_and_grad(loss_fn) if kind == "zero2" else nnx.value_and_grad(loss_fn)
+        grad_fn = npx.zero.value_and_grad(loss_fn_) if kind == "zero2" else nnx.value_and_grad(loss_fn_)
 
         @nnx.jit
         def step(model, opt, x):
@@ -113,6 +114,32 @@ def main():
     print("\n4. median step time vs naive (5 steps, CPU, noisy)")
     for k in ("dp", "zero1", "zero2", "fsdp"):
         print(f"   {k:7} {results[k][3] / results['naive'][3]:.2f}x")
+    transformer(mesh)
+
+
+def transformer(mesh):
+    """The same comparison on a small GPT (2 blocks, d=256, vocab 512)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tests.models import GPT
+
+    make = lambda: GPT(vocab=512, d=256, heads=8, layers=2, max_len=32, rngs=nnx.Rngs(0))  # noqa: E731
+    tokens = jax.random.randint(jax.random.key(2), (BATCH, 32), 0, 512)
+    tokens = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+
+    def lm_loss(model, t):
+        return optax.softmax_cross_entropy_with_integer_labels(model(t)[:, :-1], t[:, 1:]).mean()
+
+    psi = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(make(), nnx.Param)))
+    res = {k: measure(k, mesh, tokens, make, lm_loss) for k in ("fsdp", "naive")}
+    optimum = 2 * psi * 4 * (N - 1) / N
+    print(f"\n5. small GPT (psi = {psi}): FSDP vs naive annotation, min_size=1")
+    for k in ("fsdp", "naive"):
+        b = res[k][1]
+        print(f"   {k:6} all-gather {b['all-gather']:>9} reduce-scatter {b['reduce-scatter']:>9} "
+              f"all-reduce {b['all-reduce']:>9}  wire/optimum {res[k][0]['wire'] / optimum:.3f}  temp {res[k][2]}")
+    print(f"   temp memory ratio fsdp/naive: {res['fsdp'][2] / res['naive'][2]:.3f}")
 
 
 if __name__ == "__main__":
