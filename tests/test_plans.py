@@ -12,8 +12,8 @@ from nnx_parallel.collectives import collectives
 from tests import models
 
 
-def _gpt():
-    return models.GPT(rngs=nnx.Rngs(0))
+def _gpt(layers=1):
+    return models.GPT(layers=layers, rngs=nnx.Rngs(0))
 
 
 def _loss(model, tokens):
@@ -83,7 +83,7 @@ def test_combine_2d_matches_unsharded(kind):
 
 def test_combine_3d_resolves_on_data_fsdp_model():
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
-    abstract = nnx.eval_shape(_gpt)
+    abstract = nnx.eval_shape(lambda: _gpt(layers=2))
     tp, _ = plans.tensor_parallel(abstract)
     combined = plans.combine(tp, FSDP("fsdp", min_size=64))
     specs = resolve(abstract, mesh, combined).specs()
