@@ -127,8 +127,8 @@ class Dense(nnx.Module):
         self.w = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (din, dout)))
         self.b = nnx.Param(jnp.zeros((dout,)))
 
-    def __call__(self, x, out_sharding=None):  # the argument nnx.Linear has
-        y = jnp.einsum("...i,io->...o", x, self.w[...], out_sharding=out_sharding)
+    def __call__(self, x):
+        y = x @ self.w[...]
         return y + self.b[...].reshape((1,) * (y.ndim - 1) + (-1,))
 
 

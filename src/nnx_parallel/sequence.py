@@ -82,10 +82,8 @@ class SequenceParallel:
         }
 
     def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks:
-        # Only the input is laid out: a norm's output keeps its input's
-        # layout by itself, and an output layout on a module without an
-        # `out_sharding` argument fails on Explicit axes (see hooks.py).
-        return ModuleHooks(layout=Layout(input=_seq_layout(self.axis, self.seq_dim)))
+        layout = _seq_layout(self.axis, self.seq_dim)
+        return ModuleHooks(layout=Layout(input=layout, output=layout))
 
 
 @dataclasses.dataclass(frozen=True)
