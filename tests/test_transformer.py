@@ -398,3 +398,34 @@ def test_cross_entropy_errors(mesh8):
         cross_entropy(jnp.zeros((2, 60)), labels, mesh8)
     with pytest.raises(Exception, match="do not fit"):
         cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), mesh8)
+
+
+def test_flax_multi_head_attention_is_planned(mesh8):
+    """nnx.MultiHeadAttention (LinearGeneral query/key/value/out) shards heads."""
+
+    class Encoder(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, rngs=rngs)
+
+    abstract = nnx.eval_shape(lambda: Encoder(nnx.Rngs(0)))
+    plan, report = plans.tensor_parallel(abstract)
+    assert {k: type(v) for k, v in plan.items()} == {
+        "attn.query": ColumnParallel, "attn.key": ColumnParallel, "attn.value": ColumnParallel,
+        "attn.out": RowParallel}
+    specs = resolve(abstract, mesh8, plan).specs()
+    assert specs["attn.query.kernel"] == P(None, "model", None)  # (d, heads, head_dim)
+    assert specs["attn.out.kernel"] == P("model", None, None)  # (heads, head_dim, d)
+
+
+def test_sequence_styles_errors(mesh8):
+    from nnx_parallel import PlanError, SequenceParallel, SequenceRowParallel
+
+    norm = nnx.LayerNorm(D, rngs=nnx.Rngs(0))
+    with pytest.raises(PlanError, match="mesh axis 'seq' is not in the mesh"):
+        parallelize(norm, mesh8, SequenceParallel("seq"))
+    with pytest.raises(PlanError, match="counted from the end"):
+        parallelize(norm, mesh8, SequenceParallel("model", seq_dim=1))
+    layer = nnx.Linear(D, D, rngs=nnx.Rngs(0))
+    with pytest.raises(PlanError, match="counted from the end"):
+        parallelize(layer, mesh8, SequenceRowParallel("model", seq_dim=0))
+    assert isinstance(layer.kernel[...].sharding, jax.sharding.SingleDeviceSharding)  # untouched

@@ -49,7 +49,16 @@ class PlanReport:
       roles: Module path -> the role it was given ("column: attention q", ...).
       unclassified: Module path -> why it was left replicated. Look at these:
         a layer the planner does not know may deserve a plan entry.
-      notes: Anything worth a second look (fused qkv, tied weights, ...).
+      notes: Anything worth a second look (fused qkv, unpaired column layers).
+
+    Example:
+      >>> class Odd(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.q_proj = nnx.Linear(16, 16, rngs=rngs)
+      ...         self.mystery = nnx.Linear(16, 16, rngs=rngs)
+      >>> _, report = plans.tensor_parallel(Odd(nnx.Rngs(0)))
+      >>> report.roles["q_proj"], list(report.unclassified)
+      ("column: in-projection named 'q_proj'", ['mystery'])
     """
 
     roles: Mapping[str, str]
@@ -162,12 +171,12 @@ def tensor_parallel(
       `PlanReport` of roles, unclassified layers and notes.
 
     Example:
-      >>> from tests.models import GPT
-      >>> plan, report = plans.tensor_parallel(nnx.eval_shape(lambda: GPT(rngs=nnx.Rngs(0))))
-      >>> plan["blocks.*.attn.q"], plan["blocks.*.mlp.down"], plan["embed"]
-      (ColumnParallel(axis='model', param=None, dim=None, shard_bias=True, input_spec=None, output_spec=None), RowParallel(axis='model', param=None, dim=None, input_spec=None, output_spec=None), RowParallel(axis='model', param=None, dim=None, input_spec=None, output_spec=None))
-      >>> dict(report.unclassified)
-      {}
+      >>> plan, report = plans.tensor_parallel(TinyMLP(rngs=nnx.Rngs(0)))
+      >>> {pattern: type(style).__name__ for pattern, style in plan.items()}
+      {'down': 'RowParallel', 'up': 'ColumnParallel'}
+      >>> _ = parallelize(mlp := TinyMLP(rngs=nnx.Rngs(0)), mesh8, plan)
+      >>> mlp.up.kernel[...].sharding.spec, mlp.down.kernel[...].sharding.spec
+      (P(None, 'model'), P('model', None))
     """
     if not isinstance(model, nnx.Module):
         raise PlanError(f"tensor_parallel expects an nnx.Module, got {type(model).__name__}.")
