@@ -116,7 +116,7 @@ def test_explain_names_fsdp_gather_hooks(fsdp8):
     assert text.splitlines()[0].endswith("1 pattern, 0 matched nothing; 4 params, 2 set by the plan")
     assert "'up' -> FSDP('fsdp')" in text
     assert text.endswith("call-time hooks (1 module):\n  up  gather")
-    assert "params no rule touched (replicated): 2\n  down.bias    (16,)\n  down.kernel  (64, 16)" in text
+    assert "params no rule touched: 2\n  down.bias    (16,)     P(None)\n  down.kernel  (64, 16)  P(None, None)" in text
 
 
 # explain ----------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_explain_lists_matches_unmatched_and_untouched(mesh8):
     assert "    blocks.1.mlp.up.kernel  P(None, 'model')" in lines
     j = lines.index("patterns that matched nothing:")
     assert lines[j + 1] == "  'blocks.*.atn.q' Did you mean 'blocks.*.attn.q'?"
-    k = lines.index("params no rule touched (replicated): 27")
+    k = lines.index("params no rule touched: 27")
     untouched = [line.split()[0] for line in lines[k + 1 : k + 28]]
     assert len(untouched) == 27 and "embed.embedding" in untouched and "blocks.0.attn.o.kernel" in untouched
     assert not any(".mlp." in p for p in untouched)

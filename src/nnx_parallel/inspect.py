@@ -103,7 +103,9 @@ def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, me
     shape = tuple(value.shape)
     meta = _compat.get_metadata(var)
     sharding = _sharding_of(value)
-    mesh = mesh or meta.get("mesh") or (sharding.mesh if sharding is not None else None)
+    meta_mesh = meta.get("mesh") if isinstance(meta.get("mesh"), Mesh) else None
+    value_mesh = sharding.mesh if sharding is not None and isinstance(sharding.mesh, Mesh) else None
+    mesh = mesh or meta_mesh or value_mesh
     declared = _compat.get_declared_spec(var)
     if declared is not None and mesh is not None and not set(_axes_in(declared)) <= set(mesh.axis_names):
         declared = None  # names no axis of this mesh (e.g. a layer-stack name)
@@ -292,9 +294,9 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         matched nothing
       patterns that matched nothing:
         'mlp.gate'
-      params no rule touched (replicated): 2
-        down.bias    (16,)
-        down.kernel  (64, 16)
+      params no rule touched: 2
+        down.bias    (16,)     P(None)
+        down.kernel  (64, 16)  P(None, None)
       call-time hooks (1 module):
         up  layout
     """
@@ -323,9 +325,9 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         modules = walk(model)[0]
         lines += [f"  {p!r}{_suggest(p, modules)}" for p in res.unmatched]
     if "" not in res.matches and res.untouched:
-        lines.append(f"params no rule touched (replicated): {len(res.untouched)}")
-        width = max(len(p) for p in res.untouched)
-        lines += [f"  {p.ljust(width)}  {res.params[p].shape}" for p in res.untouched]
+        lines.append(f"params no rule touched: {len(res.untouched)}")
+        rows = [[p, str(res.params[p].shape), format_spec(res.params[p].spec)] for p in res.untouched]
+        lines += ["  " + line for line in _table(["path", "shape", "spec"], rows, right=set())[2:]]
     if res.hooks:
         lines.append(f"call-time hooks ({_plural(len(res.hooks), 'module')}):")
         width = max(len(p or "<root>") for p in res.hooks)
