@@ -25,6 +25,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nnx_parallel as npx  # noqa: E402
+import nnx_parallel.collectives  # noqa: E402,F401
 
 # Data ------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class GPT(nnx.Module):
 # Parallel setups -----------------------------------------------------------------------
 
 
-def setup(kind: str, model: GPT):
+def setup(kind: str, model: GPT, sequence_parallel: bool = False):
     """(mesh, batch axis, plan, vocab-parallel logits?) for each --parallel choice."""
     if kind == "dp":
         # Auto axes: with Explicit axes, nnx.Embed's lookup of batch-sharded ids
@@ -117,7 +118,7 @@ def setup(kind: str, model: GPT):
         return jax.make_mesh((8,), ("data",), axis_types=auto), "data", npx.Replicated(), False
     if kind == "fsdp":
         return jax.make_mesh((8,), ("fsdp",)), "fsdp", npx.plans.fsdp(min_size=512), False
-    tp_plan, report = npx.plans.tensor_parallel(model)
+    tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
     if report.unclassified:
         print(f"auto-plan left these replicated:\n{report}")
     if kind == "tp":
@@ -158,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--compare", type=int, default=5, help="steps to also run unsharded")
+    parser.add_argument("--sequence-parallel", action="store_true", help="Megatron-SP (tp only)")
     if hasattr(npx, "add_distributed_flags"):
         npx.add_distributed_flags(parser)
     args = parser.parse_args(argv)
@@ -167,7 +169,7 @@ def main(argv=None):
     data = CharData(make_corpus())
     make_model = lambda: GPT(data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0))  # noqa: E731
     model = make_model()
-    mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model)
+    mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model, args.sequence_parallel)
     npx.parallelize(model, mesh, plan)
     print(f"--parallel {args.parallel}: mesh {dict(mesh.shape)}, vocab {data.vocab}, "
           f"{sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))} params")
@@ -188,6 +190,10 @@ def main(argv=None):
     losses = []
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
+        example = jax.device_put(np.zeros((args.batch, args.seq + 1), np.int32), batch_sharding)
+        compiled = train_step.lower(model, optimizer, example).compile()
+        counts = {k: n for k, n in npx.collectives.count_collectives(compiled, mesh).items() if n}
+        print(f"collectives in one compiled train step: {counts}")
         start = time.perf_counter()
         for step in range(args.steps):
             batch = data.batch(args.batch, args.seq)

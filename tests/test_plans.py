@@ -1,13 +1,14 @@
 """plans.fsdp and plans.combine: ready-made FSDP and 2D/3D (FSDP x TP) plans."""
 
 import jax
+import pytest
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import FSDP, ColumnParallel, Replicated, cross_entropy, parallelize, plans, resolve
+from nnx_parallel import FSDP, ColumnParallel, PlanError, Replicated, cross_entropy, parallelize, plans, resolve
 from nnx_parallel.collectives import collectives
 from tests import models
 
@@ -92,3 +93,9 @@ def test_combine_3d_resolves_on_data_fsdp_model():
     assert specs["pos.embedding"] == P(None, "fsdp")  # position embedding: FSDP only
     assert all("data" not in str(s) for s in specs.values())  # 'data' only shards the batch
     assert combined[""].batch_axes_for(mesh) == ("data", "fsdp")
+
+
+def test_combine_refuses_sequence_parallel_plans():
+    tp, _ = plans.tensor_parallel(nnx.eval_shape(_gpt), sequence_parallel=True)
+    with pytest.raises(PlanError, match="does not compose with FSDP yet"):
+        plans.combine(tp)
