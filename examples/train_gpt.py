@@ -187,7 +187,7 @@ def main(argv=None):
     ref_opt = nnx.Optimizer(reference, optax.adam(args.lr), wrt=nnx.Param)
     ref_step = make_train_step(reference_loss)
 
-    losses = []
+    losses, reference_losses = [], []
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
         example = jax.device_put(np.zeros((args.batch, args.seq + 1), np.int32), batch_sharding)
@@ -202,6 +202,7 @@ def main(argv=None):
             if step < args.compare:
                 with jax.set_mesh(jax.make_mesh((1,), ("single",), devices=jax.devices()[:1])):
                     ref = float(ref_step(reference, ref_opt, jnp.asarray(batch)))
+                reference_losses.append(ref)
                 print(f"step {step}: loss {loss:.6f}  unsharded {ref:.6f}  |diff| {abs(loss - ref):.1e}")
                 if step == args.compare - 1:
                     start = time.perf_counter()  # time steps without the comparison
@@ -210,7 +211,7 @@ def main(argv=None):
                 print(progress(step + 1, args.steps, loss, ms))
     marks = sorted({0, min(50, args.steps - 1), min(100, args.steps - 1), args.steps - 1})
     print("loss at steps " + ", ".join(f"{s}: {losses[s]:.4f}" for s in marks))
-    return losses
+    return losses, reference_losses
 
 
 if __name__ == "__main__":

@@ -429,3 +429,29 @@ def test_sequence_styles_errors(mesh8):
     with pytest.raises(PlanError, match="counted from the end"):
         parallelize(layer, mesh8, SequenceRowParallel("model", seq_dim=0))
     assert isinstance(layer.kernel[...].sharding, jax.sharding.SingleDeviceSharding)  # untouched
+
+
+def test_tied_embedding_is_noted():
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+            self.up, self.down = nnx.Linear(D, 4 * D, rngs=rngs), nnx.Linear(4 * D, D, rngs=rngs)
+
+    plan, report = plans.tensor_parallel(Tied(nnx.Rngs(0)))
+    assert type(plan["embed"]) is RowParallel
+    assert any("embed.attend" in n for n in report.notes)
+
+
+def test_train_gpt_example_learns_and_matches_one_device():
+    """examples/train_gpt.py: sharded losses equal the unsharded run; loss falls."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "examples" / "train_gpt.py"
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses, reference = example.main(["--parallel", "tp", "--steps", "6", "--compare", "3", "--layers", "1"])
+    assert len(losses) == 6 and len(reference) == 3
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
+    assert losses[-1] < losses[0] - 0.5

@@ -237,6 +237,11 @@ def tensor_parallel(
                 "holds a mix of q/k/v columns and the split after it reshards. Correct, but an "
                 "einsum with a stack dim (or separate q/k/v layers) avoids the extra traffic."
             )
+    if token is not None and vocab_parallel and not any(r == "head" for r, _ in classified.values()):
+        notes.append(
+            f"{token}: no LM head layer found; if logits come from {token}.attend (tied "
+            "weights) they are vocab-sharded too: use cross_entropy on them."
+        )
     if sequence_parallel:
         for path, module in modules.items():
             if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm, nnx.Dropout)):
