@@ -455,3 +455,24 @@ def test_train_gpt_example_learns_and_matches_one_device():
     assert len(losses) == 6 and len(reference) == 3
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_mesh_aware_plan_skips_layers_that_do_not_divide(mesh8):
+    """Multi-query attention: one key/value head (4 features) cannot shard over 8."""
+
+    class GQA(nnx.Module):
+        def __init__(self, rngs):
+            self.q_proj = nnx.Linear(D, D, rngs=rngs)
+            self.k_proj = nnx.Linear(D, HD, rngs=rngs)
+            self.v_proj = nnx.Linear(D, HD, rngs=rngs)
+            self.o_proj = nnx.Linear(D, D, rngs=rngs)
+
+    abstract = nnx.eval_shape(lambda: GQA(nnx.Rngs(0)))
+    blind, _ = plans.tensor_parallel(abstract)
+    with pytest.raises(Exception, match="not divisible"):
+        resolve(abstract, mesh8, blind)
+    plan, report = plans.tensor_parallel(abstract, mesh=mesh8)
+    assert set(plan) == {"q_proj", "o_proj"}
+    assert set(report.unclassified) == {"k_proj", "v_proj"}
+    assert "not divisible" in report.unclassified["k_proj"]
+    assert resolve(abstract, mesh8, plan).specs()["q_proj.kernel"] == P(None, "model")

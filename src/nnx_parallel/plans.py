@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
+from jax.sharding import Mesh
 
-from nnx_parallel.errors import PlanError
-from nnx_parallel.plan import walk
+from nnx_parallel.errors import ParallelError, PlanError
+from nnx_parallel.plan import resolve, walk
 from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
 from nnx_parallel.styles import FSDP, ColumnParallel, Replicated, RowParallel, as_styles
 
@@ -155,6 +156,7 @@ def tensor_parallel(
     *,
     sequence_parallel: bool = False,
     vocab_parallel: bool = True,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[str, Any], PlanReport]:
     """Writes a Megatron tensor-parallel plan for a transformer.
 
@@ -177,6 +179,10 @@ def tensor_parallel(
       vocab_parallel: Shard the token embedding (`RowParallel`: vocab rows)
         and the LM head (`ColumnParallel`: logits sharded on vocab; use
         `cross_entropy` on them). False leaves both replicated.
+      mesh: If given, each entry is checked against it and layers whose
+        dims the axis does not divide (e.g. 2 key/value heads on 8 devices)
+        are reported as unclassified and left replicated, instead of making
+        `parallelize` raise.
 
     Returns:
       `(plan, report)`: a plan dict with `*` for layer indices, and a
@@ -247,10 +253,23 @@ def tensor_parallel(
             if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm, nnx.Dropout)):
                 styles[path] = SequenceParallel(axis)
                 roles[path] = "sequence-parallel norm/dropout"
+    if mesh is not None:
+        _drop_unfit(model, mesh, styles, roles, unclassified)
     _check_pairs(styles, notes)
     plan = _generalize(styles)
     ordered_roles = {p: roles[p] for p in modules if p in roles}
     return plan, PlanReport(ordered_roles, unclassified, tuple(notes))
+
+
+def _drop_unfit(model, mesh: Mesh, styles: dict, roles: dict, unclassified: dict) -> None:
+    """Moves entries that cannot shard their layer on `mesh` to `unclassified`."""
+    for path in list(styles):
+        try:
+            resolve(model, mesh, {path: styles[path]})
+        except ParallelError as err:
+            del styles[path]
+            roles.pop(path, None)
+            unclassified[path] = f"left replicated, it does not fit the mesh: {err}"
 
 
 def _weight(shapes: Mapping[str, tuple]) -> str | None:
