@@ -476,3 +476,15 @@ def test_mesh_aware_plan_skips_layers_that_do_not_divide(mesh8):
     assert set(report.unclassified) == {"k_proj", "v_proj"}
     assert "not divisible" in report.unclassified["k_proj"]
     assert resolve(abstract, mesh8, plan).specs()["q_proj.kernel"] == P(None, "model")
+
+
+def test_sequence_parallel_skips_norms_inside_attention():
+    class QKNorm(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+            self.ln = nnx.LayerNorm(D, rngs=rngs)
+            self.q_norm = nnx.RMSNorm(HD, rngs=rngs)
+
+    plan, report = plans.tensor_parallel(QKNorm(nnx.Rngs(0)), sequence_parallel=True)
+    assert type(plan["ln"]).__name__ == "SequenceParallel" and "q_norm" not in plan
+    assert any("q_norm" in n for n in report.notes)

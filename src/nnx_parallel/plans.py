@@ -173,9 +173,10 @@ def tensor_parallel(
     Args:
       model: The model (concrete or from `nnx.eval_shape`); not modified.
       axis: The tensor-parallel mesh axis.
-      sequence_parallel: Megatron-SP: norms and dropout get
+      sequence_parallel: Megatron-SP: norms of the model width get
         `SequenceParallel`, in-projections all-gather the sequence first,
-        out-projections and the embedding reduce-scatter onto it.
+        out-projections and the embedding reduce-scatter onto it. (Dropout
+        layers are left to you: `SequenceParallel` works on them too.)
       vocab_parallel: Shard the token embedding (`RowParallel`: vocab rows)
         and the LM head (`ColumnParallel`: logits sharded on vocab; use
         `cross_entropy` on them). False leaves both replicated.
@@ -249,16 +250,31 @@ def tensor_parallel(
             "weights) they are vocab-sharded too: use cross_entropy on them."
         )
     if sequence_parallel:
-        for path, module in modules.items():
-            if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm, nnx.Dropout)):
-                styles[path] = SequenceParallel(axis)
-                roles[path] = "sequence-parallel norm/dropout"
+        _sequence_norms(modules, own, embeds[token]["embedding"][1] if token else None, styles, roles, notes, axis)
     if mesh is not None:
         _drop_unfit(model, mesh, styles, roles, unclassified)
     _check_pairs(styles, notes)
     plan = _generalize(styles)
     ordered_roles = {p: roles[p] for p in modules if p in roles}
     return plan, PlanReport(ordered_roles, unclassified, tuple(notes))
+
+
+def _sequence_norms(modules, own, d_model, styles, roles, notes, axis) -> None:
+    """Norms on the residual stream (width `d_model`) get `SequenceParallel`.
+
+    Norms of another width (q/k norms over the head size) run inside
+    attention, where the sequence is gathered; they are left alone.
+    """
+    for path, module in modules.items():
+        if not isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
+            continue
+        widths = {shape[-1] for shape in own.get(path, {}).values() if shape}
+        if d_model is not None and widths and widths != {d_model}:
+            notes.append(f"{path}: a norm over {sorted(widths)} features, not the model width "
+                         f"{d_model}; not sequence-parallel")
+            continue
+        styles[path] = SequenceParallel(axis)
+        roles[path] = "sequence-parallel norm"
 
 
 def _drop_unfit(model, mesh: Mesh, styles: dict, roles: dict, unclassified: dict) -> None:
@@ -313,7 +329,8 @@ def _classify(weighted, modules, vocab, unclassified) -> dict[str, tuple[str, st
     for path, shapes in weighted.items():
         module, name = modules[path], path.split(".")[-1].lower()
         io = _io(module, shapes[_weight(shapes)])
-        if io is not None and vocab is not None and io[1] == vocab and name not in COLUMN_NAMES | ROW_NAMES - {"out"}:
+        known = (COLUMN_NAMES | ROW_NAMES) - {"out"}  # a bare `out` may be the LM head
+        if io is not None and vocab is not None and io[1] == vocab and name not in known:
             out[path] = ("head", f"output size {vocab} = vocab")
         elif vocab is None and name in HEAD_NAMES:
             out[path] = ("head", f"named {name!r}")
