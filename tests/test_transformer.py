@@ -1,7 +1,6 @@
 """Auto-planned tensor parallelism on transformers written four different ways,
 sequence parallelism's collectives, and the loss-parallel cross-entropy."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
