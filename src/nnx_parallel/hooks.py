@@ -53,6 +53,9 @@ class Layout:
     # parameters (biases) are added once, after the sum.
     reduce: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
+    # For each output dim, the input dim it comes from (None: new), when the
+    # layer says (einsums); otherwise leading dims match position by position.
+    out_from: tuple[int | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +145,17 @@ def _is_array(x) -> bool:
     return isinstance(x, jax.Array) or hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _full_spec(x, trailing: tuple, mesh: Mesh, out_ndim: int | None = None) -> P:
+def _full_spec(x, trailing: tuple, mesh: Mesh, out_ndim: int | None = None, out_from=None) -> P:
     """`trailing` padded on the left to the rank of `x` (or `out_ndim`)."""
     ndim = x.ndim if out_ndim is None else out_ndim
     n_lead = max(ndim - len(trailing), 0)
     if _explicit_here(mesh):
         spec = tuple(_compat.spec_of(x) or ())
         spec = spec + (None,) * (x.ndim - len(spec))
-        lead = tuple(spec[i] if i < x.ndim else None for i in range(n_lead))
+        source = out_from if out_from is not None and len(out_from) == ndim else range(ndim)
+        lead = tuple(
+            spec[j] if j is not None and j < x.ndim else None for j in list(source)[:n_lead]
+        )
     else:
         lead = (_compat.UNCONSTRAINED,) * n_lead
     return P(*(lead + tuple(trailing)[-ndim:] if ndim else ()))
@@ -193,7 +199,9 @@ def _run(module, method, hooks: ModuleHooks, layout: Layout | None, args, kwargs
         # the result the layout's sharding (JAX cannot yet transpose a gather
         # inside a partly-manual shard_map over Explicit axes).
         x = args[0]
-        out_spec = _drop_manual(_full_spec(x, layout.output or (), mesh, x.ndim + layout.rank_delta))
+        out_spec = _drop_manual(
+            _full_spec(x, layout.output or (), mesh, x.ndim + layout.rank_delta, layout.out_from)
+        )
         auto_layout = dataclasses.replace(layout, force_auto=True)
         inner = _with_layout(method, auto_layout, mesh)
         graphdef, state = nnx.split(module)
@@ -260,7 +268,7 @@ def _with_layout(method, layout: Layout, mesh: Mesh):
         x = args[0]
         if explicit:
             out_ndim = _out_ndim(module, method, args, kwargs, x.ndim + layout.rank_delta)
-            out_spec = _drop_manual(_full_spec(x, layout.output, mesh, out_ndim))
+            out_spec = _drop_manual(_full_spec(x, layout.output, mesh, out_ndim, layout.out_from))
             if accepts_out_sharding and kwargs.get("out_sharding") is None:
                 return method(module, *args, **{**kwargs, "out_sharding": out_spec})
             # The module's state goes in as an argument: closed-over Explicit

@@ -249,6 +249,11 @@ class _TensorParallel:
         weight = _find_weight(self, ctx)
         dim = self._weight_dim(ctx, weight)
         layout = self._default_layout(ctx, weight, dim)
+        parts = _einsum_parts(ctx.module)
+        if parts is not None:
+            x_sub, _, out_sub = parts
+            out_from = tuple(x_sub.index(c) if c in x_sub else None for c in out_sub)
+            layout = dataclasses.replace(layout, out_from=out_from)
         if self.input_spec is not None:
             layout = dataclasses.replace(layout, input=tuple(self.input_spec))
         if self.output_spec is not None:
