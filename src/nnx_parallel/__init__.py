@@ -7,6 +7,8 @@ from nnx_parallel.inspect import CommunicationReport, communication_report, expl
 from nnx_parallel import plans
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
+from nnx_parallel.init import InitMemory, abstract_parallelize, init_memory, sharded_init
+from nnx_parallel.reshard import gather, move, reshard
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
 from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
 from nnx_parallel import zero
@@ -51,6 +53,13 @@ __all__ = [
     "ZeRO",
     "get_declared",
     "parallelize",
+    "InitMemory",
+    "abstract_parallelize",
+    "init_memory",
+    "sharded_init",
+    "gather",
+    "move",
+    "reshard",
     "resolve",
     "sharded",
     "zero",

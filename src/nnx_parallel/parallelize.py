@@ -51,6 +51,10 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
       >>> mlp.up.kernel.get_metadata("out_sharding")
       (None, 'model')
     """
+    if not isinstance(model, nnx.Module) and callable(model):
+        from nnx_parallel.init import sharded_init  # a factory: create it in its shards
+
+        return sharded_init(model, mesh, plan, strict=strict)
     resolution = resolve(model, mesh, plan, strict=strict)
     apply(model, resolution)
     return model

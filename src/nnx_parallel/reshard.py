@@ -1,0 +1,205 @@
+"""Moving a parallelized model to another plan or mesh, device to device.
+
+`jax.device_put(x, sharding)` is the obvious tool, but when the target's
+blocks are not blocks the source already holds it fetches the whole array
+to the host and scatters it again; and a compiled identity with new
+`out_shardings` needs one device set and may replicate the whole array on
+every device first ("involuntary full rematerialization"). `move` instead
+builds each target shard on its device from the pieces of the source shards
+that overlap it: only those pieces travel, device to device, whatever the
+two meshes are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
+
+from nnx_parallel import _compat
+from nnx_parallel.init import abstract_copy, forget, leaf_path
+from nnx_parallel.plan import resolve
+
+
+# Moving arrays ------------------------------------------------------------------
+
+
+def move(x: Any, sharding: Sharding) -> jax.Array:
+    """Lays `x` out as `sharding`, moving only overlapping pieces device to device.
+
+    For each device of `sharding`, the source shards that overlap its block
+    are sliced on the device that holds them (one copy per distinct block,
+    preferring one already on the target device), copied to the target
+    device and assembled there. No host transfer, no device holds more than
+    its old and new shards, and any two meshes work (other devices, sizes,
+    orders, Auto or Explicit axes).
+
+    Args:
+      x: A `jax.Array` (anything else is placed with `jax.device_put`).
+      sharding: The target layout.
+
+    Returns:
+      `x` laid out as `sharding`, bit-identical.
+
+    Example:
+      >>> x = jax.device_put(jax.numpy.arange(16.0).reshape(8, 2), jax.NamedSharding(fsdp8, P("fsdp")))
+      >>> mesh4 = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[4:])
+      >>> y = move(x, jax.NamedSharding(mesh4, P("data", "model")))
+      >>> y.sharding.spec, sorted(d.id for d in y.devices()), bool((jax.device_get(y) == jax.device_get(x)).all())
+      (P('data', 'model'), [4, 5, 6, 7], True)
+    """
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable or x.size == 0:
+        return jax.device_put(x, sharding)
+    if x.sharding.is_equivalent_to(sharding, x.ndim) and x.sharding.device_set == sharding.device_set:
+        return jax.device_put(x, sharding)  # same blocks on the same devices: no data moves
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = move(jax.random.key_data(x), _widen(sharding, x.ndim))
+        return jax.device_put(jax.random.wrap_key_data(data, impl=impl), sharding)
+    sources = _source_blocks(x)
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        target = _bounds(index, x.shape)
+        shards.append(_assemble(x, target, device, sources))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def _widen(sharding: Sharding, ndim: int) -> Sharding:
+    """The sharding of a key array's data (one trailing, unsharded dim)."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(tuple(sharding.spec)) + 1)
+        return NamedSharding(sharding.mesh, P(*spec))
+    return sharding
+
+
+def _bounds(index: tuple, shape: tuple) -> tuple[tuple[int, int], ...]:
+    out = []
+    for i, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape):
+        start, stop, _ = i.indices(n)
+        out.append((start, stop))
+    return tuple(out)
+
+
+def _source_blocks(x: jax.Array) -> dict[tuple, list]:
+    """Distinct source block bounds -> the single-device arrays holding it."""
+    blocks: dict[tuple, list] = {}
+    for shard in x.addressable_shards:
+        blocks.setdefault(_bounds(shard.index, x.shape), []).append(shard.data)
+    return blocks
+
+
+def _assemble(x, target, device, sources) -> jax.Array:
+    """The block `target` of `x`, on `device`, from overlapping source pieces."""
+    shape = tuple(b - a for a, b in target)
+    pieces = []
+    for block, holders in sources.items():
+        overlap = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(target, block))
+        if any(a >= b for a, b in overlap):
+            continue
+        data = next((h for h in holders if h.devices() == {device}), holders[0])
+        local = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, block))
+        if overlap != block:
+            data = data[local]
+        pieces.append((overlap, jax.device_put(data, device)))
+        if overlap == target:
+            return pieces[-1][1]
+    out = jnp.zeros(shape, x.dtype, device=device)
+    for overlap, piece in pieces:
+        out = out.at[tuple(slice(a - t, b - t) for (a, b), (t, _) in zip(overlap, target))].set(piece)
+    return out
+
+
+# Models ---------------------------------------------------------------------------
+
+
+def reshard(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True) -> nnx.Module:
+    """Moves a model to another plan and/or mesh, in place.
+
+    Unlike a second `parallelize` (which only composes), this forgets the
+    old plan: its hooks are removed and the new plan is resolved on the
+    model's shapes as if it had never been parallelized. Every array then
+    moves device to device (see `move`): params to their new layout,
+    everything else replicated on the new mesh. Values are bit-identical.
+    Arrays that other objects share (an optimizer's state) do not move;
+    restore them through `checkpoint.restore` or rebuild them.
+
+    Args:
+      model: A module, parallelized or not; modified in place.
+      mesh: The new mesh (it may use other devices than the old one).
+      plan: The new plan, as for `parallelize`.
+      strict: If True, a pattern that matches no module raises `PlanError`.
+
+    Returns:
+      The same `model`, for chaining.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> _ = reshard(mlp, mesh2x4, {"up": ColumnParallel(), "down": RowParallel()})
+      >>> mlp.up.kernel[...].sharding.spec, mlp.down.kernel[...].sharding.mesh.shape["data"]
+      (P(None, 'model'), 2)
+    """
+    resolution = resolve(abstract_copy(model, fresh=True), mesh, plan, strict=strict)
+    from nnx_parallel.parallelize import apply
+
+    undo = [(node, type(node)) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
+    saved = [(v, _compat.get_metadata(v)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+    forget(model)
+    try:
+        _move_state(model, resolution)
+        apply(model, resolution)
+    except BaseException:
+        for var, meta in saved:
+            _compat.restore_metadata(var, meta)
+        for module, cls in undo:
+            object.__setattr__(module, "__class__", cls)
+        raise
+    return model
+
+
+def _move_state(model: nnx.Module, resolution) -> None:
+    """Moves every array of `model` to its new sharding before `apply` runs.
+
+    `apply` would `jax.device_put` them, which can go through the host.
+    """
+    _, state = nnx.split(model)
+    mesh = resolution.mesh
+    moved = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        entry = resolution.params.get(leaf_path(keypath))
+        spec = entry.spec if entry is not None else P(*([None] * len(np.shape(leaf))))
+        moved.append(move(leaf, NamedSharding(mesh, spec)))
+    nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), moved))
+
+
+def gather(model: nnx.Module | nnx.State) -> nnx.State:
+    """A host (numpy) copy of a model's whole state, for export.
+
+    This materialises every array, unsharded, in host memory: for a model
+    larger than one host, save a sharded checkpoint instead. Typed PRNG keys
+    become their raw `uint32` key data.
+
+    Args:
+      model: A module (parallelized or not) or an `nnx.State`.
+
+    Returns:
+      An `nnx.State` with the same structure whose leaves are `np.ndarray`s.
+
+    Example:
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> host = gather(mlp)
+      >>> type(host["up"]["kernel"][...]).__name__, host["up"]["kernel"][...].shape
+      ('ndarray', (16, 64))
+    """
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
+
+    def to_host(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(to_host, state)
