@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import FSDP, ColumnParallel, PlanError, Replicated, cross_entropy, parallelize, plans, resolve
+from nnx_parallel import FSDP, ColumnParallel, Replicated, cross_entropy, parallelize, plans, resolve
 from nnx_parallel.collectives import collectives
 from tests import models
 
@@ -95,7 +95,13 @@ def test_combine_3d_resolves_on_data_fsdp_model():
     assert combined[""].batch_axes_for(mesh) == ("data", "fsdp")
 
 
-def test_combine_refuses_sequence_parallel_plans():
-    tp, _ = plans.tensor_parallel(nnx.eval_shape(_gpt), sequence_parallel=True)
-    with pytest.raises(PlanError, match="does not compose with FSDP yet"):
-        plans.combine(tp)
+def test_combine_with_sequence_parallel_matches_unsharded(kind):
+    """SP x FSDP: row layers reduce-scatter onto the sequence over 'model'
+    (a real reduce-scatter, from the fused call), FSDP over 'fsdp'."""
+    mesh = jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(kind,) * 2)
+    model, ref = _gpt(), _gpt()
+    tp, _ = plans.tensor_parallel(model, sequence_parallel=True)
+    parallelize(model, mesh, plans.combine(tp, FSDP("fsdp", min_size=64)))
+    ops = _grads_match(model, ref, mesh, "fsdp", _parallel_loss(mesh))
+    assert any(c.kind == "reduce-scatter" and c.axes == ("model",) for c in ops)
+    assert any(c.kind == "reduce-scatter" and c.axes == ("fsdp",) for c in ops)

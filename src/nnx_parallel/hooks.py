@@ -488,6 +488,13 @@ def _manual_io_spec(ndim: int, batch_entry, trailing: tuple | None) -> P:
     return P(batch_entry, *([None] * middle), *trailing[-(ndim - 1):] if ndim > 1 else ())
 
 
+def _scatter_dim(spec: P, axes: set[str]) -> int | None:
+    for d, entry in enumerate(spec):
+        if entry is not None and set((entry,) if isinstance(entry, str) else entry) & axes:
+            return d
+    return None
+
+
 def _local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
     layout, gather = hooks.layout, hooks.gather
     batch_axes = gather.batch_axes
@@ -513,7 +520,12 @@ def _local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
             gathered = _map_state(zero_post, gathered)
         y = method(nnx.merge(graphdef, gathered), x, *args[1:], **kwargs)
         if layout.reduce:
-            y = jax.lax.psum(y, layout.reduce if len(layout.reduce) > 1 else layout.reduce[0])
+            axes = layout.reduce if len(layout.reduce) > 1 else layout.reduce[0]
+            scatter = _scatter_dim(out_spec, set(layout.reduce))
+            if scatter is None:
+                y = jax.lax.psum(y, axes)
+            else:  # the output layout shards a reduced axis: sum and scatter at once
+                y = jax.lax.psum_scatter(y, axes, scatter_dimension=scatter, tiled=True)
             for bias in post.values():
                 y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y

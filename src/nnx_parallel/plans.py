@@ -116,10 +116,8 @@ def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, A
     Returns:
       A new plan dict; `tp_plan` is not changed.
 
-    Raises:
-      PlanError: `tp_plan` uses `SequenceRowParallel` (not yet supported
-        together with FSDP: the fused FSDP + TP call sums the row output
-        instead of scattering it onto the sequence).
+    Sequence-parallel plans compose too: a row layer's fused FSDP + TP call
+    reduce-scatters its output onto the sequence dim.
 
     Example:
       >>> mesh = jax.make_mesh((2, 4), ("fsdp", "model"))
@@ -133,13 +131,6 @@ def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, A
     out: dict[str, Any] = {"": fsdp}
     for pattern, entry in tp_plan.items():
         styles = as_styles(entry)
-        if any(isinstance(s, SequenceRowParallel) for s in styles):
-            raise PlanError(
-                f"combine: {pattern!r} is {entry!r}. Sequence parallelism does not compose with "
-                "FSDP yet: the FSDP + TP call psums a row-parallel output where it should "
-                "reduce-scatter it onto the sequence, so shapes come out wrong. Use "
-                "plans.tensor_parallel(model, sequence_parallel=False) for 2D/3D meshes."
-            )
         if all(isinstance(s, Replicated) for s in styles) or pattern == "" and all(s.subtree for s in styles):
             out[pattern] = fsdp
         else:
