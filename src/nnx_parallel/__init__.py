@@ -9,6 +9,8 @@ from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.init import InitMemory, abstract_parallelize, init_memory, sharded_init
 from nnx_parallel.reshard import gather, move, reshard
+from nnx_parallel import checkpoint
+from nnx_parallel.checkpoint import restore, save
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
 from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
 from nnx_parallel import zero
@@ -60,6 +62,9 @@ __all__ = [
     "gather",
     "move",
     "reshard",
+    "checkpoint",
+    "restore",
+    "save",
     "resolve",
     "sharded",
     "zero",

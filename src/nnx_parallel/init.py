@@ -35,6 +35,8 @@ Factory = Callable[[], nnx.Module]
 # sqrt(2) * stddev`) that eager mode evaluates one op at a time, changing the
 # last bit. Initialisation runs once, so we keep eager numerics instead.
 EAGER_NUMERICS = {"xla_disable_hlo_passes": "algsimp"}
+# Per-device bytes an init program creates at least (see `_chunks`).
+MIN_CHUNK_BYTES = 1 << 16
 
 _NOT_A_MODULE = (
     "{what} returned {type}, not an nnx.Module. Pass a zero-argument callable that builds "
@@ -185,71 +187,125 @@ class InitMemory:
     """Per-device bytes of a sharded init, from XLA's compiled memory analysis.
 
     Attributes:
-      output_bytes: The arrays one device ends up holding.
-      temp_bytes: Scratch one device needs while creating them.
+      output_bytes: The arrays one device ends up holding (all programs).
+      peak_bytes: The most one device holds at once: the outputs of the
+        programs already run, plus the output and scratch of the current one.
       model_bytes: The whole model (all state), unsharded.
       largest_bytes: The largest single array of the model, unsharded.
       devices: Devices in the mesh.
+      programs: How many compiled programs create the model.
     """
 
     output_bytes: int
-    temp_bytes: int
+    peak_bytes: int
     model_bytes: int
     largest_bytes: int
     devices: int
-
-    @property
-    def peak_bytes(self) -> int:
-        """Output plus temp: what one device needs at most during init."""
-        return self.output_bytes + self.temp_bytes
+    programs: int
 
 
-def init_memory(factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True) -> InitMemory:
+def init_memory(
+    factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True, chunk_bytes: int | None = None
+) -> InitMemory:
     """Compiles the sharded init of `factory` and reads its per-device memory.
 
-    Nothing is allocated: the program is lowered and compiled, never run.
+    Nothing is allocated: the programs are lowered and compiled, never run.
 
     Example:
       >>> mem = init_memory(lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
-      >>> mem.model_bytes, mem.output_bytes >= 8512 // 8
-      (8512, True)
+      >>> mem.model_bytes, mem.output_bytes >= 8512 // 8, mem.peak_bytes < 8512
+      (8512, True, True)
     """
-    compiled, state, _ = _prepare(factory, mesh, plan, strict)
-    analysis = compiled.compile().memory_analysis()
-    sizes = [math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)]
+    programs, state, _ = _prepare(factory, mesh, plan, strict, chunk_bytes)
+    sizes = [math.prod(x.shape) * _itemsize(x.dtype) for x in jax.tree.leaves(state)]
+    done = peak = 0
+    for _, lowered in programs:
+        analysis = lowered.compile().memory_analysis()
+        peak = max(peak, done + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
+        done += analysis.output_size_in_bytes
     return InitMemory(
-        output_bytes=int(analysis.output_size_in_bytes),
-        temp_bytes=int(analysis.temp_size_in_bytes),
+        output_bytes=int(done),
+        peak_bytes=int(peak),
         model_bytes=sum(sizes),
         largest_bytes=max(sizes, default=0),
         devices=mesh.size,
+        programs=len(programs),
     )
 
 
-def _prepare(factory, mesh, plan, strict):
+def _itemsize(dtype) -> int:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 8  # threefry key data: 2 x uint32
+    return dtype.itemsize
+
+
+def _chunks(state, shardings, chunk_bytes: int | None) -> list[list[int]]:
+    """Consecutive leaf indices, each group at most `chunk_bytes` per device.
+
+    XLA keeps scratch for every array a program creates until it finishes
+    (about one more shard each), so one program for a whole model needs far
+    more scratch than the largest parameter. The default budget, a quarter
+    of the largest array, keeps output plus scratch under that array's size;
+    below `MIN_CHUNK_BYTES` scratch is negligible and compile time is not.
+    """
+    leaves = jax.tree.leaves(state)
+    local = [math.prod(s.shard_shape(x.shape)) * _itemsize(x.dtype) for x, s in zip(leaves, shardings)]
+    full = [math.prod(x.shape) * _itemsize(x.dtype) for x in leaves]
+    if chunk_bytes is None:
+        chunk_bytes = max(max(full, default=0) // 4, max(local, default=0), MIN_CHUNK_BYTES)
+    budget = chunk_bytes
+    groups: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(local):
+        if not groups or size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def _prepare(factory, mesh, plan, strict, chunk_bytes=None):
+    """Lowered init programs, each creating a group of leaves, plus the context."""
     graphdef, state = abstract_state(factory)
     resolution = resolve(nnx.merge(graphdef, state), mesh, plan, strict=strict)
     shardings = state_shardings(state, resolution)
     values = init_fn(factory, jax.tree.structure(state))
-    lowered = jax.jit(values, out_shardings=shardings, compiler_options=EAGER_NUMERICS).lower()
-    return lowered, state, (graphdef, resolution)
+    programs = []
+    for group in _chunks(state, shardings, chunk_bytes):
+
+        def pick(group=group):
+            leaves = values()
+            return [leaves[i] for i in group]  # XLA drops the other leaves as dead code
+
+        out = [shardings[i] for i in group]
+        programs.append((group, jax.jit(pick, out_shardings=out, compiler_options=EAGER_NUMERICS).lower()))
+    return programs, state, (graphdef, resolution)
 
 
-def sharded_init(factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True) -> nnx.Module:
+def sharded_init(
+    factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True, chunk_bytes: int | None = None
+) -> nnx.Module:
     """Builds `factory()` directly in its shards; no device holds the whole model.
 
     `parallelize(factory, mesh, plan)` calls this. The plan is resolved on
-    abstract shapes, then a single `jax.jit(factory, out_shardings=...)`
-    creates each array already laid out as planned (params per the plan,
-    everything else, such as batch stats and RNG keys, replicated), and the
-    hooks are installed as `parallelize` installs them.
+    abstract shapes, then `jax.jit(factory, out_shardings=...)` creates each
+    array already laid out as planned (params per the plan, everything else,
+    such as batch stats and RNG keys, replicated), and the hooks are
+    installed as `parallelize` installs them. The arrays are created a group
+    at a time (each group one compiled program, the rest of the factory
+    dead code) so the scratch memory of init stays below the largest array.
 
     Args:
-      factory: Zero-argument callable returning an `nnx.Module`. It runs
-        under `jax.jit`, so it must be traceable (no host reads of values).
+      factory: Zero-argument callable returning an `nnx.Module`. It is
+        traced (under `jax.jit`), never run eagerly, so it must not read
+        array values on the host.
       mesh: The mesh the plan's styles refer to.
       plan: As for `parallelize`.
       strict: If True, a pattern that matches no module raises `PlanError`.
+      chunk_bytes: Per-device bytes each init program creates at most;
+        default a quarter of the largest array (at least 64 KiB). Larger:
+        fewer compiles, more scratch.
 
     Returns:
       A new, parallelized model with the same values as `factory()`.
@@ -261,8 +317,11 @@ def sharded_init(factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True
       >>> bool((mlp.down.kernel[...] == TinyMLP(rngs=nnx.Rngs(0)).down.kernel[...]).all())
       True
     """
-    lowered, state, (graphdef, resolution) = _prepare(factory, mesh, plan, strict)
-    created = lowered.compile()()
+    programs, state, (graphdef, resolution) = _prepare(factory, mesh, plan, strict, chunk_bytes)
+    created: list = [None] * len(jax.tree.leaves(state))
+    for group, lowered in programs:
+        for i, value in zip(group, lowered.compile()()):
+            created[i] = value
     model = nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), created))
     from nnx_parallel.parallelize import apply
 
@@ -271,9 +330,10 @@ def sharded_init(factory: Factory, mesh: Mesh, plan: Any, *, strict: bool = True
 
 
 def init_fn(factory: Factory, treedef: Any) -> Callable[[], list]:
-    """The function `sharded_init` jits: the leaves of `factory()`'s state.
+    """The leaves of `factory()`'s state, as a function `jax.jit` can trace.
 
-    Lower it yourself to read the compiled memory of sharded init:
+    `sharded_init` jits it (a group of leaves at a time) with
+    `out_shardings`; lower it yourself to read compiled memory:
     `jax.jit(init_fn(f, treedef), out_shardings=...).lower().compile().memory_analysis()`.
     """
 
