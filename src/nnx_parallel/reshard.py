@@ -102,15 +102,15 @@ def _assemble(x, target, device, sources) -> jax.Array:
         if any(a >= b for a, b in overlap):
             continue
         data = next((h for h in holders if h.devices() == {device}), holders[0])
-        local = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, block))
-        if overlap != block:
-            data = data[local]
+        if overlap != block:  # dynamic starts: one compiled slice per piece shape
+            starts = [a - c for (a, _), (c, _) in zip(overlap, block)]
+            data = jax.lax.dynamic_slice(data, starts, [b - a for a, b in overlap])
         pieces.append((overlap, jax.device_put(data, device)))
         if overlap == target:
             return pieces[-1][1]
     out = jnp.zeros(shape, x.dtype, device=device)
     for overlap, piece in pieces:
-        out = out.at[tuple(slice(a - t, b - t) for (a, b), (t, _) in zip(overlap, target))].set(piece)
+        out = jax.lax.dynamic_update_slice(out, piece, [a - t for (a, _), (t, _) in zip(overlap, target)])
     return out
 
 
