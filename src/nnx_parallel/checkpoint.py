@@ -116,12 +116,12 @@ def restore(
         restored = nnx.merge(graphdef, state)
         if optimizer is None:
             return restored
-        opt = optimizer if isinstance(optimizer, nnx.Object) else nnx.eval_shape(optimizer, restored)
+        opt = optimizer if isinstance(optimizer, nnx.Pytree) else nnx.eval_shape(optimizer, restored)
         opt_graphdef, opt_state = nnx.split(opt)
         target = _optimizer_target(opt_state, resolution)
         values = ck.restore(os.path.join(path, OPTIMIZER_ITEM), target)
     nnx.replace_by_pure_dict(opt_state, values)
-    if isinstance(optimizer, nnx.Object):
+    if isinstance(optimizer, nnx.Pytree):
         nnx.update(optimizer, opt_state)
         return restored, optimizer
     return restored, nnx.merge(opt_graphdef, opt_state)
