@@ -166,3 +166,19 @@ def test_abstract_state_matches_split(fsdp8):
     concrete = nnx.state(models.GPT(rngs=nnx.Rngs(0)))
     assert jax.tree.structure(state) == jax.tree.structure(concrete)
     assert resolve(nnx.merge(graphdef, state), fsdp8, FSDP()).specs()
+
+
+def test_example_script_runs():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "init_large_model.py")
+    out = subprocess.run(
+        [sys.executable, script, "--layers", "8", "--width", "256"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(8.0x smaller)" in out.stdout
+    assert "-> OK" in out.stdout and "same as eager  : True" in out.stdout
+    assert "bit-identical: True" in out.stdout
