@@ -111,6 +111,12 @@ def test_factory_must_return_a_module(fsdp8):
         abstract_parallelize(3, fsdp8, FSDP())
 
 
+def test_factory_must_own_its_rngs(fsdp8):
+    rngs = nnx.Rngs(0)
+    with pytest.raises(PlanError, match=r"must build everything itself.*nnx.Rngs\(0\)"):
+        parallelize(lambda: models.MLP(rngs=rngs), fsdp8, FSDP())
+
+
 def test_factory_plan_errors_before_any_allocation(mesh8):
     with pytest.raises(PlanError, match="matched no module"):
         parallelize(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh8, {"upp": ColumnParallel()})

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from flax import errors as flax_errors
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,7 +64,14 @@ def abstract_state(factory: Factory) -> tuple[nnx.GraphDef, nnx.State]:
         box.append(graphdef)
         return state
 
-    state = jax.eval_shape(build)
+    try:
+        state = jax.eval_shape(build)
+    except flax_errors.TraceContextError as e:
+        raise PlanError(
+            f"the factory changed state created outside it ({e}). It is traced, so it must build "
+            "everything itself: write `lambda: Model(rngs=nnx.Rngs(0))`, not "
+            "`rngs = nnx.Rngs(0); lambda: Model(rngs=rngs)`."
+        ) from e
     _check_no_static_arrays(box[0])
     return box[0], state
 
