@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax._src import array as jax_array
@@ -123,6 +124,28 @@ def test_reshard_unparallelized_model_and_other_state(mesh8):
     assert model.up.kernel[...].sharding.spec == P(None, "model")
     for path, value in helpers.params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]))
+
+
+def test_reshard_moves_optimizer_state_with_its_params(kind):
+    mesh8 = sub_mesh(kind, (8,), ("model",))
+    fsdp2 = sub_mesh(kind, (2,), ("fsdp",), 6)
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh8, helpers.tp_plans()["mlp"])
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    step = helpers.make_step()
+    with jax.set_mesh(mesh8):
+        step(model, opt, x)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(opt)))
+    reshard(model, fsdp2, FSDP(min_size=16), optimizer=opt)
+    kernel = model.up.kernel[...]
+    assert kernel.sharding == NamedSharding(fsdp2, P(None, "fsdp"))
+    assert opt.opt_state[0].mu["up"]["kernel"][...].sharding == kernel.sharding
+    assert opt.opt_state[0].count[...].sharding == NamedSharding(fsdp2, P())
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(opt)))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    with jax.set_mesh(fsdp2):
+        step(model, opt, jax.device_put(x, NamedSharding(fsdp2, P("fsdp"))))  # training goes on
+    assert int(opt.step[...]) == 2
 
 
 def test_second_parallelize_refuses_and_reshard_accepts(mesh8):

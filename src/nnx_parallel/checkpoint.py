@@ -20,12 +20,12 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from nnx_parallel.errors import PlanError
 from nnx_parallel.init import abstract_copy, abstract_parallelize
 from nnx_parallel.plan import Resolution
+from nnx_parallel.reshard import mirror_sharding
 
 MODEL_ITEM = "model"
 OPTIMIZER_ITEM = "optimizer"
@@ -129,18 +129,9 @@ def restore(
 
 def _optimizer_target(opt_state: nnx.State, resolution: Resolution) -> dict:
     """Pure dict of sharded ShapeDtypeStructs for an optimizer's state."""
-    by_path = {tuple(p.split(".")): e for p, e in resolution.params.items()}
-    mesh = resolution.mesh
 
     def target(keypath, leaf):
-        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
-        spec = P(*([None] * len(leaf.shape)))
-        for start in range(len(keys)):
-            entry = by_path.get(keys[start:])
-            if entry is not None and tuple(entry.shape) == tuple(leaf.shape):
-                spec = entry.spec
-                break
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+        sharding = mirror_sharding(keypath, leaf.shape, resolution)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(opt_state))
-

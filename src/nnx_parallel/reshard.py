@@ -117,7 +117,9 @@ def _assemble(x, target, device, sources) -> jax.Array:
 # Models ---------------------------------------------------------------------------
 
 
-def reshard(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True) -> nnx.Module:
+def reshard(
+    model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True, optimizer: nnx.Pytree | None = None
+) -> nnx.Module:
     """Moves a model to another plan and/or mesh, in place.
 
     Unlike a second `parallelize` (which only composes), this forgets the
@@ -125,14 +127,16 @@ def reshard(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True) ->
     model's shapes as if it had never been parallelized. Every array then
     moves device to device (see `move`): params to their new layout,
     everything else replicated on the new mesh. Values are bit-identical.
-    Arrays that other objects share (an optimizer's state) do not move;
-    restore them through `checkpoint.restore` or rebuild them.
+    Pass the model's `optimizer` to move its state too: leaves that mirror
+    a parameter (Adam's `mu`/`nu`) take that parameter's new sharding, the
+    rest are replicated.
 
     Args:
       model: A module, parallelized or not; modified in place.
       mesh: The new mesh (it may use other devices than the old one).
       plan: The new plan, as for `parallelize`.
       strict: If True, a pattern that matches no module raises `PlanError`.
+      optimizer: An `nnx.Optimizer` of `model` whose state moves along, in place.
 
     Returns:
       The same `model`, for chaining.
@@ -147,13 +151,16 @@ def reshard(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True) ->
     from nnx_parallel.parallelize import apply
 
     undo = [(node, type(node)) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
-    saved = [(v, _compat.get_metadata(v)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+    saved = [(v, v.get_value(), _compat.get_metadata(v)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
     forget(model)
     try:
         _move_state(model, resolution)
         apply(model, resolution)
+        if optimizer is not None:
+            _move_optimizer(optimizer, resolution)
     except BaseException:
-        for var, meta in saved:
+        for var, value, meta in saved:
+            _compat.set_value(var, value)
             _compat.restore_metadata(var, meta)
         for module, cls in undo:
             object.__setattr__(module, "__class__", cls)
@@ -174,6 +181,37 @@ def _move_state(model: nnx.Module, resolution) -> None:
         spec = entry.spec if entry is not None else P(*([None] * len(np.shape(leaf))))
         moved.append(move(leaf, NamedSharding(mesh, spec)))
     nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), moved))
+
+
+def _move_optimizer(optimizer: nnx.Pytree, resolution) -> None:
+    state = nnx.state(optimizer)
+    moved = jax.tree_util.tree_map_with_path(
+        lambda keypath, x: move(x, mirror_sharding(keypath, x.shape, resolution)), nnx.to_pure_dict(state)
+    )
+    nnx.replace_by_pure_dict(state, moved)
+    nnx.update(optimizer, state)
+
+
+def mirror_sharding(keypath, shape: tuple, resolution) -> NamedSharding:
+    """The sharding of an optimizer leaf: its parameter's, if it mirrors one.
+
+    A leaf mirrors a parameter when its path ends with the parameter's path
+    and it has the parameter's shape (`opt_state.0.mu.up.kernel` mirrors
+    `up.kernel`); anything else (step counts) is replicated.
+
+    Example:
+      >>> res = resolve(nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0))), mesh8, {"up": ColumnParallel()})
+      >>> keypath = [jax.tree_util.DictKey(k) for k in ("opt_state", 0, "mu", "up", "kernel")]
+      >>> mirror_sharding(keypath, (16, 64), res).spec
+      P(None, 'model')
+    """
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+    by_path = {tuple(p.split(".")): e for p, e in resolution.params.items()}
+    for start in range(len(keys)):
+        entry = by_path.get(keys[start:])
+        if entry is not None and tuple(entry.shape) == tuple(shape):
+            return NamedSharding(resolution.mesh, entry.spec)
+    return NamedSharding(resolution.mesh, P(*([None] * len(shape))))
 
 
 def gather(model: nnx.Module | nnx.State) -> nnx.State:
