@@ -101,7 +101,14 @@ def restore(
       PlanError: `model` is neither a module nor a factory.
 
     Example:
-      See `save`.
+      >>> import optax, tempfile
+      >>> mlp = parallelize(lambda: TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> path = tempfile.mkdtemp() + "/ckpt"
+      >>> save(path, mlp, nnx.Optimizer(mlp, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param))
+      >>> sgd = lambda m: nnx.Optimizer(m, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+      >>> mlp2, opt2 = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16), optimizer=sgd)
+      >>> opt2.opt_state[0].trace["up"]["kernel"][...].sharding.spec
+      P(None, 'fsdp')
     """
     path = os.path.abspath(os.fspath(path))
     if isinstance(model, nnx.Module):

@@ -202,6 +202,11 @@ class InitMemory:
       largest_bytes: The largest single array of the model, unsharded.
       devices: Devices in the mesh.
       programs: How many compiled programs create the model.
+
+    Example:
+      >>> mem = init_memory(lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> isinstance(mem, InitMemory), mem.devices, mem.programs, mem.largest_bytes
+      (True, 8, 1, 4096)
     """
 
     output_bytes: int
