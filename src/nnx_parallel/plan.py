@@ -293,7 +293,8 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
     if not styles:
         return current, sources, None, extra
     for pattern, style in styles:
-        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh)
+        declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
+        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh, declared)
         new = style.param_specs(ctx)
         for name, spec in new.items():
             if spec != current.get(name):

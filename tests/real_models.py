@@ -1,0 +1,299 @@
+"""Tiny models written the way public Flax NNX code writes them.
+
+Nothing here knows about nnx_parallel: these are the models a user brings.
+Each one reproduces a habit of public NNX code (Gemma, the Flax examples,
+MaxText-style scanned stacks) that a sharding library has to survive:
+
+- `TinyLLM`: Gemma-style decoder. An `Embedder` holding `input_embedding`
+  with `encode`/`decode` methods, a tied `nnx.Embed` (`attend`) variant,
+  heads-first `nnx.Einsum` projections with a fused k/v kernel, RMSNorm
+  scales, a gated MLP whose weights are named `w` (`Dense`), RoPE frequencies
+  stored as a plain array, Dropout driven by `deterministic=`/`rngs=`, and a
+  functional KV cache passed as `cache=` (scalar write index included).
+- `ViT`: patch `nnx.Conv`, class token and position embedding parameters,
+  Flax's own `nnx.MultiHeadAttention` (LinearGeneral q/k/v/out).
+- `ResNet`: Conv + BatchNorm (`BatchStat` running statistics) residual blocks.
+- `ScannedMLP`: a layer stack built with `nnx.vmap` and run with `nnx.scan`,
+  every parameter with a leading layer axis, optionally tagged through
+  `transform_metadata={nnx.PARTITION_NAME: 'layers'}`.
+- `DecoderMHA`: `nnx.MultiHeadAttention(decode=True)` with its mutable
+  `nnx.Cache` variables written during each call.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# LLM --------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """Gemma's RMSNorm: a zero-initialised `scale`, applied as 1 + scale."""
+
+    def __init__(self, d: int, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jax.random.normal(rngs.params(), (d,)) * 0.1)
+
+    def __call__(self, x):
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        scale = (1 + self.scale[...]).reshape((1,) * (x.ndim - 1) + (-1,))
+        return x * jax.lax.rsqrt(var + 1e-6) * scale
+
+
+class Embedder(nnx.Module):
+    """Gemma's embedder: one table, `encode` for tokens, `decode` for logits."""
+
+    def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs):
+        self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)) * 0.1)
+
+    def encode(self, tokens):
+        return self.input_embedding[...][(tokens,)] * jnp.sqrt(self.input_embedding.shape[1]).astype(jnp.float32)
+
+    def decode(self, x):
+        return jnp.dot(x, self.input_embedding[...].T)
+
+
+class Dense(nnx.Module):
+    """A projection whose weight is called `w` (not `kernel`)."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (din, dout)) / jnp.sqrt(din))
+
+    def __call__(self, x):
+        return x @ self.w[...]
+
+
+class GatedMLP(nnx.Module):
+    def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs):
+        self.gate = Dense(d, hidden, rngs=rngs)
+        self.up = Dense(d, hidden, rngs=rngs)
+        self.down = Dense(hidden, d, rngs=rngs)
+        self.dropout = nnx.Dropout(0.2)
+
+    def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        h = jax.nn.gelu(self.gate(x)) * self.up(x)
+        h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        return self.down(h)
+
+
+def rope(x, positions, freqs):
+    """Rotary embedding of x (B, T, N, H) at integer positions (B, T)."""
+    angles = positions[..., None].astype(jnp.float32) * freqs[None, None]  # B T H/2
+    sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+    a, b = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+class LLMAttention(nnx.Module):
+    """Heads-first einsum kernels: q (N, D, H), fused kv (2, N, D, H), out (N, H, D)."""
+
+    def __init__(self, d: int, heads: int, head_dim: int, *, rngs: nnx.Rngs):
+        self.heads, self.head_dim = heads, head_dim
+        self.q_einsum = nnx.Einsum("BTD,NDH->BTNH", (heads, d, head_dim), rngs=rngs)
+        self.kv_einsum = nnx.Einsum("BSD,CNDH->CBSNH", (2, heads, d, head_dim), rngs=rngs)
+        self.attn_vec_einsum = nnx.Einsum("BTNH,NHD->BTD", (heads, head_dim, d), rngs=rngs)
+        # A plain array on the module, as RoPE tables often are.
+        self.freqs = 1.0 / (10_000 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+    def __call__(self, x, positions, *, cache=None, segment_ids=None):
+        q = rope(self.q_einsum(x), positions, self.freqs)
+        k, v = self.kv_einsum(x)
+        k = rope(k, positions, self.freqs)
+        q_pos = positions
+        k_pos = positions
+        if cache is not None:
+            end = cache["end"]
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, end, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, end, 0, 0))
+            k_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
+            valid = k_pos < end + x.shape[1]
+            cache = {"k": k, "v": v, "end": end + x.shape[1]}
+        else:
+            valid = jnp.ones(k.shape[:2], bool)
+        mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(self.head_dim).astype(jnp.float32)
+        logits = jnp.where(mask[:, None], logits, -1e9)
+        out = jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+        return cache, self.attn_vec_einsum(out)
+
+
+class LLMBlock(nnx.Module):
+    def __init__(self, d: int, heads: int, head_dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.pre_attention_norm = RMSNorm(d, rngs=rngs)
+        self.attn = LLMAttention(d, heads, head_dim, rngs=rngs)
+        self.pre_ffw_norm = RMSNorm(d, rngs=rngs)
+        self.mlp = GatedMLP(d, hidden, rngs=rngs)
+
+    def __call__(self, x, positions, *, cache=None, segment_ids=None, deterministic=True, rngs=None):
+        cache, h = self.attn(self.pre_attention_norm(x), positions, cache=cache, segment_ids=segment_ids)
+        x = x + h
+        x = x + self.mlp(self.pre_ffw_norm(x), deterministic=deterministic, rngs=rngs)
+        return cache, x
+
+
+class TinyLLM(nnx.Module):
+    """Gemma-style decoder. `tied=True` uses `nnx.Embed` and its `attend`."""
+
+    def __init__(self, vocab=64, d=32, heads=8, head_dim=8, hidden=64, layers=2, *, tied_embed=False,
+                 rngs: nnx.Rngs):
+        self.tied_embed = tied_embed
+        if tied_embed:
+            self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        else:
+            self.embedder = Embedder(vocab, d, rngs=rngs)
+        self.layers = nnx.List([LLMBlock(d, heads, head_dim, hidden, rngs=rngs) for _ in range(layers)])
+        self.final_norm = RMSNorm(d, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int):
+        a = self.layers[0].attn
+        zeros = jnp.zeros((batch, max_len, a.heads, a.head_dim), jnp.float32)
+        return [{"k": zeros, "v": zeros, "end": jnp.int32(0)} for _ in self.layers]
+
+    def __call__(self, tokens, positions=None, *, cache=None, segment_ids=None, deterministic=True, rngs=None):
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens) if self.tied_embed else self.embedder.encode(tokens)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            layer_cache, x = layer(
+                x, positions, cache=None if cache is None else cache[i], segment_ids=segment_ids,
+                deterministic=deterministic, rngs=rngs,
+            )
+            new_cache.append(layer_cache)
+        x = self.final_norm(x)  # the same norm module called again below
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.tied_embed else self.embedder.decode(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+# ViT --------------------------------------------------------------------------
+
+
+class ViT(nnx.Module):
+    def __init__(self, image=8, patch=4, channels=3, d=32, heads=4, layers=2, classes=16, *, rngs: nnx.Rngs):
+        n = (image // patch) ** 2
+        self.patch_embed = nnx.Conv(channels, d, (patch, patch), strides=(patch, patch), rngs=rngs)
+        self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d)) * 0.02)
+        self.pos_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, n + 1, d)) * 0.02)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.blocks = nnx.List([ViTBlock(d, heads, rngs=rngs) for _ in range(layers)])
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, classes, rngs=rngs)
+
+    def __call__(self, images):
+        x = self.patch_embed(images)
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...]
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class ViTBlock(nnx.Module):
+    def __init__(self, d: int, heads: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d, rngs=rngs)
+        self.fc1 = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.fc2 = nnx.Linear(2 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x), deterministic=True)
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x))))
+
+
+# ResNet -----------------------------------------------------------------------
+
+
+class ResidualBlock(nnx.Module):
+    def __init__(self, c: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(c, rngs=rngs)
+        self.conv2 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(c, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.bn1(self.conv1(x)))
+        return jax.nn.relu(x + self.bn2(self.conv2(h)))
+
+
+class ResNet(nnx.Module):
+    def __init__(self, channels=3, c=16, blocks=2, classes=8, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(channels, c, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(c, rngs=rngs)
+        self.blocks = nnx.List([ResidualBlock(c, rngs=rngs) for _ in range(blocks)])
+        self.fc = nnx.Linear(c, classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+# Scanned layer stack ------------------------------------------------------------
+
+
+class ScanBlock(nnx.Module):
+    def __init__(self, d: int, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.gelu(self.up(self.norm(x))))
+
+
+class ScannedMLP(nnx.Module):
+    """`layers` blocks stacked by `nnx.vmap`, run by `nnx.scan`.
+
+    With `partition_name` set, the stack is built and scanned with
+    `transform_metadata={nnx.PARTITION_NAME: partition_name}` on kernels that
+    carry their own `out_sharding`, as MaxText-style code does.
+    """
+
+    def __init__(self, d=32, layers=8, *, partition_name: str | None = None, remat=False, rngs: nnx.Rngs):
+        self.meta = {} if partition_name is None else {nnx.PARTITION_NAME: partition_name}
+        self.remat = remat
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=self.meta)
+        def make(rngs):
+            block = ScanBlock(d, rngs=rngs)
+            if partition_name is not None:
+                block.up.kernel.set_metadata(out_sharding=(None, "model"))
+                block.down.kernel.set_metadata(out_sharding=("model", None))
+            return block
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        def step(x, block):
+            return block(x)
+
+        if self.remat:
+            step = nnx.remat(step)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=self.meta)
+        def run(x, block):
+            return step(x, block)
+
+        return run(x, self.layers)
+
+
+# Decoding attention with a mutable cache -----------------------------------------
+
+
+class DecoderMHA(nnx.Module):
+    """`nnx.MultiHeadAttention(decode=True)`: each call writes its `nnx.Cache`."""
+
+    def __init__(self, d=32, heads=8, *, rngs: nnx.Rngs):
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=True, rngs=rngs)
+        self.out = nnx.Linear(d, d, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.attn(x))
