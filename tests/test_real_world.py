@@ -1,0 +1,32 @@
+"""Issue 8: parallelize on models written the way public NNX code is."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+import nnx_parallel as npl
+from tests import real_models as rm
+
+
+def _close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) <= tol
+
+
+def test_llm_fsdp_encode_decode_and_cache_kwargs(fsdp8):
+    tok = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
+    ref, model = rm.TinyLLM(rngs=nnx.Rngs(0)), rm.TinyLLM(rngs=nnx.Rngs(0))
+    npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64, methods=("__call__", "encode", "decode")))
+    assert "fsdp" in tuple(model.layers[0].mlp.up.w[...].sharding.spec)
+    with jax.set_mesh(fsdp8):
+        out = nnx.jit(lambda m, t: m(t))(model, tok)
+    _close(out, nnx.jit(lambda m, t: m(t))(ref, tok))
+
+
+def test_scanned_stack_fsdp(fsdp8):
+    x = jax.random.normal(jax.random.key(2), (8, 4, 32))
+    ref, model = rm.ScannedMLP(rngs=nnx.Rngs(0)), rm.ScannedMLP(rngs=nnx.Rngs(0))
+    npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
+    assert model.layers.up.kernel[...].sharding.spec[0] is None  # layer axis never sharded
+    with jax.set_mesh(fsdp8):
+        _close(model(x), ref(x))
