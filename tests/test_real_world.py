@@ -30,3 +30,25 @@ def test_scanned_stack_fsdp(fsdp8):
     assert model.layers.up.kernel[...].sharding.spec[0] is None  # layer axis never sharded
     with jax.set_mesh(fsdp8):
         _close(model(x), ref(x))
+
+
+def test_resnet_batchnorm_fsdp(fsdp8):
+    x = jax.random.normal(jax.random.key(2), (8, 8, 8, 3))
+    ref, model = rm.ResNet(rngs=nnx.Rngs(0)), rm.ResNet(rngs=nnx.Rngs(0))
+    npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
+    assert "fsdp" in tuple(model.blocks[0].conv1.kernel[...].sharding.spec)
+    with jax.set_mesh(fsdp8):
+        _close(model(x), ref(x))
+    _close(model.bn.mean[...], ref.bn.mean[...])  # batch stats updated over the global batch
+
+
+def test_llm_tp_fused_kv_einsum(mesh8):
+    tok = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
+    col, row = npl.ColumnParallel("model"), npl.RowParallel("model")
+    plan = {"layers.*.attn.q_einsum": col, "layers.*.attn.kv_einsum": col, "layers.*.attn.attn_vec_einsum": row,
+            "layers.*.mlp.gate": col, "layers.*.mlp.up": col, "layers.*.mlp.down": row}
+    ref, model = rm.TinyLLM(rngs=nnx.Rngs(0)), rm.TinyLLM(rngs=nnx.Rngs(0))
+    npl.parallelize(model, mesh8, plan)
+    assert model.layers[0].attn.kv_einsum.kernel[...].sharding.spec == jax.P(None, "model", None, None)
+    with jax.set_mesh(mesh8):
+        _close(model(tok), ref(tok))
