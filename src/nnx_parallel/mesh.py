@@ -35,8 +35,8 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, model: int = 1, explicit: bool = 
         device count.
 
     Example:
-      >>> make_mesh(fsdp=-1, model=2).shape
-      OrderedDict({'data': 1, 'fsdp': 4, 'model': 2})
+      >>> dict(make_mesh(fsdp=-1, model=2).shape)
+      {'data': 1, 'fsdp': 4, 'model': 2}
     """
     sizes = {"data": data, "fsdp": fsdp, "model": model, **other_axes}
     count = len(devices) if devices is not None else jax.device_count()
