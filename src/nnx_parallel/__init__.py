@@ -2,6 +2,7 @@
 
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
+from nnx_parallel.mesh import make_mesh
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
 from nnx_parallel.inspect import CommunicationReport, communication_report, explain, render, summary, treescope_renderer
 from nnx_parallel import plans
@@ -54,6 +55,7 @@ __all__ = [
     "ShardedOptimizer",
     "ZeRO",
     "get_declared",
+    "make_mesh",
     "parallelize",
     "InitMemory",
     "abstract_parallelize",
