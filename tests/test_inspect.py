@@ -108,7 +108,21 @@ def test_summary_names_decorator_and_root_sources(fsdp8):
     npx.parallelize(abstract, fsdp8, npx.FSDP(min_size=64))
     table = rows(npx.summary(abstract))
     assert table["up.kernel"][3:] == ["P(None, 'fsdp')", "(16, 8)", "512", "'' (root)"]
-    assert table["down.bias"][3:] == ["P(None)", "(16,)", "64", "none", "replicated"]
+    # FSDP's root rule left the small bias replicated: the root is its source.
+    assert table["down.bias"][3:] == ["P(None)", "(16,)", "64", "'' (root)", "replicated"]
+    assert npx.resolve(abstract, fsdp8, npx.FSDP(min_size=64)).untouched == ()
+
+
+def test_summary_and_explain_of_a_root_plan_and_own_metadata(fsdp8):
+    text = npx.explain(models.MLP(rngs=nnx.Rngs(0)), fsdp8, npx.FSDP(min_size=64))
+    assert text.splitlines()[0].endswith("1 pattern, 0 matched nothing; 4 params, 4 set by the plan")
+    assert "params no rule touched" not in text
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
+    with jax.set_mesh(fsdp8):
+        layer = nnx.Linear(16, 32, kernel_init=init, rngs=nnx.Rngs(0))
+    table = rows(npx.summary(layer, fsdp8))
+    assert table["kernel"][3:] == ["P(None, 'fsdp')", "(16, 4)", "256", "own metadata"]
+    assert table["bias"][6] == "none"
 
 
 def test_explain_names_fsdp_gather_hooks(fsdp8):

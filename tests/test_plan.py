@@ -71,6 +71,8 @@ def test_single_style_applies_to_root(fsdp8):
     assert res.specs()["down.kernel"] == P("fsdp", None)
     assert res.specs()["up.bias"] == P("fsdp")
     assert res.specs()["down.bias"] == P(None)  # 16 elements < min_size
+    # The root pattern "" is a source like any other: nothing is "untouched".
+    assert res.untouched == () and {e.source for e in res.params.values()} == {""}
 
 
 def test_subtree_style_fills_in_around_tp(kind):

@@ -54,7 +54,7 @@ def get_declared_spec(var: nnx.Variable, *, raw: bool = False) -> tuple | None:
     return None
 
 
-def set_sharding_metadata(var: nnx.Variable, spec: P, mesh: Mesh, source: str) -> None:
+def set_sharding_metadata(var: nnx.Variable, spec: P, mesh: Mesh, source: str | None) -> None:
     """Writes what `nnx.with_partitioning(init, spec, mesh)` would have written.
 
     A name the old metadata had on a dim the new spec leaves unsharded, and
@@ -153,3 +153,34 @@ def checkpoint_name(x, name: str):
 
 def device_put(value: Any, sharding: NamedSharding) -> Any:
     return jax.device_put(value, sharding)
+
+
+# Processes ------------------------------------------------------------------
+
+
+def backends_initialized() -> bool:
+    """True once any JAX backend has started (device counts are then fixed)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def set_cpu_device_count(count: int) -> None:
+    """How many CPU devices this process gets; before the backend starts.
+
+    `jax_num_cpu_devices` wins over `--xla_force_host_platform_device_count`
+    in XLA_FLAGS, so a child process can override a parent's flag.
+    """
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def distributed_initialize(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, **kwargs: Any) -> None:
+    """`jax.distributed.initialize`; CPU collectives default to gloo in JAX >= 0.5."""
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+
+
+def distributed_is_initialized() -> bool:
+    return jax.distributed.is_initialized()

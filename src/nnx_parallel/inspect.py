@@ -116,7 +116,7 @@ def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, me
     else:
         spec = ()
     spec = P(*(spec + (None,) * (len(shape) - len(spec))))
-    source = meta.get(_compat.SOURCE_KEY) or ""
+    source = meta.get(_compat.SOURCE_KEY)
     return ParamEntry(path, owner, name, shape, value.dtype, spec, source), mesh
 
 
@@ -169,17 +169,11 @@ def _is_replicated(entry: ParamEntry) -> bool:
     return all(e is None for e in tuple(entry.spec))
 
 
-def _source_text(entry: ParamEntry, root_matched: bool | None) -> str:
-    """The pattern, or `'' (root)` / `none`: both are stored as "" (see docs).
-
-    `root_matched` is known for a Resolution; for a model (None) only a
-    sharded spec shows that some rule, hence the root pattern, set it.
-    """
-    if entry.source:
-        return entry.source
-    if root_matched is None:
-        root_matched = not _is_replicated(entry)
-    return "'' (root)" if root_matched else "none"
+def _source_text(entry: ParamEntry) -> str:
+    """Who set the layout: `'' (root)`, a pattern, `@sharded`, `own metadata` or `none`."""
+    if entry.source is None:
+        return "none" if _is_replicated(entry) else "own metadata"
+    return "'' (root)" if entry.source == "" else entry.source
 
 
 # summary ------------------------------------------------------------------------------
@@ -223,7 +217,6 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     if sort not in _SORTS:
         raise ValueError(f"sort={sort!r} is not one of {_SORTS}.")
     entries, mesh = param_entries(model_or_resolution, mesh)
-    root = "" in model_or_resolution.matches if isinstance(model_or_resolution, Resolution) else None
     items = list(entries.values())
     on = mesh if mesh is not None else _ONE
     if sort == "size":
@@ -236,7 +229,7 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
         flag = "replicated" if _is_replicated(e) and n_devices > 1 else ""
         rows.append([
             e.path, str(e.shape), str(jax.numpy.dtype(e.dtype)), format_spec(e.spec),
-            str(e.shard_shape(on)), f"{e.bytes_per_device(on):,}", _source_text(e, root), flag,
+            str(e.shard_shape(on)), f"{e.bytes_per_device(on):,}", _source_text(e), flag,
         ])
     header = ["path", "shape", "dtype", "spec", "shard shape", "bytes/device", "source", "note"]
     lines = [f"{_mesh_text(mesh)}, {len(items)} params"] + _table(header, rows, right={5})
@@ -302,7 +295,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
     """
     entries = _normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
-    touched = [e for e in res.params.values() if e.source or "" in res.matches]
+    touched = [e for e in res.params.values() if e.source is not None]
     lines = [
         f"plan on {_mesh_text(mesh)}: {_plural(len(entries), 'pattern')}, {len(res.unmatched)} matched nothing; "
         f"{_plural(len(res.params), 'param')}, {len(touched)} set by the plan"
@@ -324,7 +317,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         lines.append("patterns that matched nothing:")
         modules = walk(model)[0]
         lines += [f"  {p!r}{_suggest(p, modules)}" for p in res.unmatched]
-    if "" not in res.matches and res.untouched:
+    if res.untouched:
         lines.append(f"params no rule touched: {len(res.untouched)}")
         rows = [[p, str(res.params[p].shape), format_spec(res.params[p].spec)] for p in res.untouched]
         lines += ["  " + line for line in _table(["path", "shape", "spec"], rows, right=set())[2:]]
@@ -512,7 +505,7 @@ def _layout_comment(var: nnx.Variable) -> str | None:
     total = _total_bytes(entry)
     per_device = entry.bytes_per_device(mesh)
     where = "replicated" if _is_replicated(entry) else format_spec(entry.spec)
-    source = f"from {entry.source!r}" if entry.source else "no rule" if _is_replicated(entry) else "from ''"
+    source = f"from {entry.source!r}" if entry.source is not None else _source_text(entry)
     return (
         f"{where} · shard {entry.shard_shape(mesh)} · {per_device:,} B/device of {total:,} B"
         f" · {source}"

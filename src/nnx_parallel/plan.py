@@ -36,7 +36,7 @@ class ParamEntry:
     shape: tuple[int, ...]
     dtype: Any
     spec: P
-    source: str  # plan pattern, "@sharded", or "" when no rule touched it
+    source: str | None  # plan pattern ("" is the root), "@sharded", or None when no rule touched it
     metadata: tuple = ()  # extra (key, value) metadata styles asked for
 
     def shard_shape(self, mesh: Mesh) -> tuple[int, ...]:
@@ -66,7 +66,7 @@ class Resolution:
 
     @property
     def untouched(self) -> tuple[str, ...]:
-        return tuple(p for p, e in self.params.items() if not e.source)
+        return tuple(p for p, e in self.params.items() if e.source is None)
 
 
 def _itemsize(dtype) -> int:
@@ -226,9 +226,9 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         )
         for name, (path, var) in own.items():
             spec = specs.get(name, P(*([None] * len(shapes[name]))))
-            _check_spec(path, sources.get(name, ""), spec, shapes[name], mesh)
+            _check_spec(path, sources.get(name), spec, shapes[name], mesh)
             resolved[path] = ParamEntry(
-                path, owner, name, shapes[name], var.get_value().dtype, spec, sources.get(name, ""),
+                path, owner, name, shapes[name], var.get_value().dtype, spec, sources.get(name),
                 tuple(sorted(extra.get(name, {}).items())),
             )
         if module_hooks is not None:
@@ -262,13 +262,13 @@ def _ancestors(path: str) -> list[str]:
 def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, notes):
     """Specs, sources and hooks for the params `owner` directly holds."""
     current: dict[str, P | None] = {}
-    sources: dict[str, str] = {}
+    sources: dict[str, str | None] = {}
     for name, (path, var) in own.items():
-        previous = _compat.get_metadata(var).get(_compat.SOURCE_KEY)
+        meta = _compat.get_metadata(var)
         declared = _compat.get_declared_spec(var)
-        if previous is not None and declared is not None:
+        if _compat.SOURCE_KEY in meta and declared is not None:  # set by an earlier parallelize
             current[name] = P(*declared)
-            sources[name] = previous
+            sources[name] = meta[_compat.SOURCE_KEY]
         elif declared is not None:
             unknown = sorted({a for e in declared for a in ((e,) if isinstance(e, str) else (e or ())) if a not in mesh.axis_names})
             if unknown:
@@ -343,8 +343,8 @@ def _names(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
-def _check_spec(path: str, source: str, spec: P, shape: tuple, mesh: Mesh) -> None:
-    where = f"{path!r}" + (f" (pattern {source!r})" if source else "")
+def _check_spec(path: str, source: str | None, spec: P, shape: tuple, mesh: Mesh) -> None:
+    where = f"{path!r}" + (f" (pattern {source!r})" if source is not None else "")
     entries = tuple(spec)
     if len(entries) != len(shape):
         raise PlanError(
