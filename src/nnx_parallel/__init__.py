@@ -3,6 +3,8 @@
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.mesh import make_mesh
+from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
+from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
 from nnx_parallel.inspect import CommunicationReport, communication_report, explain, render, summary, treescope_renderer
 from nnx_parallel import plans
@@ -56,6 +58,13 @@ __all__ = [
     "ZeRO",
     "get_declared",
     "make_mesh",
+    "add_distributed_flags",
+    "batch_spec",
+    "initialize",
+    "initialize_from_args",
+    "local_batch_slice",
+    "reduce_metrics",
+    "shard_batch",
     "parallelize",
     "InitMemory",
     "abstract_parallelize",
