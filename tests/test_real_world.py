@@ -1,6 +1,7 @@
 """Issue 8: parallelize on models written the way public NNX code is."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -52,3 +53,35 @@ def test_llm_tp_fused_kv_einsum(mesh8):
     assert model.layers[0].attn.kv_einsum.kernel[...].sharding.spec == jax.P(None, "model", None, None)
     with jax.set_mesh(mesh8):
         _close(model(tok), ref(tok))
+
+
+def _grads(model, x):
+    loss = lambda m: jnp.mean(m(x) ** 2)  # noqa: E731
+    return nnx.jit(lambda m: nnx.grad(loss)(m))(model)
+
+
+def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
+    """transform_metadata stacks whose biases and norms had no out_sharding
+    (nnx.scan used to fail removing 'layers' from them), under jit+grad+remat."""
+    x = jax.random.normal(jax.random.key(2), (8, 4, 32))
+    make = lambda: rm.ScannedMLP(partition_name="layers", remat=True, rngs=nnx.Rngs(0))  # noqa: E731
+    ref, model = make(), make()
+    npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
+    assert model.layers.norm.scale.get_metadata("out_sharding") == ("layers", "fsdp")
+    assert model.layers.up.bias[...].sharding.spec == jax.P(None, "fsdp")  # not the layer axis
+    assert model.layers.up.kernel[...].sharding.spec == jax.P(None, None, "fsdp")
+    with jax.set_mesh(fsdp8):
+        _close(model(x), ref(x))
+        _close(_grads(model, x), _grads(ref, x))
+
+
+def test_scanned_tagged_stack_tp(mesh8):
+    x = jax.random.normal(jax.random.key(2), (8, 4, 32))
+    ref = rm.ScannedMLP(partition_name="layers", rngs=nnx.Rngs(0))
+    model = rm.ScannedMLP(partition_name="layers", rngs=nnx.Rngs(0))
+    npl.parallelize(model, mesh8, {"layers.up": npl.ColumnParallel("model"), "layers.down": npl.RowParallel("model")})
+    assert model.layers.up.kernel[...].sharding.spec == jax.P(None, None, "model")
+    assert model.layers.down.kernel[...].sharding.spec == jax.P(None, "model", None)
+    assert model.layers.norm.scale.get_metadata("out_sharding") == ("layers", None)
+    with jax.set_mesh(mesh8):
+        _close(model(x), ref(x))

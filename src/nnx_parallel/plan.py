@@ -216,25 +216,91 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     notes: list[str] = []
     resolved: dict[str, ParamEntry] = {}
     hooks: dict[str, ModuleHooks] = {}
+    stacks = layer_stacks(params, mesh)
     owners = list(dict.fromkeys(list(by_owner) + [m for m in chosen if not entries[chosen[m]][0].subtree]))
     for owner in owners:
         own = by_owner.get(owner, {})
         module = modules[owner]
         shapes = {n: tuple(v.get_value().shape) for n, (_, v) in own.items()}
+        stacked = {n: stacks[path] for n, (path, _) in own.items() if path in stacks}
         specs, sources, module_hooks, extra = _resolve_module(
-            owner, module, shapes, own, chosen, entries, modules, mesh, notes
+            owner, module, shapes, own, chosen, entries, modules, mesh, notes, stacked
         )
         for name, (path, var) in own.items():
             spec = specs.get(name, P(*([None] * len(shapes[name]))))
             _check_spec(path, sources.get(name), spec, shapes[name], mesh)
+            meta = extra.get(name, {})
+            if name in stacked and not _compat.get_declared_spec(var, raw=True):
+                meta = {**_stack_metadata(stacked[name], spec), **meta}
             resolved[path] = ParamEntry(
                 path, owner, name, shapes[name], var.get_value().dtype, spec, sources.get(name),
-                tuple(sorted(extra.get(name, {}).items())),
+                tuple(sorted(meta.items())),
             )
         if module_hooks is not None:
             hooks[owner] = dataclasses.replace(module_hooks, mesh=mesh)
     ordered = {p: resolved[p] for p in params}
     return Resolution(mesh=mesh, params=ordered, hooks=hooks, matches=matches, notes=tuple(notes))
+
+
+# Layer stacks ----------------------------------------------------------------------------
+
+
+def layer_stacks(params, mesh: Mesh) -> dict[str, tuple[str, ...]]:
+    """Param path -> the names of its leading dims that stack layers.
+
+    `nnx.vmap`/`nnx.scan(transform_metadata={nnx.PARTITION_NAME: name})`
+    insert `name` into the `out_sharding` of every Variable that has one, and
+    `nnx.scan` removes it again at each step (failing where it is missing).
+    A name counts as a layer-stack name if it is no mesh axis, and every param
+    that declares it has it at the same leading position with the same size,
+    at least two params do. A logical name a model uses on several dims
+    ('embed' in ('embed', 'mlp') and ('mlp', 'embed')) is none.
+
+    Params without `out_sharding` that were stacked too are found through the
+    nearest module above them holding tagged params: if every param under it
+    has the same leading sizes, they share its stack names.
+    """
+    declared = {
+        path: _compat.get_declared_spec(var, raw=True) or ()
+        for path, (_, _, var) in params.items()
+    }
+    shapes = {path: tuple(var.get_value().shape) for path, (_, _, var) in params.items()}
+    seen: dict[str, set] = {}
+    for path, spec in declared.items():
+        for d, e in enumerate(spec):
+            if isinstance(e, str) and e not in mesh.axis_names and d < len(shapes[path]):
+                seen.setdefault(e, set()).add((d, shapes[path][d], path))
+    names = {e for e, uses in seen.items() if len(uses) >= 2 and len({u[:2] for u in uses}) == 1}
+    out = {}
+    for path, spec in declared.items():
+        lead = 0
+        while lead < len(spec) and isinstance(spec[lead], str) and spec[lead] in names:
+            lead += 1
+        if lead:
+            out[path] = tuple(spec[:lead])
+    for path in [p for p in params if p not in out and not declared[p]]:
+        for anc in _ancestors(path):
+            inside = [p for p in params if not anc or p.startswith(anc + ".")]
+            tags = {out[p] for p in inside if p in out}
+            if not tags:
+                continue
+            if len(tags) == 1:
+                (tag,) = tags
+                lead = {shapes[p][:len(tag)] for p in inside}
+                if len(lead) == 1 and all(len(shapes[p]) >= len(tag) for p in inside):
+                    out[path] = tag
+            break
+    return out
+
+
+def _stack_metadata(tag: tuple[str, ...], spec: P) -> dict[str, Any]:
+    """`out_sharding` with the stack names on the leading dims `spec` leaves unsharded."""
+    entries = list(_padded(spec, len(tag)))
+    for d, name in enumerate(tag):
+        if entries[d] is None:
+            entries[d] = name
+    rules = tuple((name, None) for name in tag)
+    return {_compat.SHARDING_KEY: tuple(entries), "sharding_rules": rules}
 
 
 def _suggest(pattern: str, modules) -> str:
@@ -259,7 +325,7 @@ def _ancestors(path: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
-def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, notes):
+def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, notes, stacked):
     """Specs, sources and hooks for the params `owner` directly holds."""
     current: dict[str, P | None] = {}
     sources: dict[str, str | None] = {}
@@ -270,7 +336,11 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
             current[name] = P(*declared)
             sources[name] = meta[_compat.SOURCE_KEY]
         elif declared is not None:
-            unknown = sorted({a for e in declared for a in ((e,) if isinstance(e, str) else (e or ())) if a not in mesh.axis_names})
+            layer_names = set(stacked.get(name, ()))
+            unknown = sorted({
+                a for e in declared for a in ((e,) if isinstance(e, str) else (e or ()))
+                if a not in mesh.axis_names and a not in layer_names
+            })
             if unknown:
                 notes.append(f"{path}: ignored its own out_sharding {declared} (axes {unknown} are not in the mesh)")
     previous_specs = dict(current)
@@ -294,7 +364,7 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
         return current, sources, None, extra
     for pattern, style in styles:
         declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
-        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh, declared)
+        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh, declared, stacked)
         new = style.param_specs(ctx)
         for name, spec in new.items():
             if spec != current.get(name):

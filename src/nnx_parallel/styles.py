@@ -40,6 +40,9 @@ class ModuleContext:
       mesh: The mesh.
       declared: Parameter name -> the spec its own `out_sharding` metadata
         names, as written (mesh axes or not); absent where it has none.
+      stacked: Parameter name -> the names of its leading dims that stack
+        layers (`nnx.PARTITION_NAME` of `nnx.vmap`/`nnx.scan`), found by
+        `plan.layer_stacks`; absent where none.
     """
 
     path: str
@@ -49,6 +52,7 @@ class ModuleContext:
     current: Mapping[str, P | None]
     mesh: Mesh
     declared: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    stacked: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def param_path(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -460,9 +464,9 @@ class FSDP:
         a parameter read by another method is gathered by GSPMD instead, and
         under Explicit axes an embedding lookup there needs an out_sharding.
       scan_axes: Leading dims that stack layers (`nnx.vmap` + `nnx.scan`)
-        and are never sharded. Leading dims whose own `out_sharding` names a
-        non-mesh axis (the `nnx.PARTITION_NAME` of `transform_metadata`)
-        are skipped without it.
+        and are never sharded. Stacks tagged through `transform_metadata=
+        {nnx.PARTITION_NAME: ...}` are found without it (see
+        `ModuleContext.stacked`).
 
     Example:
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
@@ -481,11 +485,7 @@ class FSDP:
 
     def _stacked(self, ctx: ModuleContext, name: str) -> int:
         """How many leading dims of `name` stack layers."""
-        declared = ctx.declared.get(name) or ()
-        tagged = 0
-        while tagged < len(declared) and isinstance(declared[tagged], str) and declared[tagged] not in ctx.mesh.axis_names:
-            tagged += 1
-        return max(self.scan_axes, tagged)
+        return max(self.scan_axes, len(ctx.stacked.get(name, ())))
 
     def _axes(self) -> tuple[str, ...]:
         return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
