@@ -49,7 +49,7 @@ def _doctest_namespace(doctest_namespace):
         jax=jax,
         nnx=nnx,
         P=P,
-        np=nnx_parallel,
+        npx=nnx_parallel,
         mesh8=_mesh((8,), ("model",)),
         mesh2x4=_mesh((2, 4), ("data", "model")),
         fsdp8=_mesh((8,), ("fsdp",)),
