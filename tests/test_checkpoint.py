@@ -117,3 +117,27 @@ def test_non_param_state_round_trips(fsdp8, tmp_path):
 def test_restore_rejects_non_models(mesh8, tmp_path):
     with pytest.raises(PlanError, match="model or a zero-argument factory"):
         restore(tmp_path, 3, mesh8, FSDP())
+
+
+def test_zero_optimizer_state_restores_in_its_zero_layout(kind, tmp_path):
+    from nnx_parallel import ShardedOptimizer, ZeRO
+
+    factory = lambda: models.MLP(rngs=nnx.Rngs(0))  # noqa: E731
+    dp2x4 = sub_mesh(kind, (2, 4), ("data", "model"))
+    dp4 = sub_mesh(kind, (4,), ("data",), 4)
+    model = parallelize(factory, dp2x4, ZeRO(stage=1, axis="data", min_size=32))
+    opt = ShardedOptimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(3), (8, 16))
+    with jax.set_mesh(dp2x4):
+        helpers.make_step()(model, opt, x)
+    save(tmp_path / "z", model, opt)
+
+    zero4 = ZeRO(stage=1, axis="data", min_size=32)
+    model4, opt4 = restore(tmp_path / "z", factory, dp4, zero4,
+                           optimizer=lambda m: ShardedOptimizer(m, optax.adam(1e-2), wrt=nnx.Param))
+    assert model4.up.kernel[...].sharding.spec == P(None, None)  # params stay replicated
+    mu = opt4.opt_state[0].mu["up"]["kernel"][...]
+    assert mu.sharding == NamedSharding(dp4, P(None, "data"))  # moments in ZeRO's layout, 4-way
+    assert opt4.opt_state[0].mu["down"]["bias"][...].sharding.spec == P(None)  # below min_size
+    assert_same(model4, model)
+    assert_same(opt4, opt)

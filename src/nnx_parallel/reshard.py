@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat
 from nnx_parallel.init import abstract_copy, forget, leaf_path
 from nnx_parallel.plan import resolve
+from nnx_parallel.zero import OPT_KEY
 
 
 # Moving arrays ------------------------------------------------------------------
@@ -197,7 +198,9 @@ def mirror_sharding(keypath, shape: tuple, resolution) -> NamedSharding:
 
     A leaf mirrors a parameter when its path ends with the parameter's path
     and it has the parameter's shape (`opt_state.0.mu.up.kernel` mirrors
-    `up.kernel`); anything else (step counts) is replicated.
+    `up.kernel`); it takes the parameter's optimizer layout (`ZeRO`'s
+    `optimizer_sharding`) if the plan gives one, else the parameter's spec.
+    Anything else (step counts) is replicated.
 
     Example:
       >>> res = resolve(nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0))), mesh8, {"up": ColumnParallel()})
@@ -210,7 +213,8 @@ def mirror_sharding(keypath, shape: tuple, resolution) -> NamedSharding:
     for start in range(len(keys)):
         entry = by_path.get(keys[start:])
         if entry is not None and tuple(entry.shape) == tuple(shape):
-            return NamedSharding(resolution.mesh, entry.spec)
+            spec = dict(entry.metadata).get(OPT_KEY) or entry.spec
+            return NamedSharding(resolution.mesh, P(*spec))
     return NamedSharding(resolution.mesh, P(*([None] * len(shape))))
 
 
