@@ -183,7 +183,7 @@ def test_report_column_row_forward_has_one_all_reduce_over_model(mesh8):
     report = npx.communication_report(nnx.jit(lambda m, x: m(x)), model, x, mesh=mesh8)
     assert report.count() == 1
     assert report.count("all-reduce", "model") == 1
-    assert report.by_kind["all-reduce"] == npx.inspect.CommStats(1, 4 * 16 * 4, 2 * 256 * 7 / 8)
+    assert report.by_kind["all-reduce"] == npx.report.CommStats(1, 4 * 16 * 4, 2 * 256 * 7 / 8)
     assert all(report.by_kind[k].count == 0 for k in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute"))
     assert report.by_axis == {("model",): report.by_kind["all-reduce"]}
     assert report.argument_bytes >= 4 * (16 * 8 + 8 + 8 * 16 + 16) + 4 * 16 * 4  # params shards + x

@@ -6,7 +6,8 @@ from nnx_parallel.mesh import make_mesh
 from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
 from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
 from nnx_parallel.hooks import FallbackWarning, ModuleHooks
-from nnx_parallel.inspect import CommunicationReport, communication_report, explain, render, summary, treescope_renderer
+from nnx_parallel.inspect import explain, render, summary, treescope_renderer
+from nnx_parallel.report import CommunicationReport, communication_report
 from nnx_parallel import plans
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize

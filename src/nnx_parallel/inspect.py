@@ -7,7 +7,8 @@ Three text views and one HTML view, all read-only:
   `Resolution`, so it runs before anything is allocated.
 * `explain` - which pattern matched which module, which matched nothing, and
   which parameters no rule touched.
-* `communication_report` - the collectives and memory of one compiled step.
+* `communication_report` (in `nnx_parallel.report`) - the collectives and
+  memory of one compiled step.
 * `render` / `treescope_renderer` - treescope rendering (notebook or standalone
   HTML) with each parameter's layout on its line and the device layout of its
   array a click away.
@@ -18,8 +19,6 @@ renderer API (`TreescopeRenderer.extended_with`, `active_renderer`).
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
 from typing import Any
 
@@ -30,59 +29,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from treescope import rendering_parts
 
-from nnx_parallel import _compat
-from nnx_parallel.collectives import KINDS, Collective, collectives
+from nnx_parallel import _compat, _text
 from nnx_parallel.plan import ParamEntry, Resolution, _itemsize, _normalize_plan, _suggest, resolve, walk
 
 _SORTS = ("size", "path", "none")
-
-
-# Formatting helpers -------------------------------------------------------------
-
-
-def format_spec(spec: Any) -> str:
-    """`P(None, 'model')` style text for a PartitionSpec (or spec tuple).
-
-    Example:
-      >>> format_spec(P(None, ("data", "model"))), format_spec(()), format_spec((None,))
-      ("P(None, ('data', 'model'))", 'P()', 'P(None)')
-    """
-    entries = tuple(spec) if spec is not None else ()
-    return "P(" + ", ".join(_entry_text(e) for e in entries) + ")"
-
-
-def _entry_text(entry: Any) -> str:
-    if entry is None or isinstance(entry, str):
-        return repr(entry)
-    return "(" + ", ".join(repr(a) for a in entry) + ")"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover - unreachable
-
-
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(out).rstrip()
-
-    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _mesh_text(mesh: Mesh | None) -> str:
-    if mesh is None:
-        return "no mesh (1 device)"
-    return f"mesh {dict(mesh.shape)} ({mesh.devices.size} devices)"
 
 
 # Parameter entries from a model or a resolution --------------------------------------
@@ -228,11 +178,11 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     for e in items:
         flag = "replicated" if _is_replicated(e) and n_devices > 1 else ""
         rows.append([
-            e.path, str(e.shape), str(jax.numpy.dtype(e.dtype)), format_spec(e.spec),
+            e.path, str(e.shape), str(jax.numpy.dtype(e.dtype)), _text.format_spec(e.spec),
             str(e.shard_shape(on)), f"{e.bytes_per_device(on):,}", _source_text(e), flag,
         ])
     header = ["path", "shape", "dtype", "spec", "shard shape", "bytes/device", "source", "note"]
-    lines = [f"{_mesh_text(mesh)}, {len(items)} params"] + _table(header, rows, right={5})
+    lines = [f"{_text.mesh_text(mesh)}, {len(items)} params"] + _text.table(header, rows, right={5})
     sharded = [e for e in items if not _is_replicated(e)]
     replicated = [e for e in items if _is_replicated(e)]
     s_bytes = sum(e.bytes_per_device(on) for e in sharded)
@@ -240,11 +190,11 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     full = sum(_total_bytes(e) for e in items)
     total = s_bytes + r_bytes
     lines.append(
-        f"per device: {total:,} B ({_human(total)}) = sharded {s_bytes:,} B ({_plural(len(sharded), 'param')})"
-        f" + replicated {r_bytes:,} B ({_plural(len(replicated), 'param')})"
+        f"per device: {total:,} B ({_text.human(total)}) = sharded {s_bytes:,} B ({_text.plural(len(sharded), 'param')})"
+        f" + replicated {r_bytes:,} B ({_text.plural(len(replicated), 'param')})"
     )
     share = f"{100 * total / full:.1f}%" if full else "n/a"
-    lines.append(f"unsharded: {full:,} B ({_human(full)}); each device holds {share}")
+    lines.append(f"unsharded: {full:,} B ({_text.human(full)}); each device holds {share}")
     return "\n".join(lines)
 
 
@@ -297,8 +247,8 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
     res = resolve(model, mesh, plan, strict=False)
     touched = [e for e in res.params.values() if e.source is not None]
     lines = [
-        f"plan on {_mesh_text(mesh)}: {_plural(len(entries), 'pattern')}, {len(res.unmatched)} matched nothing; "
-        f"{_plural(len(res.params), 'param')}, {len(touched)} set by the plan"
+        f"plan on {_text.mesh_text(mesh)}: {_text.plural(len(entries), 'pattern')}, {len(res.unmatched)} matched nothing; "
+        f"{_text.plural(len(res.params), 'param')}, {len(touched)} set by the plan"
     ]
     for pattern, styles in entries.items():
         lines.append(f"{pattern!r} -> " + " + ".join(_style_text(s) for s in styles))
@@ -312,17 +262,17 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         if not mine:
             lines.append("    set no parameter (a more specific pattern won, or the style kept every spec)")
         width = max((len(e.path) for e in mine), default=0)
-        lines += [f"    {e.path.ljust(width)}  {format_spec(e.spec)}" for e in mine]
+        lines += [f"    {e.path.ljust(width)}  {_text.format_spec(e.spec)}" for e in mine]
     if res.unmatched:
         lines.append("patterns that matched nothing:")
         modules = walk(model)[0]
         lines += [f"  {p!r}{_suggest(p, modules)}" for p in res.unmatched]
     if res.untouched:
         lines.append(f"params no rule touched: {len(res.untouched)}")
-        rows = [[p, str(res.params[p].shape), format_spec(res.params[p].spec)] for p in res.untouched]
-        lines += ["  " + line for line in _table(["path", "shape", "spec"], rows, right=set())[2:]]
+        rows = [[p, str(res.params[p].shape), _text.format_spec(res.params[p].spec)] for p in res.untouched]
+        lines += ["  " + line for line in _text.table(["path", "shape", "spec"], rows, right=set())[2:]]
     if res.hooks:
-        lines.append(f"call-time hooks ({_plural(len(res.hooks), 'module')}):")
+        lines.append(f"call-time hooks ({_text.plural(len(res.hooks), 'module')}):")
         width = max(len(p or "<root>") for p in res.hooks)
         for path, h in res.hooks.items():
             kinds = [k for k in ("layout", "gather") if getattr(h, k, None) is not None]
@@ -331,167 +281,6 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         lines.append("notes:")
         lines += [f"  {n}" for n in res.notes]
     return "\n".join(lines)
-
-
-# communication_report -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CommStats:
-    """Totals over a group of collectives.
-
-    Attributes:
-      count: Number of ops.
-      bytes: Full-operand bytes (`Collective.size`), summed.
-      traffic: Bytes each device sends with ring algorithms, summed.
-    """
-
-    count: int = 0
-    bytes: int = 0
-    traffic: float = 0.0
-
-    def add(self, op: Collective) -> CommStats:
-        """These totals plus one op.
-
-        Example:
-          >>> from nnx_parallel.collectives import Collective
-          >>> CommStats().add(Collective("all-reduce", 64, 8, ("model",), "f32[16]"))
-          CommStats(count=1, bytes=64, traffic=112.0)
-        """
-        return CommStats(self.count + 1, self.bytes + op.size, self.traffic + op.traffic)
-
-
-@dataclasses.dataclass(frozen=True)
-class CommunicationReport:
-    """The collectives and memory of one compiled program.
-
-    Attributes:
-      collectives: Every collective op, in program order (async pairs once).
-      by_kind: Kind -> totals, every kind present (zeros included).
-      by_axis: Mesh axes (a tuple; `()` if unknown) -> totals.
-      by_kind_and_axis: `(kind, axes)` -> totals.
-      argument_bytes, output_bytes, temp_bytes, generated_code_bytes,
-        alias_bytes: Per-device figures from `compiled.memory_analysis()`
-        (None where the backend gives none).
-      mesh: The mesh used to name axes.
-
-    Example:
-      >>> hlo = "%ar = f32[16]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add"
-      >>> report = CommunicationReport.from_compiled(hlo, mesh2x4)
-      >>> report.count("all-reduce", "model"), report.by_axis[("model",)]
-      (1, CommStats(count=1, bytes=64, traffic=96.0))
-    """
-
-    collectives: tuple[Collective, ...]
-    by_kind: dict[str, CommStats]
-    by_axis: dict[tuple[str, ...], CommStats]
-    by_kind_and_axis: dict[tuple[str, tuple[str, ...]], CommStats]
-    argument_bytes: int | None = None
-    output_bytes: int | None = None
-    temp_bytes: int | None = None
-    generated_code_bytes: int | None = None
-    alias_bytes: int | None = None
-    mesh: Mesh | None = None
-
-    @classmethod
-    def from_compiled(cls, compiled: Any, mesh: Mesh | None = None) -> CommunicationReport:
-        """Builds a report from a `jax.stages.Compiled` (or HLO text)."""
-        ops = tuple(collectives(compiled, mesh))
-        by_kind = {k: CommStats() for k in KINDS}
-        by_axis: dict = collections.defaultdict(CommStats)
-        both: dict = collections.defaultdict(CommStats)
-        for op in ops:
-            by_kind[op.kind] = by_kind[op.kind].add(op)
-            by_axis[op.axes] = by_axis[op.axes].add(op)
-            both[(op.kind, op.axes)] = both[(op.kind, op.axes)].add(op)
-        stats = None if isinstance(compiled, str) else compiled.memory_analysis()
-        get = lambda name: None if stats is None else int(getattr(stats, name))  # noqa: E731
-        return cls(
-            ops, by_kind, dict(by_axis), dict(both),
-            argument_bytes=get("argument_size_in_bytes"),
-            output_bytes=get("output_size_in_bytes"),
-            temp_bytes=get("temp_size_in_bytes"),
-            generated_code_bytes=get("generated_code_size_in_bytes"),
-            alias_bytes=get("alias_size_in_bytes"),
-            mesh=mesh,
-        )
-
-    def count(self, kind: str | None = None, axes: tuple[str, ...] | str | None = None) -> int:
-        """Number of ops of `kind` (any if None) over exactly `axes` (any if None)."""
-        axes = (axes,) if isinstance(axes, str) else axes
-        return sum(1 for c in self.collectives if (kind is None or c.kind == kind) and (axes is None or c.axes == axes))
-
-    @property
-    def total(self) -> CommStats:
-        out = CommStats()
-        for op in self.collectives:
-            out = out.add(op)
-        return out
-
-    def __str__(self) -> str:
-        lines = [f"communication on {_mesh_text(self.mesh)}: {self.total.count} collectives"]
-        rows = [
-            [kind, "+".join(axes) or "?", str(s.count), f"{s.bytes:,}", f"{s.traffic:,.0f}"]
-            for (kind, axes), s in sorted(self.by_kind_and_axis.items())
-        ]
-        t = self.total
-        rows.append(["total", "", str(t.count), f"{t.bytes:,}", f"{t.traffic:,.0f}"])
-        lines += _table(["kind", "axes", "count", "bytes", "traffic/device"], rows, right={2, 3, 4})
-        memory = [
-            ("arguments", self.argument_bytes), ("outputs", self.output_bytes),
-            ("temp", self.temp_bytes), ("generated code", self.generated_code_bytes),
-            ("aliased", self.alias_bytes),
-        ]
-        known = [(name, n) for name, n in memory if n is not None]
-        if known:
-            lines.append("memory per device: " + ", ".join(f"{name} {n:,} B" for name, n in known))
-        return "\n".join(lines)
-
-
-def _find_mesh(tree: Any) -> Mesh | None:
-    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-        sharding = _sharding_of(value)
-        if sharding is not None and isinstance(sharding.mesh, Mesh):
-            return sharding.mesh
-    return None
-
-
-def communication_report(jitted_fn: Any, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> CommunicationReport:
-    """Compiles `jitted_fn(*args, **kwargs)` and reports its collectives and memory.
-
-    Works for `jax.jit` and `nnx.jit` functions (anything with `.lower`), and
-    for an already compiled program (`jax.stages.Compiled`, no args).
-
-    Args:
-      jitted_fn: The jitted function, or a compiled program.
-      *args: Its arguments (arrays, modules, optimizers, ShapeDtypeStructs).
-      mesh: The mesh to lower under (`jax.set_mesh`) and to name axes with;
-        default: the current mesh, else the mesh of the first sharded argument.
-      **kwargs: Its keyword arguments.
-
-    Returns:
-      A `CommunicationReport`; `print(report)` shows a table.
-
-    Example:
-      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()})
-      >>> report = communication_report(nnx.jit(lambda m, x: m(x)), mlp, jax.numpy.ones((4, 16)), mesh=mesh8)
-      >>> report.count("all-reduce", "model"), report.by_kind["all-reduce"].bytes
-      (1, 256)
-    """
-    if not hasattr(jitted_fn, "lower"):
-        if args or kwargs:
-            raise TypeError("a compiled program takes no arguments; pass the jitted function instead.")
-        return CommunicationReport.from_compiled(jitted_fn, mesh)
-    if mesh is None:
-        current = jax.sharding.get_mesh()
-        mesh = current if isinstance(current, Mesh) and not current.empty else _find_mesh((args, kwargs))
-    if mesh is not None:
-        with jax.set_mesh(mesh):
-            compiled = jitted_fn.lower(*args, **kwargs).compile()
-    else:
-        compiled = jitted_fn.lower(*args, **kwargs).compile()
-    return CommunicationReport.from_compiled(compiled, mesh)
 
 
 # treescope ------------------------------------------------------------------------------
@@ -504,7 +293,7 @@ def _layout_comment(var: nnx.Variable) -> str | None:
         return None
     total = _total_bytes(entry)
     per_device = entry.bytes_per_device(mesh)
-    where = "replicated" if _is_replicated(entry) else format_spec(entry.spec)
+    where = "replicated" if _is_replicated(entry) else _text.format_spec(entry.spec)
     source = f"from {entry.source!r}" if entry.source is not None else _source_text(entry)
     return (
         f"{where} · shard {entry.shard_shape(mesh)} · {per_device:,} B/device of {total:,} B"
