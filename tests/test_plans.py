@@ -1,7 +1,6 @@
 """plans.fsdp and plans.combine: ready-made FSDP and 2D/3D (FSDP x TP) plans."""
 
 import jax
-import pytest
 import numpy as np
 import optax
 from flax import nnx
