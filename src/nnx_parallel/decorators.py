@@ -66,6 +66,16 @@ def sharded(spec: P | None = None, /, **param_specs: P):
 
 
 def get_declared(module: Any) -> dict[str, P] | None:
-    """The specs `@sharded` declared on a module (or its class), or None."""
+    """The specs `@sharded` declared on a module (or its class), or None.
+
+    A positional spec is stored under `"*"`; keyword specs under their names.
+
+    Example:
+      >>> layer = sharded(P(None, "model"), bias=P(None))(nnx.Linear(4, 8, rngs=nnx.Rngs(0)))
+      >>> get_declared(layer)
+      {'*': P(None, 'model'), 'bias': P(None,)}
+      >>> get_declared(nnx.Linear(4, 8, rngs=nnx.Rngs(0))) is None
+      True
+    """
     value = getattr(module, SPECS_ATTR, None)
     return dict(value) if value else None

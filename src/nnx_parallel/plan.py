@@ -28,7 +28,13 @@ SPECS_ATTR = "_nnx_parallel_specs"
 
 @dataclasses.dataclass(frozen=True)
 class ParamEntry:
-    """The resolved layout of one parameter."""
+    """The resolved layout of one parameter.
+
+    Example:
+      >>> entry = resolve(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()}).params["up.kernel"]
+      >>> entry.spec, entry.source, entry.shard_shape(mesh8), entry.bytes_per_device(mesh8)
+      (P(None, 'model'), 'up', (16, 8), 512)
+    """
 
     path: str
     module_path: str
@@ -48,7 +54,17 @@ class ParamEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """What a plan does to a model: per-parameter specs and per-module hooks."""
+    """What a plan does to a model: per-parameter specs and per-module hooks.
+
+    `resolve` returns one without touching the model; `parallelize` applies it.
+
+    Example:
+      >>> res = resolve(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> res.specs()["up.kernel"], res.matches["up"], res.untouched
+      (P(None, 'model'), ('up',), ('down.bias', 'down.kernel'))
+      >>> sorted(res.hooks)
+      ['up']
+    """
 
     mesh: Mesh
     params: dict[str, ParamEntry]
