@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.models import GPT  # noqa: E402  (a 2-layer GPT written like public NNX code)
 
 import nnx_parallel as npx  # noqa: E402
-from nnx_parallel.collectives import collectives  # noqa: E402
 
 
 def main():
@@ -39,13 +38,7 @@ def main():
     npx.parallelize(model, mesh, plan)
 
     print(f"mesh: {dict(mesh.shape)} ({mesh.axis_types[0]} axes)\n")
-    print(f"{'parameter':32} {'shape':>10} {'spec':24} {'per device':>10}")
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value()
-        name = ".".join(map(str, path))
-        spec = str(tuple(value.sharding.spec))
-        shard = value.sharding.shard_shape(value.shape)
-        print(f"{name:32} {str(value.shape):>10} {spec:24} {str(shard):>10}")
+    print(npx.summary(model, sort="path"))
 
     tokens = jax.random.randint(jax.random.key(1), (4, 8), 0, 64)
     sharded_tokens = jax.device_put(tokens, jax.NamedSharding(mesh, jax.P("data")))
@@ -70,14 +63,8 @@ def main():
     print(f"\nforward max |sharded - unsharded| = {err:.2e}")
     for i, (a, b) in enumerate(losses):
         print(f"step {i}: loss {a:.6f} (unsharded {b:.6f})")
-    print("\ncollectives in one compiled train step:")
-    counts = {}
-    for c in collectives(compiled, mesh):
-        key = (c.kind, c.axes)
-        n, size = counts.get(key, (0, 0))
-        counts[key] = (n + 1, size + c.size)
-    for (kind, axes), (n, size) in sorted(counts.items()):
-        print(f"  {kind:15} over {axes!s:12} x{n:<3} {size:>8} bytes")
+    print("\none compiled train step:")
+    print(npx.communication_report(compiled, mesh=mesh))
     assert err < 1e-5 and np.allclose([a for a, _ in losses], [b for _, b in losses], atol=1e-5)
 
 

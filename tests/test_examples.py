@@ -1,0 +1,19 @@
+"""The README's main example runs and reports what the docs say it does."""
+
+import pathlib
+import runpy
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def test_readme_example_prints_summary_numerics_and_collectives(capsys):
+    runpy.run_path(str(EXAMPLES / "parallelize_transformer.py"), run_name="__main__")  # asserts numerics itself
+    out = capsys.readouterr().out
+    assert "mesh {'data': 2, 'model': 4} (8 devices), 35 params" in out
+    assert "unsharded: 120,064 B (117.2 KiB); each device holds 27.4%" in out
+    lines = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith("all-")}
+    # Megatron: 2 layers x (2 forward + 2 backward) all-reduces over 'model', plus the
+    # vocab-parallel embedding's forward and the head's backward; one gradient all-reduce over 'data'.
+    assert lines["all-reduce model"][0] == "10" and lines["all-reduce data"][0] == "1"
+    assert lines["all-gather model"][0] == "1"  # the head's logits, gathered for the loss
+    assert set(lines) == {"all-reduce model", "all-reduce data", "all-gather model"}
