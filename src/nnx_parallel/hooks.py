@@ -256,6 +256,12 @@ def _explicit_here(mesh: Mesh) -> bool:
     )
 
 
+def _reshard_to(y, spec: P, mesh: Mesh):
+    if not _is_array(y) or y.ndim != len(spec) or tuple(_compat.spec_of(y) or ()) == tuple(spec):
+        return y
+    return jax.sharding.reshard(y, NamedSharding(_context_mesh(mesh), spec))
+
+
 def _with_layout(method, layout: Layout, mesh: Mesh):
     accepts_out_sharding = "out_sharding" in inspect.signature(method).parameters
 
@@ -270,7 +276,9 @@ def _with_layout(method, layout: Layout, mesh: Mesh):
             out_ndim = _out_ndim(module, method, args, kwargs, x.ndim + layout.rank_delta)
             out_spec = _drop_manual(_full_spec(x, layout.output, mesh, out_ndim, layout.out_from))
             if accepts_out_sharding and kwargs.get("out_sharding") is None:
-                return method(module, *args, **{**kwargs, "out_sharding": out_spec})
+                out = method(module, *args, **{**kwargs, "out_sharding": out_spec})
+                # A bias added after the op (Conv, Linear) can shard it again.
+                return jax.tree.map(lambda y: _reshard_to(y, out_spec, mesh), out)
             # The module's state goes in as an argument: closed-over Explicit
             # arrays would clash with the Auto mesh inside auto_axes.
             graphdef, state = nnx.split(module)

@@ -306,6 +306,10 @@ class ColumnParallel(_TensorParallel):
         default_dim, out_pos, delta = self._dims(ctx, weight)
         parts = _einsum_parts(ctx.module)
         if dim != default_dim:
+            if isinstance(ctx.module, nnx.Embed) and dim == 0:
+                # Vocab-parallel lookup: features come out whole (and Explicit
+                # axes need that said, as the lookup's out_sharding).
+                return Layout(output=(None,), rank_delta=delta)
             out_pos = None  # a custom dim: we cannot know where it lands, unless an einsum says
             if parts is not None and len(parts[1]) == len(ctx.shapes[weight]) and parts[1][dim] in parts[2]:
                 out_pos = len(parts[2]) - parts[2].index(parts[1][dim])
