@@ -137,6 +137,9 @@ def run_all(ckpt: str | None = None) -> dict:
         "process_count": jax.process_count(),
         "local_devices": len(jax.local_devices()),
         "devices": jax.device_count(),
+        # Process-local values: reduced across processes, the same on each.
+        "local_metrics": [npx.reduce_metrics({"index": jax.process_index()}),
+                          npx.reduce_metrics([float(jax.process_index() + 1)], op="sum")],
     }
     for mode, (mesh, plan, spec) in setups().items():
         log(f"training {mode}")

@@ -95,6 +95,7 @@ def test_really_multiprocess(runs):
         for mode in ("fsdp", "tp"):
             assert not r[mode]["kernel_fully_addressable"] and r[mode]["kernel_local_shards"] == LOCAL_DEVICES
             assert not r[mode]["batch_fully_addressable"]
+        assert r["local_metrics"] == [{"index": 0.5}, [3.0]]
     # Each process fed its own half of the batch.
     assert [r["fsdp"]["batch_local_rows"] for r in results] == [[0, 4], [4, 8]]
     assert [r["tp"]["batch_local_rows"] for r in results] == [[0, 4], [4, 8]]
