@@ -269,6 +269,11 @@ def _with_layout(method, layout: Layout, mesh: Mesh):
         if args and _is_array(args[0]) and layout.input is not None:
             args = (_constrain(args[0], _full_spec(args[0], layout.input, mesh), mesh),) + args[1:]
         explicit = _explicit_here(mesh) and not layout.force_auto
+        requested = kwargs.get("out_sharding") if accepts_out_sharding else None
+        if requested is not None:  # the caller's layout for this call wins over the plan's
+            spec = P(*getattr(requested, "spec", requested))
+            out = method(module, *args, **kwargs)
+            return jax.tree.map(lambda y: _constrain(y, spec, mesh) if _is_array(y) and y.ndim == len(spec) else y, out)
         if layout.output is None or not (args and _is_array(args[0])):
             return method(module, *args, **kwargs)
         x = args[0]
