@@ -115,13 +115,13 @@ def test_llm_fsdp_cache_segment_ids_dropout_kwargs(fsdp8):
 
 
 def test_llm_fsdp_batch_not_divisible(fsdp8):
-    """Batch 2 on an 8-way axis: a FallbackWarning names the module and the
-    cost, and the GSPMD gather gives the right answer."""
-    tok = _tokens(batch=2)
+    """Batch 2 (sequence 7) on an 8-way axis: a FallbackWarning names the
+    module and the cost, and the GSPMD gather gives the right answer."""
+    tok = _tokens(batch=2, seq=7)
     ref, model = rm.TinyLLM(layers=1, rngs=nnx.Rngs(0)), rm.TinyLLM(layers=1, rngs=nnx.Rngs(0))
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64, methods=LLM_METHODS))
     assert "fsdp" in _spec(model.layers[0].mlp.up.w)
-    with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=r"input \(shape \(2, 8.*\)\) does not split over the batch axes") as record:
+    with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=r"input \(shape \(2, 7.*\)\) does not split over the batch axes") as record:
         out = nnx.jit(lambda m, t: m(t))(model, tok)
     _close(out, ref(tok))
     assert any("FSDP on Dense" in str(w.message) and "full all-reduce" in str(w.message) for w in record)
@@ -140,8 +140,9 @@ def test_llm_fsdp_grad_through_remat(fsdp8):
 
 
 def test_llm_tp_fused_kv_einsum(mesh8):
-    """Heads-first einsums (q NDH, fused kv CNDH, out NHD) and `w` weights."""
-    tok = _tokens()
+    """Heads-first einsums (q NDH, fused kv CNDH, out NHD) and `w` weights;
+    a batch (3) and a sequence (7) no mesh axis divides."""
+    tok = _tokens(batch=3, seq=7)
     plan = {"layers.*.attn.q_einsum": COL, "layers.*.attn.kv_einsum": COL, "layers.*.attn.attn_vec_einsum": ROW,
             "layers.*.mlp.gate": COL, "layers.*.mlp.up": COL, "layers.*.mlp.down": ROW}
     ref, model = rm.TinyLLM(layers=1, rngs=nnx.Rngs(0)), rm.TinyLLM(layers=1, rngs=nnx.Rngs(0))
