@@ -5,6 +5,15 @@
     python examples/train_gpt.py --parallel fsdp # fully sharded (ZeRO-3)
     python examples/train_gpt.py --parallel 2d   # FSDP x tensor parallel
 
+The same flags work in several processes (here 2 x 4 CPU devices on one
+machine; on a cluster, one process per host with the host of process 0 as
+coordinator, see docs/multihost.md):
+
+    python examples/train_gpt.py --parallel fsdp --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 &
+    python examples/train_gpt.py --parallel fsdp --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1
+
+Each process feeds its own rows of every batch; only process 0 prints.
+
 The corpus is generated here, deterministically, from a tiny grammar, so the
 script needs no download. The first steps also run on one device, unsharded,
 and both losses are printed side by side: they agree to float32 rounding.
@@ -109,21 +118,28 @@ class GPT(nnx.Module):
 # Parallel setups -----------------------------------------------------------------------
 
 
+def log(*args):
+    """print, on process 0 only (every process runs this script)."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
 def setup(kind: str, model: GPT, sequence_parallel: bool = False):
     """(mesh, batch axis, plan, vocab-parallel logits?) for each --parallel choice."""
+    n = jax.device_count()  # every process's devices
     if kind == "dp":
         # Auto axes: with Explicit axes, nnx.Embed's lookup of batch-sharded ids
         # in a replicated table asks for an out_sharding (see docs/faq.md).
         auto = (jax.sharding.AxisType.Auto,)
-        return jax.make_mesh((8,), ("data",), axis_types=auto), "data", npx.Replicated(), False
+        return jax.make_mesh((n,), ("data",), axis_types=auto), "data", npx.Replicated(), False
     if kind == "fsdp":
-        return jax.make_mesh((8,), ("fsdp",)), "fsdp", npx.plans.fsdp(min_size=512), False
+        return jax.make_mesh((n,), ("fsdp",)), "fsdp", npx.plans.fsdp(min_size=512), False
     tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
     if report.unclassified:
-        print(f"auto-plan left these replicated:\n{report}")
+        log(f"auto-plan left these replicated:\n{report}")
     if kind == "tp":
-        return jax.make_mesh((8,), ("model",)), None, tp_plan, True
-    mesh = jax.make_mesh((2, 4), ("fsdp", "model"))
+        return jax.make_mesh((n,), ("model",)), None, tp_plan, True
+    mesh = jax.make_mesh((2, n // 2), ("fsdp", "model"))
     return mesh, "fsdp", npx.plans.combine(tp_plan, npx.FSDP("fsdp", min_size=512)), True
 
 
@@ -160,19 +176,19 @@ def main(argv=None):
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--compare", type=int, default=5, help="steps to also run unsharded")
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron-SP (tp only)")
-    if hasattr(npx, "add_distributed_flags"):
-        npx.add_distributed_flags(parser)
+    npx.add_distributed_flags(parser)  # --coordinator, --num-processes, --process-id, --local-devices
     args = parser.parse_args(argv)
-    if hasattr(npx, "initialize_from_args"):
-        npx.initialize_from_args(args)
+    if args.num_processes > 1 and args.local_devices is None:
+        args.local_devices = max(1, 8 // args.num_processes)  # 8 simulated CPU devices in all
+    npx.initialize_from_args(args)  # before any JAX computation; a no-op in one process
 
     data = CharData(make_corpus())
     make_model = lambda: GPT(data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0))  # noqa: E731
     model = make_model()
     mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model, args.sequence_parallel)
     npx.parallelize(model, mesh, plan)
-    print(f"--parallel {args.parallel}: mesh {dict(mesh.shape)}, vocab {data.vocab}, "
-          f"{sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))} params")
+    log(f"--parallel {args.parallel}: mesh {dict(mesh.shape)}, vocab {data.vocab}, "
+        f"{sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))} params")
 
     if vocab_parallel:  # logits stay sharded on vocab: loss-parallel cross-entropy
         def loss_fn(m, batch):
@@ -180,9 +196,12 @@ def main(argv=None):
     else:
         loss_fn = reference_loss
     train_step = make_train_step(loss_fn)
-    batch_sharding = jax.NamedSharding(mesh, jax.P(batch_axis))
+    batch_spec = jax.P(batch_axis)
+    rows = npx.local_batch_slice(args.batch, mesh, batch_spec)  # this process's rows of each batch
+    log(f"processes: {jax.process_count()}, devices: {jax.device_count()} "
+        f"({jax.local_device_count()} local), process 0 feeds batch rows {rows.start}:{rows.stop}")
 
-    # Unsharded twin on one device for the first steps.
+    # Unsharded twin on one (local) device for the first steps.
     reference = make_model()
     ref_opt = nnx.Optimizer(reference, optax.adam(args.lr), wrt=nnx.Param)
     ref_step = make_train_step(reference_loss)
@@ -190,27 +209,28 @@ def main(argv=None):
     losses, reference_losses = [], []
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
-        example = jax.device_put(np.zeros((args.batch, args.seq + 1), np.int32), batch_sharding)
+        example = npx.shard_batch(np.zeros((args.batch, args.seq + 1), np.int32)[rows], mesh, batch_spec)
         compiled = train_step.lower(model, optimizer, example).compile()
         counts = {k: n for k, n in npx.collectives.count_collectives(compiled, mesh).items() if n}
-        print(f"collectives in one compiled train step: {counts}")
+        log(f"collectives in one compiled train step: {counts}")
         start = time.perf_counter()
         for step in range(args.steps):
-            batch = data.batch(args.batch, args.seq)
-            loss = float(train_step(model, optimizer, jax.device_put(batch, batch_sharding)))
+            batch = data.batch(args.batch, args.seq)  # the same on every process (same seed)
+            loss = train_step(model, optimizer, npx.shard_batch(batch[rows], mesh, batch_spec))
+            loss = npx.reduce_metrics(loss)  # a float, the same on every process
             losses.append(loss)
             if step < args.compare:
-                with jax.set_mesh(jax.make_mesh((1,), ("single",), devices=jax.devices()[:1])):
+                with jax.set_mesh(jax.make_mesh((1,), ("single",), devices=jax.local_devices()[:1])):
                     ref = float(ref_step(reference, ref_opt, jnp.asarray(batch)))
                 reference_losses.append(ref)
-                print(f"step {step}: loss {loss:.6f}  unsharded {ref:.6f}  |diff| {abs(loss - ref):.1e}")
+                log(f"step {step}: loss {loss:.6f}  unsharded {ref:.6f}  |diff| {abs(loss - ref):.1e}")
                 if step == args.compare - 1:
                     start = time.perf_counter()  # time steps without the comparison
             elif (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 ms = 1e3 * (time.perf_counter() - start) / (step + 1 - args.compare)
-                print(progress(step + 1, args.steps, loss, ms))
+                log(progress(step + 1, args.steps, loss, ms))
     marks = sorted({0, min(50, args.steps - 1), min(100, args.steps - 1), args.steps - 1})
-    print("loss at steps " + ", ".join(f"{s}: {losses[s]:.4f}" for s in marks))
+    log("loss at steps " + ", ".join(f"{s}: {losses[s]:.4f}" for s in marks))
     return losses, reference_losses
 
 
