@@ -258,7 +258,8 @@ def test_scanned_stack_fsdp(fsdp8):
 
 def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
     """transform_metadata stacks whose biases and norms had no out_sharding
-    (nnx.scan used to fail removing 'layers' from them), under jit+grad+remat."""
+    (nnx.scan used to fail removing 'layers' from them), under jit+grad+remat;
+    the compiled forward gathers one layer at a time."""
     x = jax.random.normal(jax.random.key(2), (8, 4, 32))
     make = lambda: rm.ScannedMLP(partition_name="layers", remat=True, rngs=nnx.Rngs(0))  # noqa: E731
     ref, model = make(), make()
@@ -267,10 +268,16 @@ def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
     assert _spec(model.layers.up.bias) == jax.P(None, "fsdp")  # not the layer axis
     assert _spec(model.layers.up.kernel) == jax.P(None, None, "fsdp")
     with jax.set_mesh(fsdp8):
-        out = model(x)
+        forward = nnx.jit(lambda m, x: m(x))
+        compiled = forward.lower(model, _batch(x, fsdp8)).compile()
+        out = forward(model, _batch(x, fsdp8))
         grads = _grads(model, lambda m: m(_batch(x, fsdp8)))
     _close(out, ref(x))
     _close(grads, _grads(ref, lambda m: m(x)))
+    # Inside the scan each step gathers one layer's slice of each param.
+    gathers = [c.size for c in collectives(compiled, fsdp8) if c.kind == "all-gather"]
+    params = [v[...].nbytes // 8 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert sorted(gathers) == sorted(params)
 
 
 def test_scanned_tagged_stack_tp_grad(mesh8):
