@@ -280,6 +280,25 @@ def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
     assert sorted(gathers) == sorted(params)
 
 
+class EmbedThenStack(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(64, 32, rngs=rngs)
+        self.stack = rm.ScannedMLP(partition_name="layers", rngs=rngs)
+
+
+def test_layer_stacks_found_by_name_and_shape(fsdp8):
+    """Pure resolution: untagged params inside the tagged stack get its name;
+    params outside it (the embedding) do not."""
+    abstract = nnx.eval_shape(lambda: EmbedThenStack(rngs=nnx.Rngs(0)))
+    res = npl.resolve(abstract, fsdp8, npl.FSDP("fsdp", min_size=64))
+    meta = {path: dict(e.metadata) for path, e in res.params.items()}
+    assert meta["stack.layers.norm.scale"]["out_sharding"] == ("layers", "fsdp")
+    assert "out_sharding" not in meta["embed.embedding"]
+    assert res.specs()["embed.embedding"] == jax.P("fsdp", None)
+    # The kernels' own 'model' is reported; the stack name is no unknown axis.
+    assert len(res.notes) == 2 and all("(axes ['model'] are not in the mesh)" in n for n in res.notes)
+
+
 def test_scanned_tagged_stack_tp_grad(mesh8):
     x = jax.random.normal(jax.random.key(2), (8, 4, 32))
     make = lambda: rm.ScannedMLP(partition_name="layers", remat=True, rngs=nnx.Rngs(0))  # noqa: E731
