@@ -43,7 +43,7 @@ class ParamEntry:
     dtype: Any
     spec: P
     source: str | None  # plan pattern ("" is the root), "@sharded", or None when no rule touched it
-    metadata: tuple = ()  # extra (key, value) metadata styles asked for
+    metadata: tuple = ()  # extra (key, value) metadata: what styles asked for, layer-stack names
 
     def shard_shape(self, mesh: Mesh) -> tuple[int, ...]:
         return tuple(n // _entry_size(mesh, e) for n, e in zip(self.shape, _padded(self.spec, len(self.shape))))
