@@ -121,7 +121,8 @@ def test_llm_fsdp_batch_not_divisible(fsdp8):
     ref, model = rm.TinyLLM(layers=1, rngs=nnx.Rngs(0)), rm.TinyLLM(layers=1, rngs=nnx.Rngs(0))
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64, methods=LLM_METHODS))
     assert "fsdp" in _spec(model.layers[0].mlp.up.w)
-    with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=r"input \(shape \(2, 7.*\)\) does not split over the batch axes") as record:
+    fallback = r"input \(shape \(2, 7.*\)\) does not split over the batch axes"
+    with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=fallback) as record:
         out = nnx.jit(lambda m, t: m(t))(model, tok)
     _close(out, ref(tok))
     assert any("FSDP on Dense" in str(w.message) and "full all-reduce" in str(w.message) for w in record)

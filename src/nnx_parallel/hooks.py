@@ -273,7 +273,8 @@ def _with_layout(method, layout: Layout, mesh: Mesh):
         if requested is not None:  # the caller's layout for this call wins over the plan's
             spec = P(*getattr(requested, "spec", requested))
             out = method(module, *args, **kwargs)
-            return jax.tree.map(lambda y: _constrain(y, spec, mesh) if _is_array(y) and y.ndim == len(spec) else y, out)
+            fits = lambda y: _is_array(y) and y.ndim == len(spec)  # noqa: E731
+            return jax.tree.map(lambda y: _constrain(y, spec, mesh) if fits(y) else y, out)
         if layout.output is None or not (args and _is_array(args[0])):
             return method(module, *args, **kwargs)
         x = args[0]
