@@ -36,7 +36,7 @@ T0 = time.perf_counter()
 def log(msg: str) -> None:
     """Progress on stderr (the test shows it if a worker fails or hangs)."""
     print(f"[process {jax.process_index()} {time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-BATCH, SEQ, VOCAB = 8, 8, 64
+BATCH, SEQ, VOCAB, LAYERS = 8, 8, 64, 1
 
 
 def setups():
@@ -82,7 +82,7 @@ def checksums(model) -> dict:
 def train(mesh, plan, spec, ckpt: str | None = None) -> dict:
     from tests.models import GPT
 
-    model = npx.parallelize(GPT(vocab=VOCAB, max_len=SEQ, rngs=nnx.Rngs(0)), mesh, plan)
+    model = npx.parallelize(GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(0)), mesh, plan)
     kernel = model.blocks[0].mlp.up.kernel.get_value()
     batch = global_batch()
     rows = npx.local_batch_slice(BATCH, mesh, spec)
@@ -113,7 +113,7 @@ def save_and_restore(path: str, model, optimizer) -> dict:
     log("restoring")
     mesh, plan, _ = setups()["fsdp"]
     adam = lambda m: nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)  # noqa: E731
-    back, opt = npx.restore(path, lambda: GPT(vocab=VOCAB, max_len=SEQ, rngs=nnx.Rngs(1)), mesh, plan, adam)
+    back, opt = npx.restore(path, lambda: GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(1)), mesh, plan, adam)
     mu = opt.opt_state[0].mu["blocks"][0]["mlp"]["up"]["kernel"].get_value()
     log("comparing")
     # Compared on the devices (the layouts differ; jit reshards): no host gather.
