@@ -93,6 +93,7 @@ def train(mesh, plan, spec, ckpt: str | None = None) -> dict:
     out = {
         "losses": losses,
         "checksums": checksums(model),
+        "summary": npx.summary(model),  # shapes and shardings only: works on any process
         "kernel_spec": str(kernel.sharding.spec),
         "kernel_fully_addressable": kernel.is_fully_addressable,
         "kernel_local_shards": len(kernel.addressable_shards),

@@ -113,6 +113,7 @@ def test_matches_single_process(runs, mode):
     results, reference, _ = runs
     expected = reference[mode]
     assert results[0][mode]["kernel_spec"] == expected["kernel_spec"]
+    assert results[0][mode]["summary"] == results[1][mode]["summary"] == expected["summary"]
     diff = max(abs(a - b) for a, b in zip(results[0][mode]["losses"], expected["losses"]))
     assert len(results[0][mode]["losses"]) == mp_worker.STEPS and diff <= TOL, (results[0][mode]["losses"], expected)
     assert expected["losses"][-1] < expected["losses"][0]  # it trains
