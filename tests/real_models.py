@@ -110,7 +110,7 @@ class LLMAttention(nnx.Module):
         else:
             valid = jnp.ones(k.shape[:2], bool)
         mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]
-        if segment_ids is not None:
+        if segment_ids is not None:  # packed training batches (no cache)
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(self.head_dim).astype(jnp.float32)
         logits = jnp.where(mask[:, None], logits, -1e9)
