@@ -142,7 +142,8 @@ def test_llm_fsdp_grad_through_remat(fsdp8):
 
 def test_llm_tp_fused_kv_einsum(mesh8):
     """Heads-first einsums (q NDH, fused kv CNDH, out NHD) and `w` weights;
-    a batch (3) and a sequence (7) no mesh axis divides."""
+    a batch (3) and a sequence (7) no mesh axis divides; nnx.grad through
+    nnx.remat around the whole call."""
     tok = _tokens(batch=3, seq=7)
     plan = {"layers.*.attn.q_einsum": COL, "layers.*.attn.kv_einsum": COL, "layers.*.attn.attn_vec_einsum": ROW,
             "layers.*.mlp.gate": COL, "layers.*.mlp.up": COL, "layers.*.mlp.down": ROW}
@@ -151,9 +152,22 @@ def test_llm_tp_fused_kv_einsum(mesh8):
     assert _spec(model.layers[0].attn.kv_einsum.kernel) == jax.P(None, "model", None, None)
     assert _spec(model.layers[0].attn.attn_vec_einsum.kernel) == jax.P("model", None, None)
     assert _spec(model.layers[0].mlp.down.w) == jax.P("model", None)
+    call = nnx.remat(lambda m, t: m(t))  # the whole call rematerialized
+
+    @nnx.jit
+    def forward_and_grads(m):
+        def loss(m):
+            out = call(m, tok)
+            return jnp.mean(out**2), out
+
+        return nnx.grad(loss, has_aux=True)(m)
+
     with jax.set_mesh(mesh8):
-        out = nnx.jit(lambda m, t: m(t))(model, tok)
-    _close(out, ref(tok))
+        grads, out = forward_and_grads(model)
+    ref_grads, ref_out = forward_and_grads(ref)
+    _close(out, ref_out)
+    _close(grads, ref_grads)
+    assert _spec(grads["layers"][0]["attn"]["kv_einsum"]["kernel"])[:2] == (None, "model")
     _close(model.layers[0].attn.freqs, ref.layers[0].attn.freqs)  # plain array untouched
 
 
