@@ -102,7 +102,16 @@ def train(mesh, plan, spec, ckpt: str | None = None) -> dict:
     }
     if ckpt:
         out["restored"] = save_and_restore(ckpt, model, optimizer)
+        out["export"] = export(model)
     return out
+
+
+def export(model) -> dict:
+    """gather (a collective across processes) and render, on every process."""
+    host = npx.gather(nnx.state(model, nnx.Param))
+    abs_sums = {".".join(map(str, p)): float(np.abs(v.get_value()).sum()) for p, v in nnx.to_flat_state(host)}
+    html = npx.render(model.blocks[0].mlp, compressed=False)  # arrays span processes: layouts only
+    return {"abs_sums": abs_sums, "render_shows_layouts": "B/device" in html}
 
 
 def save_and_restore(path: str, model, optimizer) -> dict:

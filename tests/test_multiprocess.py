@@ -129,3 +129,15 @@ def test_checkpoint_across_processes(runs):
     for r in results:
         assert r["tp"]["restored"] == {"all_equal": True, "mu_spec": "P(None, ('fsdp', 'model'))"}
 
+
+def test_gather_and_render_across_processes(runs):
+    """gather all-gathers across processes: each gets the whole model; render shows layouts."""
+    results, reference, _ = runs
+    for r in results:
+        assert r["tp"]["export"]["render_shows_layouts"]
+        sums = r["tp"]["export"]["abs_sums"]
+        assert sums.keys() == r["tp"]["checksums"].keys()
+        for path, (_, abs_sum) in r["tp"]["checksums"].items():
+            assert abs(sums[path] - abs_sum) <= TOL * max(1.0, abs_sum), path
+    assert results[0]["tp"]["export"] == results[1]["tp"]["export"]
+

@@ -184,3 +184,26 @@ def distributed_initialize(coordinator_address: str | None, num_processes: int |
 
 def distributed_is_initialized() -> bool:
     return jax.distributed.is_initialized()
+
+
+def host_copy(x: jax.Array) -> Any:
+    """The whole of `x` as a numpy array on this host, from any process.
+
+    An array that spans processes is all-gathered across them: every process
+    must call this (a collective), and each gets the whole array.
+    """
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def fully_addressable(tree: Any) -> bool:
+    """Whether this process holds every shard of every array in `tree`."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
+    return all(x.is_fully_addressable for x in jax.tree.leaves(values) if isinstance(x, jax.Array))
+

@@ -347,11 +347,14 @@ def render(model: Any, *, arrays: bool = True, compressed: bool = True) -> str:
 
     Uses `treescope_renderer()`; with `arrays=True` treescope's
     `ArrayAutovisualizer` draws each array and, one click away, which device
-    holds which block of it ("Sharded across 8 CPU devices").
+    holds which block of it ("Sharded across 8 CPU devices"). Drawing needs
+    the values, so where some array spans other processes (`jax.distributed`)
+    arrays are not drawn: the layouts still show, on every process.
 
     Args:
       model: Any value treescope can render, typically a parallelized module.
-      arrays: Visualize arrays and their device layout.
+      arrays: Visualize arrays and their device layout (single-process, or
+        arrays this process holds whole).
       compressed: Compress the HTML (treescope's default); False keeps it
         greppable.
 
@@ -364,7 +367,7 @@ def render(model: Any, *, arrays: bool = True, compressed: bool = True) -> str:
       >>> "512 B/device" in html and "Sharded across 8" in html
       True
     """
-    visualizer = treescope.ArrayAutovisualizer() if arrays else None
+    visualizer = treescope.ArrayAutovisualizer() if arrays and _compat.fully_addressable(model) else None
     with treescope.active_renderer.set_scoped(treescope_renderer()):
         with treescope.active_autovisualizer.set_scoped(visualizer):
             return treescope.render_to_html(model, compressed=compressed)

@@ -223,7 +223,9 @@ def gather(model: nnx.Module | nnx.State) -> nnx.State:
 
     This materialises every array, unsharded, in host memory: for a model
     larger than one host, save a sharded checkpoint instead. Typed PRNG keys
-    become their raw `uint32` key data.
+    become their raw `uint32` key data. Under `jax.distributed`, arrays that
+    span processes are all-gathered across them (`process_allgather`): every
+    process must call `gather`, and each gets the whole copy.
 
     Args:
       model: A module (parallelized or not) or an `nnx.State`.
@@ -242,6 +244,6 @@ def gather(model: nnx.Module | nnx.State) -> nnx.State:
     def to_host(x):
         if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
             x = jax.random.key_data(x)
-        return np.asarray(jax.device_get(x))
+        return _compat.host_copy(x)
 
     return jax.tree.map(to_host, state)
