@@ -20,6 +20,9 @@ import pytest
 
 from tests import mp_worker
 
+# One worker runs this whole file under pytest-xdist: its module fixture starts the processes once.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 WORKER = Path(__file__).with_name("mp_worker.py")
 ROOT = WORKER.parent.parent
 PROCESSES, LOCAL_DEVICES = 2, 4
