@@ -71,6 +71,21 @@ class Style(Protocol):
     parameters (ColumnParallel, RowParallel, Shard). A style may also define
     `param_metadata(ctx, specs) -> {name: {key: value}}` to attach extra
     Variable metadata (ZeRO writes `optimizer_sharding` this way).
+
+    Example: a style of your own is one small frozen dataclass.
+
+      >>> import dataclasses
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class ShardFirstDim:
+      ...     axis: str = "model"
+      ...     subtree = False
+      ...     def param_specs(self, ctx):
+      ...         return {n: P(self.axis, *[None] * (len(s) - 1)) for n, s in ctx.shapes.items()}
+      ...     def hooks(self, ctx, specs):
+      ...         return None
+      >>> mlp = parallelize(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ShardFirstDim()})
+      >>> mlp.up.kernel[...].sharding.spec, mlp.up.bias[...].sharding.spec
+      (P('model', None), P('model',))
     """
 
     subtree: bool
