@@ -257,6 +257,22 @@ def test_resnet_batchnorm_fsdp(fsdp8):
     _close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
 
 
+def test_resnet_tp_batchnorm_after_column_conv(mesh8):
+    """Channel-sharded convs feed BatchNorm: statistics and outputs equal unsharded (Auto and Explicit)."""
+    x = jax.random.normal(jax.random.key(2), (8, 8, 8, 3))
+    ref, model = rm.ResNet(blocks=1, rngs=nnx.Rngs(0)), rm.ResNet(blocks=1, rngs=nnx.Rngs(0))
+    npl.parallelize(model, mesh8, {"stem": COL, "blocks.*.conv1": COL, "blocks.*.conv2": ROW})
+    assert _spec(model.stem.kernel) == jax.P(None, None, None, "model")
+    assert _spec(model.blocks[0].conv2.kernel) == jax.P(None, None, "model", None)
+    explicit = mesh8.axis_types[0] == jax.sharding.AxisType.Explicit
+    # Explicit axes: BatchNorm takes its features whole (its BatchStats are replicated).
+    assert (hooks.get_hooks(model.bn) is not None) == explicit
+    with jax.set_mesh(mesh8):
+        out = model(x)
+    _close(out, ref(x))
+    _close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
+
+
 # Scanned layer stacks ----------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat
 from nnx_parallel.errors import MeshError, PlanError, did_you_mean
-from nnx_parallel.hooks import ModuleHooks, get_hooks
+from nnx_parallel.hooks import Layout, ModuleHooks, get_hooks
 from nnx_parallel.styles import ModuleContext, Shard, Style, as_styles
 
 DECORATOR_SOURCE = "@sharded"
@@ -377,7 +377,7 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
     hooks = get_hooks(module)
     extra: dict[str, dict] = {}
     if not styles:
-        return current, sources, None, extra
+        return current, sources, _features_whole_for_batch_stats(module, mesh, hooks), extra
     for pattern, style in styles:
         declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
         ctx = ModuleContext(owner, pattern, module, shapes, dict(current), mesh, declared, stacked)
@@ -392,7 +392,25 @@ def _resolve_module(owner, module, shapes, own, chosen, entries, modules, mesh, 
             for name, meta in metadata(ctx, dict(current)).items():
                 extra.setdefault(name, {}).update(meta)
     _check_conflicts(owner, own, previous_specs, current, sources)
-    return current, sources, hooks, extra
+    return current, sources, _features_whole_for_batch_stats(module, mesh, hooks), extra
+
+
+def _features_whole_for_batch_stats(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:
+    """Explicit axes: an unhooked `nnx.BatchNorm` gets its input's features whole.
+
+    Its running statistics are replicated `BatchStat`s. From a feature-sharded
+    input (after a ColumnParallel conv) they come out sharded, and Explicit
+    axes refuse to write those into the replicated variable. Resharding the
+    features first (an all-gather where they were sharded, nothing where they
+    were not) keeps the model running unmodified. Auto axes need nothing.
+    """
+    if hooks is not None and (hooks.layout is not None or hooks.gather is not None):
+        return hooks
+    if not isinstance(module, nnx.BatchNorm) or not _compat.is_explicit(mesh):
+        return hooks
+    if getattr(module, "axis", -1) != -1:  # features not last: leave it as written
+        return hooks
+    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=Layout(input=(None,))))
 
 
 def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, P]:
