@@ -195,10 +195,15 @@ def host_copy(x: jax.Array) -> Any:
     import numpy as np
 
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def process_allgather(x: Any, *, tiled: bool = False) -> Any:
+    """`multihost_utils.process_allgather`: every process's `x`, on every process."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=tiled)
 
 
 def fully_addressable(tree: Any) -> bool:

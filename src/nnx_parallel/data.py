@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nnx_parallel import _compat
 from nnx_parallel.errors import MeshError, ParallelError
 
 # Mesh axes that split the batch, in the order they split it.
@@ -213,10 +214,8 @@ _REDUCERS = {"mean": jax.jit(jnp.mean), "sum": jax.jit(jnp.sum)}
 
 
 def _across_processes(local: dict[int, float], op: str) -> dict[int, float]:
-    from jax.experimental import multihost_utils
-
     mine = np.asarray(list(local.values()), np.float32)
-    every = np.asarray(multihost_utils.process_allgather(mine), np.float64)  # (processes, n)
+    every = np.asarray(_compat.process_allgather(mine), np.float64)  # (processes, n)
     reduced = every.mean(axis=0) if op == "mean" else every.sum(axis=0)
     return {i: float(v) for i, v in zip(local, reduced)}
 

@@ -294,6 +294,8 @@ def layer_stacks(params, mesh: Mesh) -> dict[str, tuple[str, ...]]:
             lead += 1
         if lead:
             out[path] = tuple(spec[:lead])
+    if not out:  # no stacks: nothing to propagate (and no quadratic walk below)
+        return out
     for path in [p for p in params if p not in out and not declared[p]]:
         for anc in _ancestors(path):
             inside = [p for p in params if not anc or p.startswith(anc + ".")]
