@@ -70,7 +70,7 @@ def gather_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
             f"FSDP on {base_name(module)}: {reason}; gathering its parameters with a sharding "
             "constraint instead, which costs a full all-reduce of their gradients.",
         )
-        return _gspmdgather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
+        return _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
     return _shard_map_call(call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split)
 
 
@@ -368,7 +368,7 @@ def _reshard_batch(x, batch_entry, mesh: Mesh):
     return jax.sharding.reshard(x, NamedSharding(mesh, P(batch_entry, *spec[1:])))
 
 
-def _gspmdgather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
+def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
     axes = set(gather.axes)
     specs = _param_specs(pstate)
 
