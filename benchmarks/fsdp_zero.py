@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import nnx_parallel as npx  # noqa: E402
-from nnx_parallel.collectives import bytes_by_kind, collectives  # noqa: E402
+from nnx_parallel.views.collectives import bytes_by_kind, collectives  # noqa: E402
 
 N = 8
 WIDTH, DEPTH, BATCH = 512, 4, 64

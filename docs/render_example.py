@@ -19,9 +19,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.models import GPT  # noqa: E402
-
 import nnx_parallel as npx  # noqa: E402
+from tests.models import GPT  # noqa: E402
 
 
 def readme_plan():

@@ -17,9 +17,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.models import GPT  # noqa: E402  (a 2-layer GPT written like public NNX code)
-
 import nnx_parallel as npx  # noqa: E402
+from tests.models import GPT  # noqa: E402  (a 2-layer GPT written like public NNX code)
 
 
 def main():

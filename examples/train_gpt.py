@@ -34,7 +34,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nnx_parallel as npx  # noqa: E402
-import nnx_parallel.collectives  # noqa: E402,F401
+import nnx_parallel.views.collectives  # noqa: E402,F401
 
 # Data ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from nnx_parallel.collectives import collectives, count_collectives
+from nnx_parallel.views.collectives import collectives, count_collectives
 
 # f32 tolerances: sharded reductions reorder sums, nothing else differs.
 FWD_TOL = 1e-5

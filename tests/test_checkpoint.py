@@ -9,7 +9,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import FSDP, ColumnParallel, PlanError, RowParallel, gather, parallelize, restore, save
+from nnx_parallel import (
+    FSDP,
+    ColumnParallel,
+    PlanError,
+    RowParallel,
+    gather,
+    parallelize,
+    restore,
+    save,
+)
 from tests import helpers, models
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")

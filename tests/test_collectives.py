@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from nnx_parallel import FSDP, parallelize
-from nnx_parallel.collectives import bytes_by_kind, collectives
+from nnx_parallel.views.collectives import bytes_by_kind, collectives
 from tests import helpers, models
 
 

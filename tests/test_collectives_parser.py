@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType
 
-from nnx_parallel.collectives import _groups, bytes_by_kind, collectives, count_collectives
+from nnx_parallel.views.collectives import _groups, bytes_by_kind, collectives, count_collectives
 
 MESH8 = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
 MESH2X4 = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)

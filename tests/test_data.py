@@ -10,7 +10,16 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import MeshError, ParallelError, batch_spec, data, local_batch_slice, make_mesh, reduce_metrics, shard_batch
+from nnx_parallel import (
+    MeshError,
+    ParallelError,
+    batch_spec,
+    data,
+    local_batch_slice,
+    make_mesh,
+    reduce_metrics,
+    shard_batch,
+)
 
 
 def test_shard_batch_pytree(mesh2x4):

@@ -5,7 +5,13 @@ import argparse
 import jax
 import pytest
 
-from nnx_parallel import ParallelError, add_distributed_flags, distributed, initialize, initialize_from_args
+from nnx_parallel import (
+    ParallelError,
+    add_distributed_flags,
+    distributed,
+    initialize,
+    initialize_from_args,
+)
 
 
 def test_single_process_is_a_noop():

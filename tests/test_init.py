@@ -16,8 +16,8 @@ from nnx_parallel import (
     parallelize,
     resolve,
 )
-from nnx_parallel.collectives import collectives
-from nnx_parallel.init import _prepare, abstract_state
+from nnx_parallel.runtime.sharded_init import _prepare, abstract_state
+from nnx_parallel.views.collectives import collectives
 from tests import helpers, models
 
 

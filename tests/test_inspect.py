@@ -9,7 +9,7 @@ import treescope
 from flax import nnx
 
 import nnx_parallel as npx
-from nnx_parallel.inspect import param_entries
+from nnx_parallel.views.summary import param_entries
 from tests import helpers, models
 
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 
 from tests import mp_worker
@@ -59,7 +58,7 @@ def logs(tmp: Path) -> str:
     tails = []
     for i in range(PROCESSES):
         lines = (tmp / f"worker{i}.log").read_text().splitlines()
-        tails.append(f"--- worker {i} ---\n" + "\n".join(l for l in lines[-40:] if "[Gloo]" not in l))
+        tails.append(f"--- worker {i} ---\n" + "\n".join(ln for ln in lines[-40:] if "[Gloo]" not in ln))
     return "\n".join(tails)
 
 

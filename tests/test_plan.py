@@ -6,7 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import FSDP, ColumnParallel, Replicated, RowParallel, Shard, resolve, sharded
-from nnx_parallel.plan import match
+from nnx_parallel.core.graph import match
 from tests import helpers, models
 
 

@@ -7,8 +7,16 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import FSDP, ColumnParallel, Replicated, cross_entropy, parallelize, plans, resolve
-from nnx_parallel.collectives import collectives
+from nnx_parallel import (
+    FSDP,
+    ColumnParallel,
+    Replicated,
+    cross_entropy,
+    parallelize,
+    plans,
+    resolve,
+)
+from nnx_parallel.views.collectives import collectives
 from tests import models
 
 

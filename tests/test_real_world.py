@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 import nnx_parallel as npl
-from nnx_parallel import hooks
-from nnx_parallel.collectives import collectives
+from nnx_parallel.core.layouts import get_hooks
+from nnx_parallel.runtime import layout
+from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
 
 LLM_METHODS = ("__call__", "encode", "decode")
@@ -26,7 +27,7 @@ COL, ROW = npl.ColumnParallel("model"), npl.RowParallel("model")
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     """FallbackWarnings are issued once per process; each test sees its own."""
-    monkeypatch.setattr(hooks, "_warned", set())
+    monkeypatch.setattr(layout, "_warned", set())
 
 
 def _close(a, b, tol=1e-5):
@@ -266,7 +267,7 @@ def test_resnet_tp_batchnorm_after_column_conv(mesh8):
     assert _spec(model.blocks[0].conv2.kernel) == jax.P(None, None, "model", None)
     explicit = mesh8.axis_types[0] == jax.sharding.AxisType.Explicit
     # Explicit axes: BatchNorm takes its features whole (its BatchStats are replicated).
-    assert (hooks.get_hooks(model.bn) is not None) == explicit
+    assert (get_hooks(model.bn) is not None) == explicit
     with jax.set_mesh(mesh8):
         out = model(x)
     _close(out, ref(x))

@@ -20,7 +20,7 @@ from nnx_parallel import (
     parallelize,
     reshard,
 )
-from nnx_parallel import hooks
+from nnx_parallel.core.layouts import get_hooks
 from tests import helpers, models
 
 
@@ -90,7 +90,7 @@ def test_reshard_fsdp8_to_tp2x4_to_4_devices(kind, host_reads):
     expected = helpers.params(models.GPT(layers=1, rngs=nnx.Rngs(0)))
     x = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
     y0 = np.asarray(models.GPT(layers=1, rngs=nnx.Rngs(0))(x))  # unsharded reference
-    assert hooks.get_hooks(model.blocks[0].mlp.up).gather is not None
+    assert get_hooks(model.blocks[0].mlp.up).gather is not None
     host_reads.clear()
 
     assert reshard(model, tp2x4, helpers.tp_plans()["gpt"]) is model
@@ -99,7 +99,7 @@ def test_reshard_fsdp8_to_tp2x4_to_4_devices(kind, host_reads):
     assert up.kernel[...].sharding == NamedSharding(tp2x4, P(None, "model"))
     assert up.kernel.get_metadata("out_sharding") == (None, "model")
     assert up.kernel.get_metadata("mesh") == tp2x4
-    assert hooks.get_hooks(up).gather is None  # FSDP hooks gone, TP layout hooks in
+    assert get_hooks(up).gather is None  # FSDP hooks gone, TP layout hooks in
     assert model.pos.embedding[...].sharding == NamedSharding(tp2x4, P(None, None))  # untouched: replicated
     for path, value in helpers.params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg=path)

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import ColumnParallel, RowParallel, cross_entropy, parallelize, plans, resolve
-from nnx_parallel.collectives import bytes_by_kind, collectives, count_collectives
+from nnx_parallel.views.collectives import bytes_by_kind, collectives, count_collectives
 from tests import models
 
 VOCAB, D, HEADS, T = 64, 32, 8, 8

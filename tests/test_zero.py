@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import FSDP, PlanError, ShardedOptimizer, ZeRO, parallelize, zero
-from nnx_parallel.collectives import bytes_by_kind, collectives
+from nnx_parallel.views.collectives import bytes_by_kind, collectives
 from tests import helpers, models
 
 

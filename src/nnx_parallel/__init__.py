@@ -1,25 +1,21 @@
-"""nnx-parallel: tensor parallelism, FSDP and ZeRO for unmodified Flax NNX models."""
+"""nnx-parallel: tensor parallelism, FSDP and ZeRO for unmodified Flax NNX models.
 
-from nnx_parallel.decorators import get_declared, sharded
-from nnx_parallel.errors import MeshError, ParallelError, PlanError
-from nnx_parallel.mesh import make_mesh
-from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
-from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
-from nnx_parallel.hooks import FallbackWarning, ModuleHooks
-from nnx_parallel.inspect import explain, render, summary, treescope_renderer
-from nnx_parallel.report import CommunicationReport, communication_report
-from nnx_parallel import plans
-from nnx_parallel.losses import cross_entropy
-from nnx_parallel.parallelize import parallelize
-from nnx_parallel.init import InitMemory, abstract_parallelize, init_memory, sharded_init
-from nnx_parallel.reshard import gather, move, reshard
-from nnx_parallel import checkpoint
+Layout: the top-level modules are what users import (`parallelize`, `plans`,
+`zero`, `checkpoint`, `reshard`, `data`, `distributed`, `losses`, `mesh`);
+`core/` is the pure resolution of plans to specs and hooks, `runtime/` the
+only code that mutates models or runs at call time, `views/` inspection.
+"""
+
+from nnx_parallel import checkpoint, plans, zero
 from nnx_parallel.checkpoint import restore, save
-from nnx_parallel.plan import ParamEntry, Resolution, resolve
-from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
-from nnx_parallel import zero
-from nnx_parallel.zero import ShardedOptimizer, ZeRO
-from nnx_parallel.styles import (
+from nnx_parallel.core.layouts import ModuleHooks
+from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
+from nnx_parallel.core.sequence import (
+    SequenceColumnParallel,
+    SequenceParallel,
+    SequenceRowParallel,
+)
+from nnx_parallel.core.styles import (
     FSDP,
     ColumnParallel,
     ModuleContext,
@@ -28,6 +24,26 @@ from nnx_parallel.styles import (
     Shard,
     Style,
 )
+from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
+from nnx_parallel.decorators import get_declared, sharded
+from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
+from nnx_parallel.errors import MeshError, ParallelError, PlanError
+from nnx_parallel.losses import cross_entropy
+from nnx_parallel.mesh import make_mesh
+from nnx_parallel.parallelize import parallelize
+from nnx_parallel.reshard import gather, move, reshard
+from nnx_parallel.runtime.layout import FallbackWarning
+from nnx_parallel.runtime.sharded_init import (
+    InitMemory,
+    abstract_parallelize,
+    init_memory,
+    sharded_init,
+)
+from nnx_parallel.views import collectives as collectives
+from nnx_parallel.views import report as report
+from nnx_parallel.views.report import CommunicationReport, communication_report
+from nnx_parallel.views.summary import explain, render, summary, treescope_renderer
+from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
     "FSDP",

@@ -105,14 +105,24 @@ def make_mesh(shape, names, *, explicit: bool, devices=None) -> Mesh:
     return jax.make_mesh(tuple(shape), tuple(names), axis_types=(kind,) * len(names), **kwargs)
 
 
+def abstract_mesh() -> Any:
+    """The abstract mesh of the current trace (`jax.set_mesh`, shard_map, auto_axes)."""
+    return jax.sharding.get_abstract_mesh()
+
+
+def no_mesh() -> Any:
+    """A context in which no mesh is set: shapes trace with shardings ignored."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
 def manual_axes() -> frozenset[str]:
     """Mesh axes that are manual (inside `shard_map`) at the current trace."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = abstract_mesh()
     return frozenset(getattr(mesh, "manual_axes", ()) or ())
 
 
 def current_mesh_is_empty() -> bool:
-    return jax.sharding.get_abstract_mesh().empty
+    return abstract_mesh().empty
 
 
 def spec_of(x: Any) -> P | None:
@@ -134,11 +144,26 @@ def shard_map(f, *, mesh: Mesh, in_specs, out_specs, axis_names):
     )
 
 
+def reshard(x: Any, mesh: Any, spec: P) -> Any:
+    """`jax.sharding.reshard`: changes the sharding in `x`'s type (Explicit axes)."""
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+
+def with_sharding_constraint(x: Any, mesh: Any, spec: P) -> Any:
+    """A GSPMD sharding constraint (Auto axes)."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     """Lays `x` out as `spec`: `reshard` on Explicit axes, a constraint on Auto."""
     if is_explicit(mesh):
-        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return reshard(x, mesh, spec)
+    return with_sharding_constraint(x, mesh, spec)
+
+
+def pcast_varying(x: Any, axis: Any) -> Any:
+    """Marks `x` as varying over `axis` inside a shard_map (`jax.lax.pcast`)."""
+    return jax.lax.pcast(x, axis, to="varying")
 
 
 def auto_axes(f, *, mesh: Mesh, out_sharding):

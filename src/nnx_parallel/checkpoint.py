@@ -22,10 +22,10 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from nnx_parallel.core.resolve import Resolution
 from nnx_parallel.errors import PlanError
-from nnx_parallel.init import abstract_copy, abstract_parallelize
-from nnx_parallel.plan import Resolution
 from nnx_parallel.reshard import mirror_sharding
+from nnx_parallel.runtime.sharded_init import abstract_copy, abstract_parallelize
 
 MODEL_ITEM = "model"
 OPTIMIZER_ITEM = "optimizer"

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from nnx_parallel.core.resolve import SPECS_ATTR
 from nnx_parallel.errors import PlanError
-from nnx_parallel.plan import SPECS_ATTR
 
 T = TypeVar("T")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat
+from nnx_parallel import _compat, _specs
 from nnx_parallel.errors import MeshError, PlanError
 
 
@@ -86,9 +86,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh, axis: str = 
         return jnp.log(sum_exp) + top - target
 
     lead = _batch_layout(logits, labels.ndim, axis)
-    manual = {axis} | {a for e in lead for a in ((e,) if isinstance(e, str) else (e or ()))}
+    manual = {axis} | _specs.spec_axes(lead)
     if len(manual) > 1:  # Explicit axes: keep the batch layout the logits carry
-        labels = jax.sharding.reshard(labels, NamedSharding(mesh, P(*lead)))
+        labels = _compat.reshard(labels, mesh, P(*lead))
     mapped = _compat.shard_map(
         body, mesh=_abstract_or(mesh), in_specs=(P(*lead, axis), P(*lead)), out_specs=P(*lead),
         axis_names=manual,
@@ -102,16 +102,11 @@ def _batch_layout(logits: jax.Array, n_lead: int, axis: str) -> tuple:
     With Explicit axes the shard_map must name every sharded axis, or the batch
     would be gathered on entry; with Auto axes the partitioner keeps it anyway.
     """
-    spec = tuple(_compat.spec_of(logits) or ())
-    spec = (spec + (None,) * (n_lead + 1))[:n_lead]
-    out = []
-    for entry in spec:
-        names = tuple(n for n in ((entry,) if isinstance(entry, str) else (entry or ())) if n != axis)
-        out.append(names[0] if len(names) == 1 else (names or None))
-    return tuple(out)
+    spec = _specs.pad(_compat.spec_of(logits), n_lead + 1)[:n_lead]
+    return tuple(_specs.drop_axes(spec, {axis}))
 
 
 def _abstract_or(mesh: Mesh):
     """The context mesh when tracing under `jax.set_mesh`, else `mesh`."""
-    context = jax.sharding.get_abstract_mesh()
+    context = _compat.abstract_mesh()
     return mesh if context.empty else context

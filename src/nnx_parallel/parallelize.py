@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from nnx_parallel import _compat, hooks
-from nnx_parallel.plan import Resolution, resolve, walk
+from nnx_parallel.core.resolve import resolve
+from nnx_parallel.runtime.apply import apply
+from nnx_parallel.runtime.sharded_init import sharded_init
 
 
 def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True) -> nnx.Module:
@@ -52,63 +51,7 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
       (None, 'model')
     """
     if not isinstance(model, nnx.Module) and callable(model):
-        from nnx_parallel.init import sharded_init  # a factory: create it in its shards
-
-        return sharded_init(model, mesh, plan, strict=strict)
+        return sharded_init(model, mesh, plan, strict=strict)  # a factory: create it sharded
     resolution = resolve(model, mesh, plan, strict=strict)
     apply(model, resolution)
     return model
-
-
-def apply(model: nnx.Module, resolution: Resolution) -> None:
-    """Applies a resolution in place; restores the model if anything fails."""
-    mesh = resolution.mesh
-    modules, params = walk(model)
-    undo: list[tuple] = []
-    try:
-        for path, entry in resolution.params.items():
-            var = params[path][2]
-            undo.append(("var", var, var.get_value(), _compat.get_metadata(var)))
-            _compat.set_value(var, _place(var.get_value(), NamedSharding(mesh, entry.spec)))
-            _compat.set_sharding_metadata(var, entry.spec, mesh, entry.source)
-            if entry.metadata:
-                var.set_metadata(**dict(entry.metadata))
-        for var in _other_state(model):
-            undo.append(("var", var, var.get_value(), _compat.get_metadata(var)))
-            _replicate_variable(var, mesh)
-        for module_path, module_hooks in resolution.hooks.items():
-            module = modules[module_path]
-            undo.append(("cls", module, type(module)))
-            hooks.install(module, module_hooks)
-    except BaseException:
-        for item in reversed(undo):
-            if item[0] == "var":
-                _, var, value, meta = item
-                _compat.set_value(var, value)
-                _compat.restore_metadata(var, meta)
-            else:
-                object.__setattr__(item[1], "__class__", item[2])
-        raise
-
-
-def _place(value: Any, sharding: NamedSharding) -> Any:
-    if isinstance(value, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
-    return _compat.device_put(value, sharding)
-
-
-def _other_state(model: nnx.Module) -> list[nnx.Variable]:
-    out = []
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable) and not isinstance(node, nnx.Param):
-            if hasattr(node.get_value(), "shape"):
-                out.append(node)
-    return out
-
-
-def _replicate_variable(var: nnx.Variable, mesh: Mesh) -> None:
-    value = var.get_value()
-    spec = P(*([None] * len(value.shape)))
-    _compat.set_value(var, _place(value, NamedSharding(mesh, spec)))
-    if _compat.get_declared_spec(var) is not None:
-        _compat.set_sharding_metadata(var, spec, mesh, "")

@@ -18,10 +18,13 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
+from nnx_parallel._paths import generalize
+from nnx_parallel.core.graph import walk
+from nnx_parallel.core.layers import einsum_parts, in_out_sizes, weight_name
+from nnx_parallel.core.resolve import resolve
+from nnx_parallel.core.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
+from nnx_parallel.core.styles import FSDP, ColumnParallel, Replicated, RowParallel, as_styles
 from nnx_parallel.errors import ParallelError, PlanError
-from nnx_parallel.plan import resolve, walk
-from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
-from nnx_parallel.styles import FSDP, ColumnParallel, Replicated, RowParallel, as_styles
 
 # Names public transformer code gives its layers (last path segment, lower case).
 COLUMN_NAMES = frozenset({
@@ -39,7 +42,6 @@ ROW_NAMES = frozenset({
 FUSED_QKV_NAMES = frozenset({"qkv", "qkv_proj", "wqkv", "c_attn", "in_proj", "query_key_value", "to_qkv"})
 POSITION_NAMES = ("pos", "wpe", "position")
 HEAD_NAMES = frozenset({"head", "lm_head", "unembed", "output", "logits", "out_head", "decoder"})
-_WEIGHT_NAMES = ("kernel", "embedding", "weight", "w", "input_embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,63 +196,82 @@ def tensor_parallel(
     own: dict[str, dict[str, tuple]] = {}
     for _, (owner, name, var) in params.items():
         own.setdefault(owner, {})[name] = tuple(var.get_value().shape)
-    column = SequenceColumnParallel if sequence_parallel else ColumnParallel
-    row = SequenceRowParallel if sequence_parallel else RowParallel
-    roles: dict[str, str] = {}
-    unclassified: dict[str, str] = {}
-    notes: list[str] = []
-    styles: dict[str, Any] = {}
-
+    draft = _Draft(
+        column=SequenceColumnParallel if sequence_parallel else ColumnParallel,
+        row=SequenceRowParallel if sequence_parallel else RowParallel,
+        axis=axis, vocab_parallel=vocab_parallel,
+    )
     embeds = {p: own[p] for p, m in modules.items() if isinstance(m, nnx.Embed) and p in own}
-    token, positions = _split_embeddings(embeds)
+    token = _place_embeddings(draft, embeds)
     vocab = embeds[token]["embedding"][0] if token else None
-    for path in positions:
-        roles[path] = "replicated: position embedding"
-    if token is not None:
-        if vocab_parallel:
-            styles[token] = row(axis)
-            roles[token] = "vocab-parallel embedding (rows sharded)"
-        else:
-            roles[token] = "replicated: token embedding (vocab_parallel=False)"
-
-    weighted = {p: shapes for p, shapes in own.items() if p not in embeds and _weight(shapes)}
-    classified = _classify(weighted, modules, vocab, unclassified)
+    weighted = {p: shapes for p, shapes in own.items() if p not in embeds and weight_name(shapes)}
+    classified = _classify(weighted, modules, vocab, draft.unclassified)
     for path, (role, why) in classified.items():
-        module = modules[path]
-        if role == "head":
-            if vocab_parallel:
-                styles[path] = column(axis)
-                roles[path] = f"vocab-parallel LM head (logits sharded on vocab; {why})"
-            else:
-                roles[path] = "replicated: LM head (vocab_parallel=False)"
-            continue
-        weight = _weight(weighted[path])
-        dim = _column_dim(module, weighted[path][weight]) if role == "column" else None
-        style = column(axis, dim=dim) if role == "column" else row(axis)
-        styles[path] = style
-        roles[path] = f"{role}: {why}" + (f" (dim {dim}: heads)" if dim is not None else "")
-        if role == "column" and path.split(".")[-1].lower() in FUSED_QKV_NAMES and not _einsum(module):
-            notes.append(
-                f"{path}: a fused qkv Linear is column-sharded on its 3*d outputs, so each device "
-                "holds a mix of q/k/v columns and the split after it reshards. Correct, but an "
-                "einsum with a stack dim (or separate q/k/v layers) avoids the extra traffic."
-            )
-    if token is not None and vocab_parallel and not any(r == "head" for r, _ in classified.values()):
-        notes.append(
+        _place_projection(draft, path, modules[path], weighted[path], role, why)
+    if token is not None and vocab_parallel and all(r != "head" for r, _ in classified.values()):
+        draft.notes.append(
             f"{token}: no LM head layer found; if logits come from {token}.attend (tied "
             "weights) they are vocab-sharded too: use cross_entropy on them."
         )
     if sequence_parallel:
-        _sequence_norms(modules, own, embeds[token]["embedding"][1] if token else None, styles, roles, notes, axis)
+        d_model = embeds[token]["embedding"][1] if token else None
+        _sequence_norms(draft, modules, own, d_model)
     if mesh is not None:
-        _drop_unfit(model, mesh, styles, roles, unclassified)
-    _check_pairs(styles, notes)
-    plan = _generalize(styles)
-    ordered_roles = {p: roles[p] for p in modules if p in roles}
-    return plan, PlanReport(ordered_roles, unclassified, tuple(notes))
+        _drop_unfit(draft, model, mesh)
+    _check_pairs(draft.styles, draft.notes)
+    roles = {p: draft.roles[p] for p in modules if p in draft.roles}
+    return _generalize(draft.styles), PlanReport(roles, draft.unclassified, tuple(draft.notes))
 
 
-def _sequence_norms(modules, own, d_model, styles, roles, notes, axis) -> None:
+@dataclasses.dataclass
+class _Draft:
+    """A tensor-parallel plan being written: styles, roles, unclassified, notes."""
+
+    column: type
+    row: type
+    axis: str
+    vocab_parallel: bool
+    styles: dict[str, Any] = dataclasses.field(default_factory=dict)
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    unclassified: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _place_embeddings(draft: _Draft, embeds) -> str | None:
+    """Positions stay replicated; the token embedding is vocab-parallel. Returns its path."""
+    token, positions = _split_embeddings(embeds)
+    for path in positions:
+        draft.roles[path] = "replicated: position embedding"
+    if token is not None and draft.vocab_parallel:
+        draft.styles[token] = draft.row(draft.axis)
+        draft.roles[token] = "vocab-parallel embedding (rows sharded)"
+    elif token is not None:
+        draft.roles[token] = "replicated: token embedding (vocab_parallel=False)"
+    return token
+
+
+def _place_projection(draft: _Draft, path: str, module, shapes, role: str, why: str) -> None:
+    """The style of one classified projection (head, column or row)."""
+    if role == "head":
+        if draft.vocab_parallel:
+            draft.styles[path] = draft.column(draft.axis)
+            draft.roles[path] = f"vocab-parallel LM head (logits sharded on vocab; {why})"
+        else:
+            draft.roles[path] = "replicated: LM head (vocab_parallel=False)"
+        return
+    dim = _column_dim(module, shapes[weight_name(shapes)]) if role == "column" else None
+    draft.styles[path] = draft.column(draft.axis, dim=dim) if role == "column" else draft.row(draft.axis)
+    draft.roles[path] = f"{role}: {why}" + (f" (dim {dim}: heads)" if dim is not None else "")
+    fused = path.split(".")[-1].lower() in FUSED_QKV_NAMES
+    if role == "column" and fused and not einsum_parts(module):
+        draft.notes.append(
+            f"{path}: a fused qkv Linear is column-sharded on its 3*d outputs, so each device "
+            "holds a mix of q/k/v columns and the split after it reshards. Correct, but an "
+            "einsum with a stack dim (or separate q/k/v layers) avoids the extra traffic."
+        )
+
+
+def _sequence_norms(draft: _Draft, modules, own, d_model) -> None:
     """Norms on the residual stream (width `d_model`) get `SequenceParallel`.
 
     Norms of another width (q/k norms over the head size) run inside
@@ -261,30 +282,22 @@ def _sequence_norms(modules, own, d_model, styles, roles, notes, axis) -> None:
             continue
         widths = {shape[-1] for shape in own.get(path, {}).values() if shape}
         if d_model is not None and widths and widths != {d_model}:
-            notes.append(f"{path}: a norm over {sorted(widths)} features, not the model width "
-                         f"{d_model}; not sequence-parallel")
+            draft.notes.append(f"{path}: a norm over {sorted(widths)} features, not the model "
+                               f"width {d_model}; not sequence-parallel")
             continue
-        styles[path] = SequenceParallel(axis)
-        roles[path] = "sequence-parallel norm"
+        draft.styles[path] = SequenceParallel(draft.axis)
+        draft.roles[path] = "sequence-parallel norm"
 
 
-def _drop_unfit(model, mesh: Mesh, styles: dict, roles: dict, unclassified: dict) -> None:
+def _drop_unfit(draft: _Draft, model, mesh: Mesh) -> None:
     """Moves entries that cannot shard their layer on `mesh` to `unclassified`."""
-    for path in list(styles):
+    for path in list(draft.styles):
         try:
-            resolve(model, mesh, {path: styles[path]})
+            resolve(model, mesh, {path: draft.styles[path]})
         except ParallelError as err:
-            del styles[path]
-            roles.pop(path, None)
-            unclassified[path] = f"left replicated, it does not fit the mesh: {err}"
-
-
-def _weight(shapes: Mapping[str, tuple]) -> str | None:
-    for name in _WEIGHT_NAMES:
-        if name in shapes and len(shapes[name]) >= 2:
-            return name
-    matrices = [n for n, s in shapes.items() if len(s) >= 2]
-    return matrices[0] if len(matrices) == 1 else None
+            del draft.styles[path]
+            draft.roles.pop(path, None)
+            draft.unclassified[path] = f"left replicated, it does not fit the mesh: {err}"
 
 
 def _split_embeddings(embeds: Mapping[str, Mapping[str, tuple]]) -> tuple[str | None, list[str]]:
@@ -297,29 +310,11 @@ def _split_embeddings(embeds: Mapping[str, Mapping[str, tuple]]) -> tuple[str | 
     return token, positions + [p for p in rest if p != token]
 
 
-def _einsum(module) -> tuple[str, str, str] | None:
-    spec = getattr(module, "einsum_str", None)
-    if not isinstance(spec, str) or "->" not in spec:
-        return None
-    lhs, out = spec.replace(" ", "").split("->")
-    operands = lhs.split(",")
-    return (operands[0], operands[1], out) if len(operands) == 2 else None
-
-
-def _io(module, shape: tuple) -> tuple[int, int] | None:
-    """(input size, output size) of a 2D-like projection, or None."""
-    if isinstance(module, nnx.Linear):
-        return module.in_features, module.out_features
-    if _einsum(module) is None and len(shape) == 2:
-        return shape[0], shape[1]
-    return None
-
-
 def _classify(weighted, modules, vocab, unclassified) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     for path, shapes in weighted.items():
         module, name = modules[path], path.split(".")[-1].lower()
-        io = _io(module, shapes[_weight(shapes)])
+        io = in_out_sizes(module, shapes[weight_name(shapes)])
         known = (COLUMN_NAMES | ROW_NAMES) - {"out"}  # a bare `out` may be the LM head
         if io is not None and vocab is not None and io[1] == vocab and name not in known:
             out[path] = ("head", f"output size {vocab} = vocab")
@@ -352,8 +347,8 @@ def _mlp_pair(paths, weighted, modules) -> dict[str, tuple[str, str]] | None:
     if len(paths) != 2:
         return None
     a, b = paths
-    io_a = _io(modules[a], weighted[a][_weight(weighted[a])])
-    io_b = _io(modules[b], weighted[b][_weight(weighted[b])])
+    io_a = in_out_sizes(modules[a], weighted[a][weight_name(weighted[a])])
+    io_b = in_out_sizes(modules[b], weighted[b][weight_name(weighted[b])])
     if io_a is None or io_b is None or io_a[0] == io_a[1]:
         return None
     if io_a == io_b[::-1]:
@@ -364,7 +359,7 @@ def _mlp_pair(paths, weighted, modules) -> dict[str, tuple[str, str]] | None:
 
 def _column_dim(module, kernel_shape: tuple) -> int | None:
     """The head dim of an einsum kernel, where the default would pick another."""
-    parts = _einsum(module)
+    parts = einsum_parts(module)
     if parts is None:
         return None
     x_sub, k_sub, out_sub = parts
@@ -394,8 +389,7 @@ def _generalize(styles: Mapping[str, Any]) -> dict[str, Any]:
     """Replaces digit segments by `*` where every matching path got the same style."""
     groups: dict[str, list[tuple[str, Any]]] = {}
     for path, style in styles.items():
-        pattern = ".".join("*" if seg.isdigit() else seg for seg in path.split("."))
-        groups.setdefault(pattern, []).append((path, style))
+        groups.setdefault(generalize(path), []).append((path, style))
     plan: dict[str, Any] = {}
     for pattern, items in groups.items():
         if len({repr(s) for _, s in items}) == 1:

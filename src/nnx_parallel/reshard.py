@@ -21,11 +21,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat
-from nnx_parallel.init import abstract_copy, forget, leaf_path
-from nnx_parallel.plan import resolve
+from nnx_parallel import _specs
+from nnx_parallel._compat import host_copy
+from nnx_parallel._paths import leaf_path
+from nnx_parallel.core.resolve import resolve
+from nnx_parallel.runtime.apply import apply, transaction
+from nnx_parallel.runtime.sharded_init import abstract_copy, forget
 from nnx_parallel.zero import OPT_KEY
-
 
 # Moving arrays ------------------------------------------------------------------
 
@@ -149,23 +151,17 @@ def reshard(
       (P(None, 'model'), 2)
     """
     resolution = resolve(abstract_copy(model, fresh=True), mesh, plan, strict=strict)
-    from nnx_parallel.parallelize import apply
-
-    undo = [(node, type(node)) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
-    saved = [(v, v.get_value(), _compat.get_metadata(v)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
-    forget(model)
-    try:
+    with transaction() as undo:
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Module):
+                undo.save_class(node)
+            elif isinstance(node, nnx.Variable):
+                undo.save_variable(node)
+        forget(model)
         _move_state(model, resolution)
-        apply(model, resolution)
+        apply(model, resolution, undo)
         if optimizer is not None:
             _move_optimizer(optimizer, resolution)
-    except BaseException:
-        for var, value, meta in saved:
-            _compat.set_value(var, value)
-            _compat.restore_metadata(var, meta)
-        for module, cls in undo:
-            object.__setattr__(module, "__class__", cls)
-        raise
     return model
 
 
@@ -179,7 +175,7 @@ def _move_state(model: nnx.Module, resolution) -> None:
     moved = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         entry = resolution.params.get(leaf_path(keypath))
-        spec = entry.spec if entry is not None else P(*([None] * len(np.shape(leaf))))
+        spec = entry.spec if entry is not None else _specs.replicated(len(np.shape(leaf)))
         moved.append(move(leaf, NamedSharding(mesh, spec)))
     nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), moved))
 
@@ -215,7 +211,7 @@ def mirror_sharding(keypath, shape: tuple, resolution) -> NamedSharding:
         if entry is not None and tuple(entry.shape) == tuple(shape):
             spec = dict(entry.metadata).get(OPT_KEY) or entry.spec
             return NamedSharding(resolution.mesh, P(*spec))
-    return NamedSharding(resolution.mesh, P(*([None] * len(shape))))
+    return NamedSharding(resolution.mesh, _specs.replicated(len(shape)))
 
 
 def gather(model: nnx.Module | nnx.State) -> nnx.State:
@@ -244,6 +240,6 @@ def gather(model: nnx.Module | nnx.State) -> nnx.State:
     def to_host(x):
         if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
             x = jax.random.key_data(x)
-        return _compat.host_copy(x)
+        return host_copy(x)
 
     return jax.tree.map(to_host, state)

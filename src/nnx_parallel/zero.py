@@ -23,12 +23,11 @@ from typing import Any
 
 import jax
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat
+from nnx_parallel import _compat, _specs
+from nnx_parallel.core.styles import ModuleContext
 from nnx_parallel.errors import PlanError
-from nnx_parallel.styles import ModuleContext
 
 OPT_KEY = "optimizer_sharding"
 STAGE_KEY = "nnx_parallel_zero_stage"
@@ -65,16 +64,14 @@ class ZeRO:
             raise PlanError(f"ZeRO(stage={self.stage!r}): stage must be 1 or 2. For stage 3 use FSDP().")
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
-        if self.axis not in ctx.mesh.axis_names:
-            raise ctx.fail(self, None, f"mesh axis {self.axis!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
-                           f"Use one of {tuple(ctx.mesh.axis_names)}.")
-        return {n: ctx.current.get(n) or P(*([None] * len(s))) for n, s in ctx.shapes.items()}
+        ctx.check_axes(self, self.axis)
+        return {n: ctx.current.get(n) or _specs.replicated(len(s)) for n, s in ctx.shapes.items()}
 
     def param_metadata(self, ctx: ModuleContext, specs) -> dict[str, dict[str, Any]]:
         size = ctx.mesh.shape[self.axis]
         out = {}
         for name, shape in ctx.shapes.items():
-            spec = list(specs[name]) + [None] * (len(shape) - len(specs[name]))
+            spec = list(_specs.pad(specs[name], len(shape)))
             free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0]
             if math.prod(shape) >= self.min_size and free:
                 spec[max(free, key=lambda d: (shape[d], -d))] = self.axis
@@ -158,7 +155,7 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
         n = mesh.shape[axis]
 
         def local(params, rest, batch):
-            varying = jax.tree.map(lambda p: jax.lax.pcast(p, axis, to="varying"), params)
+            varying = jax.tree.map(lambda p: _compat.pcast_varying(p, axis), params)
 
             def f(p):
                 return loss_fn(nnx.merge(graphdef, p, rest), *batch)

@@ -7,7 +7,7 @@ Three text views and one HTML view, all read-only:
   `Resolution`, so it runs before anything is allocated.
 * `explain` - which pattern matched which module, which matched nothing, and
   which parameters no rule touched.
-* `communication_report` (in `nnx_parallel.report`) - the collectives and
+* `communication_report` (in `nnx_parallel.views.report`) - the collectives and
   memory of one compiled step.
 * `render` / `treescope_renderer` - treescope rendering (notebook or standalone
   HTML) with each parameter's layout on its line and the device layout of its
@@ -19,7 +19,6 @@ renderer API (`TreescopeRenderer.extended_with`, `active_renderer`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -29,8 +28,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from treescope import rendering_parts
 
-from nnx_parallel import _compat, _text
-from nnx_parallel.plan import ParamEntry, Resolution, _itemsize, _normalize_plan, _suggest, resolve, walk
+from nnx_parallel import _compat, _specs
+from nnx_parallel.core.graph import normalize_plan, suggest, walk
+from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
+from nnx_parallel.views import _text
 
 _SORTS = ("size", "path", "none")
 
@@ -43,10 +44,6 @@ def _sharding_of(value: Any) -> NamedSharding | None:
     return sharding if isinstance(sharding, NamedSharding) else None
 
 
-def _axes_in(spec: Any) -> list[str]:
-    return [a for e in spec for a in ((e,) if isinstance(e, str) else (e or ()))]
-
-
 def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, mesh: Mesh | None):
     """A ParamEntry (and its mesh) read back from a Variable's metadata and value."""
     value = var.get_value()
@@ -57,7 +54,7 @@ def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, me
     value_mesh = sharding.mesh if sharding is not None and isinstance(sharding.mesh, Mesh) else None
     mesh = mesh or meta_mesh or value_mesh
     declared = _compat.get_declared_spec(var)
-    if declared is not None and mesh is not None and not set(_axes_in(declared)) <= set(mesh.axis_names):
+    if declared is not None and mesh is not None and not _specs.spec_axes(declared) <= set(mesh.axis_names):
         declared = None  # names no axis of this mesh (e.g. a layer-stack name)
     if declared is not None:
         spec = tuple(declared)
@@ -103,7 +100,7 @@ def param_entries(obj: Any, mesh: Mesh | None = None) -> tuple[dict[str, ParamEn
 
 
 def _total_bytes(entry: ParamEntry) -> int:
-    return math.prod(entry.shape) * _itemsize(entry.dtype)
+    return _specs.nbytes(entry.shape, entry.dtype)
 
 
 class _OneDevice:
@@ -243,7 +240,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
       call-time hooks (1 module):
         up  layout
     """
-    entries = _normalize_plan(plan)
+    entries = normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
     touched = [e for e in res.params.values() if e.source is not None]
     lines = [
@@ -266,7 +263,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
     if res.unmatched:
         lines.append("patterns that matched nothing:")
         modules = walk(model)[0]
-        lines += [f"  {p!r}{_suggest(p, modules)}" for p in res.unmatched]
+        lines += [f"  {p!r}{suggest(p, modules)}" for p in res.unmatched]
     if res.untouched:
         lines.append(f"params no rule touched: {len(res.untouched)}")
         rows = [[p, str(res.params[p].shape), _text.format_spec(res.params[p].spec)] for p in res.untouched]

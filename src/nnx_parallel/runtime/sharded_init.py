@@ -16,7 +16,6 @@ model with a `NamedSharding` on every `jax.ShapeDtypeStruct`, and the
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +23,13 @@ import jax
 from flax import errors as flax_errors
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat, hooks
+from nnx_parallel import _compat, _specs
+from nnx_parallel._paths import leaf_path
+from nnx_parallel.core.resolve import Resolution, resolve
 from nnx_parallel.errors import PlanError
-from nnx_parallel.plan import Resolution, join, resolve
+from nnx_parallel.runtime import install
+from nnx_parallel.runtime.apply import apply
 
 Factory = Callable[[], nnx.Module]
 
@@ -107,7 +108,7 @@ def forget(model: nnx.Module) -> None:
     """Removes hooks and our sharding metadata in place (keeps non-mesh names)."""
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module):
-            hooks.uninstall(node)
+            install.uninstall(node)
         elif isinstance(node, nnx.Variable):
             meta = _compat.get_metadata(node)
             if _compat.SOURCE_KEY not in meta:
@@ -124,19 +125,14 @@ def forget(model: nnx.Module) -> None:
                 node.set_metadata(**{_compat.SHARDING_KEY: kept})
 
 
-def leaf_path(keypath) -> str:
-    """Dotted path of a state leaf (`blocks.0.mlp.up.kernel`), as `resolve` keys it."""
-    keys = [k.key for k in keypath if isinstance(k, jax.tree_util.DictKey)]
-    return join(tuple(keys))
-
-
 def state_shardings(state: nnx.State, resolution: Resolution) -> list[NamedSharding]:
     """`NamedSharding` per leaf of `state`: planned params as resolved, the rest replicated."""
     mesh = resolution.mesh
     out = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         entry = resolution.params.get(leaf_path(keypath))
-        out.append(NamedSharding(mesh, entry.spec if entry is not None else P(*([None] * len(leaf.shape)))))
+        spec = entry.spec if entry is not None else _specs.replicated(len(leaf.shape))
+        out.append(NamedSharding(mesh, spec))
     return out
 
 
@@ -184,8 +180,6 @@ def abstract_parallelize(
         raise PlanError(_NOT_A_MODULE.format(what="the model argument", type=type(model).__name__))
     resolution = resolve(nnx.merge(graphdef, state), mesh, plan, strict=strict)
     abstract = nnx.merge(graphdef, _with_shardings(state, state_shardings(state, resolution)))
-    from nnx_parallel.parallelize import apply
-
     apply(abstract, resolution)
     return abstract, resolution
 
@@ -230,7 +224,7 @@ def init_memory(
       (8512, True, True)
     """
     programs, state, _ = _prepare(factory, mesh, plan, strict, chunk_bytes)
-    sizes = [math.prod(x.shape) * _itemsize(x.dtype) for x in jax.tree.leaves(state)]
+    sizes = [_specs.nbytes(x.shape, x.dtype) for x in jax.tree.leaves(state)]
     done = peak = 0
     for _, lowered in programs:
         analysis = lowered.compile().memory_analysis()
@@ -246,12 +240,6 @@ def init_memory(
     )
 
 
-def _itemsize(dtype) -> int:
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return 8  # threefry key data: 2 x uint32
-    return dtype.itemsize
-
-
 def _chunks(state, shardings, chunk_bytes: int | None) -> list[list[int]]:
     """Consecutive leaf indices, each group at most `chunk_bytes` per device.
 
@@ -262,8 +250,8 @@ def _chunks(state, shardings, chunk_bytes: int | None) -> list[list[int]]:
     below `MIN_CHUNK_BYTES` scratch is negligible and compile time is not.
     """
     leaves = jax.tree.leaves(state)
-    local = [math.prod(s.shard_shape(x.shape)) * _itemsize(x.dtype) for x, s in zip(leaves, shardings)]
-    full = [math.prod(x.shape) * _itemsize(x.dtype) for x in leaves]
+    local = [_specs.nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(leaves, shardings)]
+    full = [_specs.nbytes(x.shape, x.dtype) for x in leaves]
     if chunk_bytes is None:
         chunk_bytes = max(max(full, default=0) // 4, max(local, default=0), MIN_CHUNK_BYTES)
     budget = chunk_bytes
@@ -336,8 +324,6 @@ def sharded_init(
         for i, value in zip(group, lowered.compile()()):
             created[i] = value
     model = nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), created))
-    from nnx_parallel.parallelize import apply
-
     apply(model, resolution)
     return model
 

@@ -16,14 +16,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from nnx_parallel import _specs
+from nnx_parallel._specs import AxisNames
+from nnx_parallel.core import layers
+from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks
 from nnx_parallel.errors import PlanError, did_you_mean
-from nnx_parallel.hooks import Gather, Layout, ModuleHooks
-
-AxisNames = str | tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,16 @@ class ModuleContext:
         where = f"{self.param_path(name)!r}" if name else f"module {self.path or '<root>'!r}"
         return PlanError(f"{style!r} cannot shard {where} (pattern {self.pattern!r}): {why}. {fix}")
 
+    def check_axes(self, style: Any, axes: AxisNames) -> None:
+        """Raises `PlanError` naming the style if an axis of `axes` is not in the mesh."""
+        names = tuple(self.mesh.axis_names)
+        for a in _specs.axes_of(axes):
+            if a not in names:
+                raise self.fail(
+                    style, None, f"mesh axis {a!r} is not in the mesh {names}",
+                    f"Use one of {names}.{did_you_mean(a, names)}",
+                )
+
 
 @runtime_checkable
 class Style(Protocol):
@@ -95,26 +105,7 @@ class Style(Protocol):
     def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks | None: ...
 
 
-def _axis_size(mesh: Mesh, axes: AxisNames) -> int:
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in names)
-
-
-def _with_dim(spec: P | None, ndim: int, dim: int, axes: AxisNames) -> P:
-    entries = list(spec) if spec is not None else []
-    entries += [None] * (ndim - len(entries))
-    entries[dim] = axes
-    return P(*entries)
-
-
-def _replicated(ndim: int) -> P:
-    return P(*([None] * ndim))
-
-
 # Tensor parallel ----------------------------------------------------------
-
-_WEIGHT_NAMES = ("kernel", "embedding", "weight", "w", "input_embedding")
-
 
 def _find_weight(style, ctx: ModuleContext) -> str:
     if style.param is not None:
@@ -124,12 +115,9 @@ def _find_weight(style, ctx: ModuleContext) -> str:
                 f"Pass param= one of {sorted(ctx.shapes)}.{did_you_mean(style.param, ctx.shapes)}",
             )
         return style.param
-    for name in _WEIGHT_NAMES:
-        if name in ctx.shapes and len(ctx.shapes[name]) >= 2:
-            return name
-    matrices = [n for n, s in ctx.shapes.items() if len(s) >= 2]
-    if len(matrices) == 1:
-        return matrices[0]
+    found = layers.weight_name(ctx.shapes)
+    if found is not None:
+        return found
     kind = type(ctx.module).__name__
     raise ctx.fail(
         style, None,
@@ -137,67 +125,6 @@ def _find_weight(style, ctx: ModuleContext) -> str:
         "Point the pattern at the layer that owns the weight, or pass "
         f"param='<name>' (and dim=) to {type(style).__name__}.",
     )
-
-
-def _einsum_parts(module) -> tuple[str, str, str] | None:
-    spec = getattr(module, "einsum_str", None)
-    if not isinstance(spec, str) or "->" not in spec:
-        return None
-    lhs, out = spec.replace(" ", "").split("->")
-    operands = lhs.split(",")
-    if len(operands) != 2:
-        return None
-    return operands[0], operands[1], out
-
-
-def _tp_dims(module, weight_ndim: int, column: bool, shape=None, size: int = 1) -> tuple[int, int | None, int]:
-    """(weight dim to shard, output dim from the end or None, output-rank delta).
-
-    For an einsum, the first kernel letter that only the output has and whose
-    size `size` divides (fused "CNDH" kernels: the heads, not the 2 of k/v).
-    """
-    parts = _einsum_parts(module)
-    if parts is not None:
-        x_sub, k_sub, out_sub = parts
-        delta = len(out_sub) - len(x_sub)
-        if column:
-            letters = [c for c in k_sub if c in out_sub and c not in x_sub]
-            if shape is not None and len(shape) == len(k_sub):
-                letters = sorted(letters, key=lambda c: shape[k_sub.index(c)] % size != 0)
-            if letters:
-                return k_sub.index(letters[0]), len(out_sub) - out_sub.index(letters[0]), delta
-        else:
-            letters = [c for c in k_sub if c in x_sub and c not in out_sub]
-            if letters:
-                return k_sub.index(letters[0]), None, delta
-    in_feat = getattr(module, "in_features", None)
-    out_feat = getattr(module, "out_features", None)
-    if isinstance(in_feat, tuple) and isinstance(out_feat, tuple):  # LinearGeneral
-        n_batch = weight_ndim - len(in_feat) - len(out_feat)
-        delta = len(out_feat) - len(in_feat)
-        if column:
-            return n_batch + len(in_feat), len(out_feat), delta
-        return n_batch, None, delta
-    if isinstance(module, nnx.Embed):
-        return (weight_ndim - 1, 1, 1) if column else (0, None, 1)
-    if column:
-        return weight_ndim - 1, 1, 0
-    return weight_ndim - 2, None, 0
-
-
-def _row_input_dim(module, weight_ndim: int, dim: int) -> int | None:
-    """Position from the end of the input dim a row-parallel weight contracts."""
-    parts = _einsum_parts(module)
-    if parts is not None:
-        x_sub, k_sub, _ = parts
-        return len(x_sub) - x_sub.index(k_sub[dim])
-    in_feat = getattr(module, "in_features", None)
-    if isinstance(in_feat, tuple):
-        n_batch = weight_ndim - len(in_feat) - len(getattr(module, "out_features", ()))
-        return len(in_feat) - (dim - n_batch)
-    if isinstance(module, nnx.Embed):
-        return None  # ids in, no feature dim to expect sharded
-    return 1 if dim == weight_ndim - 2 else None
 
 
 def _trailing(pos_from_end: int | None, axis: AxisNames | None) -> tuple | None:
@@ -214,15 +141,6 @@ class _TensorParallel:
     subtree = False
     _column: bool
 
-    def _validate_axis(self, ctx: ModuleContext) -> None:
-        names = (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
-        for a in names:
-            if a not in ctx.mesh.axis_names:
-                raise ctx.fail(
-                    self, None, f"mesh axis {a!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
-                    f"Use one of {tuple(ctx.mesh.axis_names)}.{did_you_mean(a, ctx.mesh.axis_names)}",
-                )
-
     def _weight_dim(self, ctx: ModuleContext, weight: str) -> int:
         ndim = len(ctx.shapes[weight])
         if self.dim is not None:
@@ -236,14 +154,14 @@ class _TensorParallel:
 
     def _dims(self, ctx: ModuleContext, weight: str) -> tuple[int, int | None, int]:
         shape = ctx.shapes[weight]
-        return _tp_dims(ctx.module, len(shape), self._column, shape, _axis_size(ctx.mesh, self.axis))
+        return layers.tp_dims(ctx.module, len(shape), self._column, shape, _specs.size(ctx.mesh, self.axis))
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
-        self._validate_axis(ctx)
+        ctx.check_axes(self, self.axis)
         weight = _find_weight(self, ctx)
         w_shape = ctx.shapes[weight]
         dim = self._weight_dim(ctx, weight)
-        specs = {weight: _with_dim(ctx.current.get(weight), len(w_shape), dim, self.axis)}
+        specs = {weight: _specs.with_dim(ctx.current.get(weight), len(w_shape), dim, self.axis)}
         for name, shape in ctx.shapes.items():
             if name == weight:
                 continue
@@ -255,9 +173,9 @@ class _TensorParallel:
                 and shape[bias_dim] == w_shape[dim]
             )
             specs[name] = (
-                _with_dim(ctx.current.get(name), len(shape), bias_dim, self.axis)
+                _specs.with_dim(ctx.current.get(name), len(shape), bias_dim, self.axis)
                 if shard
-                else (ctx.current.get(name) or _replicated(len(shape)))
+                else (ctx.current.get(name) or _specs.replicated(len(shape)))
             )
         return specs
 
@@ -268,7 +186,7 @@ class _TensorParallel:
         weight = _find_weight(self, ctx)
         dim = self._weight_dim(ctx, weight)
         layout = self._default_layout(ctx, weight, dim)
-        parts = _einsum_parts(ctx.module)
+        parts = layers.einsum_parts(ctx.module)
         if parts is not None:
             x_sub, _, out_sub = parts
             out_from = tuple(x_sub.index(c) if c in x_sub else None for c in out_sub)
@@ -319,9 +237,9 @@ class ColumnParallel(_TensorParallel):
 
     def _default_layout(self, ctx, weight, dim):
         default_dim, out_pos, delta = self._dims(ctx, weight)
-        parts = _einsum_parts(ctx.module)
+        parts = layers.einsum_parts(ctx.module)
         if dim != default_dim:
-            if isinstance(ctx.module, nnx.Embed) and dim == 0:
+            if layers.vocab_lookup(ctx.module, dim):
                 # Vocab-parallel lookup: features come out whole (and Explicit
                 # axes need that said, as the lookup's out_sharding).
                 return Layout(output=(None,), rank_delta=delta)
@@ -366,9 +284,9 @@ class RowParallel(_TensorParallel):
 
     def _default_layout(self, ctx, weight, dim):
         ndim = len(ctx.shapes[weight])
-        _, _, delta = _tp_dims(ctx.module, ndim, False)
-        in_pos = _row_input_dim(ctx.module, ndim, dim)
-        axes = (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+        _, _, delta = layers.tp_dims(ctx.module, ndim, False)
+        in_pos = layers.row_input_dim(ctx.module, ndim, dim)
+        axes = _specs.axes_of(self.axis)
         post = tuple(n for n in ctx.shapes if n != weight)
         return Layout(
             input=_trailing(in_pos, self.axis), output=(None,), rank_delta=delta, reduce=axes, post=post
@@ -424,7 +342,7 @@ class Shard:
                 )
             out[name] = spec
         for name, shape in ctx.shapes.items():
-            out.setdefault(name, ctx.current.get(name) or _replicated(len(shape)))
+            out.setdefault(name, ctx.current.get(name) or _specs.replicated(len(shape)))
         return out
 
     def hooks(self, ctx, specs):
@@ -450,7 +368,7 @@ class Replicated:
     subtree = True
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
-        return {name: _replicated(len(shape)) for name, shape in ctx.shapes.items()}
+        return {name: _specs.replicated(len(shape)) for name, shape in ctx.shapes.items()}
 
     def hooks(self, ctx, specs):
         return None
@@ -507,30 +425,25 @@ class FSDP:
         return max(self.scan_axes, len(ctx.stacked.get(name, ())))
 
     def _axes(self) -> tuple[str, ...]:
-        return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+        return _specs.axes_of(self.axis)
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
-        for a in self._axes():
-            if a not in ctx.mesh.axis_names:
-                raise ctx.fail(
-                    self, None, f"mesh axis {a!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
-                    f"Use one of {tuple(ctx.mesh.axis_names)}.{did_you_mean(a, ctx.mesh.axis_names)}",
-                )
-        size = _axis_size(ctx.mesh, self.axis)
+        ctx.check_axes(self, self.axis)
+        size = _specs.size(ctx.mesh, self.axis)
         out = {}
         for name, shape in ctx.shapes.items():
             current = ctx.current.get(name)
-            out[name] = current if current is not None else _replicated(len(shape))
+            out[name] = current if current is not None else _specs.replicated(len(shape))
             if math.prod(shape) < self.min_size:
                 continue
-            used = list(current) + [None] * (len(shape) - len(current)) if current else [None] * len(shape)
-            if any(set(self._axes()) & set((u,) if isinstance(u, str) else (u or ())) for u in used):
+            used = _specs.pad(current, len(shape))
+            if set(self._axes()) & _specs.spec_axes(used):
                 continue  # already sharded over this axis (parallelize called twice)
             stacked = self._stacked(ctx, name)
             free = [d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0]
             if free:
                 best = max(free, key=lambda d: (shape[d], -d))
-                out[name] = _with_dim(current, len(shape), best, self.axis)
+                out[name] = _specs.with_dim(current, len(shape), best, self.axis)
         return out
 
     def batch_axes_for(self, mesh: Mesh) -> tuple[str, ...]:
@@ -544,8 +457,7 @@ class FSDP:
         gathered = []
         for name, spec in specs.items():
             for d, entry in enumerate(spec):
-                names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-                if axes & set(names):
+                if axes & set(_specs.axes_of(entry)):
                     gathered.append((name, d - len(spec)))  # from the end: scan-proof
         if not gathered:
             return None

@@ -17,22 +17,22 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat
-from nnx_parallel.hooks import (
-    GATHERED_NAME,
-    Gather,
-    Layout,
-    ModuleHooks,
-    base_class,
-    _context_mesh,
-    _explicit_here,
-    _is_array,
-    _probe,
-    _warn_once,
-)
+from nnx_parallel import _compat, _specs
+from nnx_parallel._paths import join, keys
+from nnx_parallel.core import layers
+from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks, base_class
+from nnx_parallel.runtime.layout import context_mesh as _context_mesh
+from nnx_parallel.runtime.layout import explicit_here as _explicit_here
+from nnx_parallel.runtime.layout import is_array as _is_array
+from nnx_parallel.runtime.layout import probe as _probe
+from nnx_parallel.runtime.layout import warn_once as _warn_once
+
+# The name of every gathered parameter in the jaxpr: `jax.checkpoint` with
+# `save_anything_except_these_names` drops exactly these after forward.
+GATHERED_NAME = "nnx_parallel_gathered"
 
 
 def _gather_param(value, dim: int, axes: tuple[str, ...], remat: bool):
@@ -47,19 +47,41 @@ def _map_state(fn, state):
     return jax.tree_util.tree_unflatten(treedef, [fn(_strip(p), v) for p, v in leaves])
 
 
-def _strip(path):
-    """Key path of a state leaf without the trailing Variable-value entry."""
-    keys = [k for k in path if hasattr(k, "key") or hasattr(k, "idx")]
-    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keys)
+_strip = keys  # key path of a state leaf without the trailing Variable-value entry
+
+
+def nested(gather: Gather) -> bool:
+    """True inside an enclosing module's shard_map that is manual over our axes."""
+    return set(gather.axes) <= _compat.manual_axes()
+
+
+def nested_call(module, call, gather: Gather, args, kwargs):
+    """Already inside an enclosing module's shard_map: gather our own params."""
+    graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
+    gathered = _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate)
+    return call(nnx.merge(graphdef, gathered, rest), *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Called:
+    """A call's output, and whether it fell back to the GSPMD gather."""
+
+    out: Any
+    fallback: bool
 
 
 def gather_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
+    """`call(module, ...)` with `gather`'s params all-gathered for the call."""
+    if nested(gather):
+        return nested_call(module, call, gather, args, kwargs)
+    return batch_call(module, call, gather, mesh, args, kwargs).out
+
+
+def batch_call(module, call, gather: Gather, mesh: Mesh, args, kwargs) -> Called:
+    """The call in a shard_map over the batch axes, or (state, indivisible
+    batch) with GSPMD gathers and a `FallbackWarning`."""
     manual = _compat.manual_axes()
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
-    if set(gather.axes) <= manual:
-        # Already inside an enclosing module's shard_map: gather our own params.
-        inner = nnx.merge(graphdef, _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate), rest)
-        return call(inner, *args, **kwargs)
     batch_axes = tuple(a for a in gather.batch_axes if a not in manual)
     n_batch = math.prod(mesh.shape[a] for a in batch_axes)
     reason, split = _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch)
@@ -70,8 +92,10 @@ def gather_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
             f"FSDP on {base_name(module)}: {reason}; gathering its parameters with a sharding "
             "constraint instead, which costs a full all-reduce of their gradients.",
         )
-        return _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
-    return _shard_map_call(call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split)
+        out = _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
+        return Called(out, True)
+    out = _shard_map_call(call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split)
+    return Called(out, False)
 
 
 # Which inputs and outputs carry the batch ---------------------------------------------
@@ -136,13 +160,13 @@ def _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch):
     except Exception as e:  # noqa: BLE001 - the real call below reports real errors
         return f"its call does not trace with a per-device batch ({type(e).__name__}: {e})", None
 
-    def batch_dim(g, l):
-        diff = [d for d in range(len(g.shape)) if g.shape[d] != l.shape[d]]
+    def batch_dim(g, per_device):
+        diff = [d for d in range(len(g.shape)) if g.shape[d] != per_device.shape[d]]
         if not diff:
             return -1
-        if len(diff) == 1 and g.shape[diff[0]] == l.shape[diff[0]] * n_batch:
+        if len(diff) == 1 and g.shape[diff[0]] == per_device.shape[diff[0]] * n_batch:
             return diff[0]
-        raise ValueError(f"output {g.shape} vs per-device {l.shape}")
+        raise ValueError(f"output {g.shape} vs per-device {per_device.shape}")
 
     try:
         outputs = jax.tree.map(batch_dim, full, local)
@@ -153,18 +177,8 @@ def _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch):
 
 # FSDP + tensor parallel: one fully manual region -----------------------------------
 
-# Layers whose call only reads parameter shapes, so they compute correctly on
-# local shards: inside a shard_map manual over the tensor-parallel axis too,
-# a column-parallel Linear is a plain Linear on its slice of output features.
-_LOCAL_SAFE = (nnx.Linear, nnx.Einsum, nnx.LinearGeneral, nnx.Conv)
-
-
 def _layout_axes(layout: Layout) -> set[str]:
-    out = set(layout.reduce)
-    for entry in (layout.input or ()) + (layout.output or ()):
-        if entry is not None and entry is not _compat.UNCONSTRAINED:
-            out |= set((entry,) if isinstance(entry, str) else entry)
-    return out
+    return set(layout.reduce) | _specs.spec_axes((layout.input or ()) + (layout.output or ()))
 
 
 def local_ok(module, hooks: ModuleHooks, mesh: Mesh, args, kwargs) -> bool:
@@ -175,7 +189,7 @@ def local_ok(module, hooks: ModuleHooks, mesh: Mesh, args, kwargs) -> bool:
     weights; a fully manual region gathers only the FSDP axis.
     """
     layout, gather = hooks.layout, hooks.gather
-    if _compat.manual_axes() or not isinstance(module, _LOCAL_SAFE):
+    if _compat.manual_axes() or not layers.local_safe(module):
         return False
     if not args or not _is_array(args[0]) or args[0].ndim < 2:
         return False
@@ -186,8 +200,7 @@ def local_ok(module, hooks: ModuleHooks, mesh: Mesh, args, kwargs) -> bool:
         return False
     allowed = tp | set(gather.axes) | set(gather.batch_axes)
     for var in jax.tree.leaves(nnx.state(module, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
-        spec = _compat.get_declared_spec(var) or ()
-        if any(n not in allowed for e in spec for n in ((e,) if isinstance(e, str) else (e or ()))):
+        if _specs.spec_axes(_compat.get_declared_spec(var) or ()) - allowed:
             return False
     n_batch = math.prod(mesh.shape[a] for a in gather.batch_axes)
     return args[0].shape[0] % n_batch == 0 and not jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param)))
@@ -201,7 +214,7 @@ def _manual_io_spec(ndim: int, batch_entry, trailing: tuple | None) -> P:
 
 def _scatter_dim(spec: P, axes: set[str]) -> int | None:
     for d, entry in enumerate(spec):
-        if entry is not None and set((entry,) if isinstance(entry, str) else entry) & axes:
+        if set(_specs.axes_of(entry)) & axes:
             return d
     return None
 
@@ -216,14 +229,14 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
     out_spec = _manual_io_spec(x.ndim + layout.rank_delta, batch_entry, layout.output)
     graphdef, pstate = nnx.split(module, nnx.Param)
     if _explicit_here(mesh):
-        x = jax.sharding.reshard(x, NamedSharding(mesh, in_spec))
+        x = _compat.reshard(x, mesh, in_spec)
 
     def body(pstate, x):
         gathered = _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate)
         post = {}
         if layout.reduce:
             def zero_post(path, v):
-                name = ".".join(str(k) for k in path)
+                name = join(path)
                 if name in layout.post:
                     post[name] = v
                     return jax.numpy.zeros_like(v)
@@ -252,16 +265,8 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
 
 
 def base_name(module) -> str:
+    """The user's class name of a (possibly hooked) module."""
     return base_class(module).__name__
-
-
-def _manual_spec(spec: P, manual: set[str]) -> P:
-    out = []
-    for entry in spec:
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        kept = tuple(n for n in names if n in manual)
-        out.append(kept[0] if len(kept) == 1 else (kept or None))
-    return P(*out)
 
 
 def _param_specs(pstate):
@@ -284,7 +289,7 @@ def _param_specs(pstate):
 def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split):
     manual = set(batch_axes) | set(gather.axes)
     batch_entry = batch_axes[0] if len(batch_axes) == 1 else batch_axes
-    param_in = jax.tree.map(lambda s: _manual_spec(s, manual), _param_specs(pstate))
+    param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), _param_specs(pstate))
     flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_stateful)
     where = [i for i, x in enumerate(flat) if _is_array(x)]
     arrays = [flat[i] for i in where]
@@ -324,35 +329,25 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
 def _to_manual(x, lead, manual: set[str], mesh: Mesh):
     """`x` laid out for a shard_map manual over `manual`: dim 0 on `lead`
     (None: replicated), no other dim on a manual axis."""
-    spec = tuple(_compat.spec_of(x) or ())
-    spec = spec + (None,) * (x.ndim - len(spec))
-    new = [lead] + [_drop_names(e, manual) for e in spec[1:]]
+    spec = _specs.pad(_compat.spec_of(x), x.ndim)
+    new = [lead] + [_specs.drop_entry(e, manual) for e in spec[1:]]
     if lead is None:
-        new[0] = _drop_names(spec[0], manual)
+        new[0] = _specs.drop_entry(spec[0], manual)
     if tuple(new) == spec:
         return x
-    return jax.sharding.reshard(x, NamedSharding(_context_mesh(mesh), P(*new)))
-
-
-def _drop_names(entry, names: set[str]):
-    kept = tuple(n for n in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if n not in names)
-    return kept[0] if len(kept) == 1 else (kept or None)
+    return _compat.reshard(x, _context_mesh(mesh), P(*new))
 
 
 def _set_dim(y, dim: int, entry, mesh: Mesh):
-    spec = list(tuple(_compat.spec_of(y) or ()))
-    spec += [None] * (y.ndim - len(spec))
-    spec[dim] = entry
-    return jax.sharding.reshard(y, NamedSharding(_context_mesh(mesh), P(*spec)))
+    spec = _specs.with_dim(_compat.spec_of(y), y.ndim, dim, entry)
+    return _compat.reshard(y, _context_mesh(mesh), spec)
 
 
 _MISSING = object()
 
 
 def _maybe_gather(path, value, gather: Gather):
-    dims = dict(gather.params)
-    name = ".".join(str(k) for k in path)
-    dim = dims.get(name)
+    dim = dict(gather.params).get(join(path))
     # Dims count from the end (see FSDP.hooks), so they hold inside a scan too;
     # a dim the scan sliced away arrives whole already.
     if dim is None or dim < -value.ndim:
@@ -360,31 +355,18 @@ def _maybe_gather(path, value, gather: Gather):
     return _gather_param(value, dim % value.ndim, gather.axes, gather.remat)
 
 
-def _reshard_batch(x, batch_entry, mesh: Mesh):
-    spec = tuple(_compat.spec_of(x) or ())
-    spec = spec + (None,) * (x.ndim - len(spec))
-    if spec[0] == batch_entry:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(mesh, P(batch_entry, *spec[1:])))
-
-
 def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
     axes = set(gather.axes)
     specs = _param_specs(pstate)
 
     def strip(path, value):
-        name = ".".join(str(k) for k in path)
+        name = join(path)
         if name not in dict(gather.params):
             return value
-        spec = specs_by_name[name]
-        kept = []
-        for entry in spec:
-            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-            left = tuple(n for n in names if n not in axes)
-            kept.append(left[0] if len(left) == 1 else (left or None))
-        return _compat.constrain(value, mesh, P(*kept))
+        return _compat.constrain(value, mesh, _specs.drop_axes(specs_by_name[name], axes))
 
-    specs_by_name = {".".join(str(k) for k in _strip(p)): s for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(specs)[0]
+    specs_by_name = {join(keys(p)): s for p, s in flat}
     inner = nnx.merge(graphdef, _map_state(strip, pstate), rest)
     out = call(inner, *args, **kwargs)
     nnx.update(module, nnx.state(inner, nnx.Not(nnx.Param)))

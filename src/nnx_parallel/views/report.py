@@ -1,6 +1,6 @@
 """`communication_report`: the collectives and memory of one compiled step.
 
-The same parser (`nnx_parallel.collectives`) serves this report, the tests
+The same parser (`nnx_parallel.views.collectives`) serves this report, the tests
 and the benchmarks: one implementation of "what does this step send".
 """
 
@@ -14,8 +14,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from nnx_parallel import _text
-from nnx_parallel.collectives import KINDS, Collective, collectives
+from nnx_parallel import _specs
+from nnx_parallel.views import _text
+from nnx_parallel.views.collectives import KINDS, Collective, collectives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class CommStats:
         """These totals plus one op.
 
         Example:
-          >>> from nnx_parallel.collectives import Collective
+          >>> from nnx_parallel.views.collectives import Collective
           >>> CommStats().add(Collective("all-reduce", 64, 8, ("model",), "f32[16]"))
           CommStats(count=1, bytes=64, traffic=112.0)
         """
@@ -100,7 +101,7 @@ class CommunicationReport:
 
     def count(self, kind: str | None = None, axes: tuple[str, ...] | str | None = None) -> int:
         """Number of ops of `kind` (any if None) over exactly `axes` (any if None)."""
-        axes = (axes,) if isinstance(axes, str) else axes
+        axes = None if axes is None else _specs.axes_of(axes)
         return sum(1 for c in self.collectives if (kind is None or c.kind == kind) and (axes is None or c.axes == axes))
 
     @property

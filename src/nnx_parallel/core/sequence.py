@@ -29,9 +29,10 @@ from collections.abc import Mapping
 
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel.errors import PlanError, did_you_mean
-from nnx_parallel.hooks import Layout, ModuleHooks
-from nnx_parallel.styles import AxisNames, ColumnParallel, ModuleContext, RowParallel
+from nnx_parallel._specs import AxisNames
+from nnx_parallel.core.layouts import Layout, ModuleHooks
+from nnx_parallel.core.styles import ColumnParallel, ModuleContext, RowParallel
+from nnx_parallel.errors import PlanError
 
 
 def _seq_layout(axis: AxisNames | None, seq_dim: int) -> tuple:
@@ -75,7 +76,7 @@ class SequenceParallel:
     subtree = False
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
-        _check_axis(self, ctx)
+        ctx.check_axes(self, self.axis)
         return {
             name: ctx.current.get(name) or P(*([None] * len(shape)))
             for name, shape in ctx.shapes.items()
@@ -134,13 +135,3 @@ class SequenceRowParallel(RowParallel):
             scattered = _seq_layout(self.axis, self.seq_dim)
             return RowParallel.hooks(dataclasses.replace(self, output_spec=scattered), ctx, specs)
         return RowParallel.hooks(self, ctx, specs)
-
-
-def _check_axis(style, ctx: ModuleContext) -> None:
-    names = (style.axis,) if isinstance(style.axis, str) else tuple(style.axis)
-    for a in names:
-        if a not in ctx.mesh.axis_names:
-            raise ctx.fail(
-                style, None, f"mesh axis {a!r} is not in the mesh {tuple(ctx.mesh.axis_names)}",
-                f"Use one of {tuple(ctx.mesh.axis_names)}.{did_you_mean(a, ctx.mesh.axis_names)}",
-            )

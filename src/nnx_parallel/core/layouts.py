@@ -1,0 +1,96 @@
+"""What a module does at call time, as data: `Layout`, `Gather`, `ModuleHooks`.
+
+Styles return these from `hooks(ctx, specs)`; the runtime (`runtime/`) reads
+them when a hooked module is called. They are frozen and hashable, so the
+hooked class that carries them can be cached and `nnx.split`/`merge` keep
+them with the graph definition. Exported for users' own styles.
+
+Example:
+  >>> hooks = ModuleHooks(layout=Layout(output=("model",)))
+  >>> hooks.merge(ModuleHooks(gather=Gather(("fsdp",), ("fsdp",), (("kernel", -1),)))).methods
+  ('__call__',)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax.sharding import Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Activation layouts around a call, each aligned to trailing dims.
+
+    `input` lays out the first positional argument before the call, `output`
+    every array the call returns. Leading dims stay as they are (Auto axes)
+    or keep the input's batch layout (Explicit axes). `rank_delta` is the
+    output rank minus the input rank (Embed: +1).
+    """
+
+    input: tuple | None = None
+    output: tuple | None = None
+    rank_delta: int = 0
+    force_auto: bool = False
+    # Row-style layers: the output is a partial sum over these axes, and these
+    # parameters (biases) are added once, after the sum.
+    reduce: tuple[str, ...] = ()
+    post: tuple[str, ...] = ()
+    # For each output dim, the input dim it comes from (None: new), when the
+    # layer says (einsums); otherwise leading dims match position by position.
+    out_from: tuple[int | None, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """FSDP: all-gather `params` ((name, dim) pairs) over `axes` per call."""
+
+    axes: tuple[str, ...]
+    batch_axes: tuple[str, ...]
+    params: tuple[tuple[str, int], ...]
+    remat: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleHooks:
+    """Everything a module does at call time, merged from all its styles."""
+
+    layout: Layout | None = None
+    gather: Gather | None = None
+    methods: tuple[str, ...] = ("__call__",)
+    mesh: Mesh | None = None
+
+    def merge(self, other: ModuleHooks | None) -> ModuleHooks:
+        """These hooks with `other`'s fields taking precedence where set."""
+        if other is None:
+            return self
+        return ModuleHooks(
+            layout=other.layout or self.layout,
+            gather=other.gather or self.gather,
+            methods=tuple(dict.fromkeys(self.methods + other.methods)),
+            mesh=other.mesh or self.mesh,
+        )
+
+    @property
+    def kind(self) -> str:
+        """The prefix of the hooked class's name: `FSDP` where parameters are
+        gathered per call, else `Parallel` (activation layouts only)."""
+        return "FSDP" if self.gather is not None else "Parallel"
+
+
+# Reading installed hooks: the runtime swaps a module's class for a subclass
+# that carries these two attributes (see runtime/install.py).
+
+HOOKS_ATTR = "__nnx_parallel_hooks__"
+BASE_ATTR = "__nnx_parallel_base__"
+
+
+def get_hooks(module: Any) -> ModuleHooks | None:
+    """The hooks installed on `module`, or None if it has none."""
+    return getattr(type(module), HOOKS_ATTR, None)
+
+
+def base_class(module: Any) -> type:
+    """The user's class of a (possibly hooked) module."""
+    return getattr(type(module), BASE_ATTR, type(module))

@@ -1,0 +1,361 @@
+"""Pure plan resolution: module paths and parameter shapes in, specs out.
+
+`resolve(model, mesh, plan)` reads only paths, shapes and metadata, so it runs
+on abstract models (`nnx.eval_shape`) without allocating, and its result can
+be printed, diffed and tested without devices. Only `parallelize` mutates.
+
+The steps, each a function below:
+
+1. earlier specs: what an earlier `parallelize` left on each parameter;
+2. styles per module: the most specific plan pattern's styles, else the
+   module's `@sharded` declaration, plus the subtree styles (FSDP,
+   Replicated) of the nearest ancestor;
+3. run the styles in order: each sees the specs so far and returns new ones
+   and its call-time hooks;
+4. check: no style moved a dim an earlier plan sharded, and every spec fits
+   its parameter and the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from nnx_parallel import _compat, _specs
+from nnx_parallel._paths import ancestors
+from nnx_parallel.core import layers
+from nnx_parallel.core.graph import choose, match, normalize_plan, suggest, walk
+from nnx_parallel.core.layouts import Layout, ModuleHooks, get_hooks
+from nnx_parallel.core.stacks import layer_stacks, stack_metadata
+from nnx_parallel.core.styles import ModuleContext, Shard, Style
+from nnx_parallel.errors import MeshError, PlanError, did_you_mean
+
+DECORATOR_SOURCE = "@sharded"
+SPECS_ATTR = "_nnx_parallel_specs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    """The resolved layout of one parameter.
+
+    Example:
+      >>> plan = {"up": ColumnParallel()}
+      >>> entry = resolve(TinyMLP(rngs=nnx.Rngs(0)), mesh8, plan).params["up.kernel"]
+      >>> entry.spec, entry.source, entry.shard_shape(mesh8), entry.bytes_per_device(mesh8)
+      (P(None, 'model'), 'up', (16, 8), 512)
+    """
+
+    path: str
+    module_path: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: Any
+    spec: P
+    source: str | None  # plan pattern ("" is the root), "@sharded", or None: no rule touched it
+    metadata: tuple = ()  # extra (key, value) metadata: what styles asked for, layer-stack names
+
+    def shard_shape(self, mesh: Mesh) -> tuple[int, ...]:
+        return _specs.shard_shape(self.shape, self.spec, mesh)
+
+    def bytes_per_device(self, mesh: Mesh) -> int:
+        return _specs.nbytes(self.shard_shape(mesh), self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """What a plan does to a model: per-parameter specs and per-module hooks.
+
+    `resolve` returns one without touching the model; `parallelize` applies it.
+
+    Example:
+      >>> res = resolve(TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> res.specs()["up.kernel"], res.matches["up"], res.untouched
+      (P(None, 'model'), ('up',), ('down.bias', 'down.kernel'))
+      >>> sorted(res.hooks)
+      ['up']
+    """
+
+    mesh: Mesh
+    params: dict[str, ParamEntry]
+    hooks: dict[str, ModuleHooks]
+    matches: dict[str, tuple[str, ...]]
+    notes: tuple[str, ...] = ()
+
+    def specs(self) -> dict[str, P]:
+        """Parameter path -> PartitionSpec."""
+        return {path: e.spec for path, e in self.params.items()}
+
+    @property
+    def unmatched(self) -> tuple[str, ...]:
+        return tuple(p for p, hits in self.matches.items() if not hits)
+
+    @property
+    def untouched(self) -> tuple[str, ...]:
+        return tuple(p for p, e in self.params.items() if e.source is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scope:
+    """What every module's resolution reads: the model, the plan, the mesh."""
+
+    mesh: Mesh
+    entries: dict[str, tuple[Style, ...]]
+    chosen: dict[str, str]
+    modules: dict[str, Any]
+    stacks: dict[str, tuple[str, ...]]
+    notes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """One module's resolution: specs, sources and extra metadata per parameter."""
+
+    specs: dict[str, P | None]
+    sources: dict[str, str | None]
+    hooks: ModuleHooks | None
+    metadata: dict[str, dict]
+
+
+def _validate_inputs(model: Any, mesh: Any) -> None:
+    if not isinstance(model, nnx.Module):
+        raise PlanError(
+            f"expected an nnx.Module, got {type(model).__name__}. nnx_parallel works on Flax NNX "
+            "modules; for Linen or plain pytrees use jax.device_put with NamedShardings."
+        )
+    if not isinstance(mesh, Mesh):
+        raise MeshError(
+            f"expected a jax.sharding.Mesh, got {type(mesh).__name__}. "
+            "Build one with jax.make_mesh((8,), ('model',)) or nnx_parallel.make_mesh(model=8)."
+        )
+
+
+def _matches(entries, modules, strict: bool) -> dict[str, tuple[str, ...]]:
+    matches = {p: tuple(m for m in modules if match(p, m)) for p in entries}
+    for pattern, hits in matches.items():
+        if strict and not hits:
+            raise PlanError(
+                f"pattern {pattern!r} matched no module.{suggest(pattern, modules)} Pass "
+                "strict=False to ignore unmatched patterns."
+            )
+    return matches
+
+
+def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolution:
+    """Resolves `plan` on `model` without touching it.
+
+    Args:
+      model: An `nnx.Module`, concrete or abstract (from `nnx.eval_shape`).
+      mesh: The mesh the styles refer to.
+      plan: A style, a tuple of styles, or a dict pattern -> style(s).
+      strict: If True, a pattern that matches no module raises `PlanError`.
+
+    Returns:
+      A `Resolution`: every `nnx.Param`'s spec and source, the hooks each
+      module gets, which modules each pattern matched, and notes.
+
+    Raises:
+      PlanError: a pattern matches nothing (strict), a style cannot handle a
+        module, or a spec does not fit its parameter.
+      MeshError: `mesh` is not a Mesh.
+
+    Example:
+      >>> abstract = nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0)))
+      >>> res = resolve(abstract, mesh8, {"up": ColumnParallel(), "down": RowParallel()})
+      >>> res.specs()["up.kernel"], res.specs()["down.kernel"]
+      (P(None, 'model'), P('model', None))
+    """
+    _validate_inputs(model, mesh)
+    entries = normalize_plan(plan)
+    modules, params = walk(model)
+    matches = _matches(entries, modules, strict)
+    chosen = choose(entries, matches)
+    scope = _Scope(mesh, entries, chosen, modules, layer_stacks(params, mesh), [])
+    by_owner: dict[str, dict[str, tuple[str, nnx.Variable]]] = {}
+    for path, (owner, name, var) in params.items():
+        by_owner.setdefault(owner, {})[name] = (path, var)
+    styled = [m for m in chosen if not entries[chosen[m]][0].subtree]
+    resolved: dict[str, ParamEntry] = {}
+    hooks: dict[str, ModuleHooks] = {}
+    for owner in dict.fromkeys(list(by_owner) + styled):
+        own = by_owner.get(owner, {})
+        result = _resolve_module(scope, owner, own)
+        resolved.update(_entries(scope, owner, own, result))
+        if result.hooks is not None:
+            hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
+    ordered = {p: resolved[p] for p in params}
+    return Resolution(mesh, ordered, hooks, matches, tuple(scope.notes))
+
+
+def _entries(scope: _Scope, owner: str, own, result: _Module) -> dict[str, ParamEntry]:
+    """Checked `ParamEntry`s for the params `owner` directly holds."""
+    out = {}
+    for name, (path, var) in own.items():
+        shape = tuple(var.get_value().shape)
+        spec = result.specs.get(name, _specs.replicated(len(shape)))
+        check_spec(path, result.sources.get(name), spec, shape, scope.mesh)
+        meta = result.metadata.get(name, {})
+        if path in scope.stacks and not _compat.get_declared_spec(var, raw=True):
+            meta = {**stack_metadata(scope.stacks[path], spec), **meta}
+        out[path] = ParamEntry(
+            path, owner, name, shape, var.get_value().dtype, spec, result.sources.get(name),
+            tuple(sorted(meta.items())),
+        )
+    return out
+
+
+# Steps -------------------------------------------------------------------------------
+
+
+def _earlier_specs(scope: _Scope, own) -> tuple[dict[str, P], dict[str, str | None]]:
+    """Specs (and their sources) an earlier `parallelize` left on the params.
+
+    A model's own `out_sharding` naming axes the mesh lacks is ignored, with
+    a note.
+    """
+    current: dict[str, P] = {}
+    sources: dict[str, str | None] = {}
+    for name, (path, var) in own.items():
+        meta = _compat.get_metadata(var)
+        declared = _compat.get_declared_spec(var)
+        if _compat.SOURCE_KEY in meta and declared is not None:
+            current[name] = P(*declared)
+            sources[name] = meta[_compat.SOURCE_KEY]
+        elif declared is not None:
+            known = set(scope.mesh.axis_names) | set(scope.stacks.get(path, ()))
+            unknown = sorted(_specs.spec_axes(declared) - known)
+            if unknown:
+                scope.notes.append(
+                    f"{path}: ignored its own out_sharding {declared} (axes {unknown} are not "
+                    "in the mesh)"
+                )
+    return current, sources
+
+
+def _styles_for(scope: _Scope, owner: str, module, shapes) -> list[tuple[str, Style]]:
+    """(pattern, style) pairs that apply to `owner`'s own params, in order."""
+    styles: list[tuple[str, Style]] = []
+    declared = getattr(module, SPECS_ATTR, None)
+    if owner in scope.chosen:
+        styles = [(scope.chosen[owner], s) for s in scope.entries[scope.chosen[owner]]]
+    elif declared:
+        styles = [(DECORATOR_SOURCE, Shard(**_align(dict(declared), shapes)))]
+    if not any(s.subtree for _, s in styles):
+        # Subtree styles (FSDP, Replicated) of the nearest ancestor fill in
+        # around tensor-parallel styles and declarations.
+        for anc in ancestors(owner):
+            pattern = scope.chosen.get(anc)
+            inherited = [(pattern, s) for s in scope.entries.get(pattern, ()) if s.subtree]
+            if inherited:
+                return styles + inherited
+    return styles
+
+
+def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
+    """Specs, sources, hooks and metadata for the params `owner` directly holds."""
+    module = scope.modules[owner]
+    shapes = {n: tuple(v.get_value().shape) for n, (_, v) in own.items()}
+    stacked = {n: scope.stacks[path] for n, (path, _) in own.items() if path in scope.stacks}
+    current, sources = _earlier_specs(scope, own)
+    previous = dict(current)
+    hooks = get_hooks(module)
+    metadata: dict[str, dict] = {}
+    styles = _styles_for(scope, owner, module, shapes)
+    declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
+    for pattern, style in styles:
+        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), scope.mesh, declared,
+                            stacked)
+        new = style.param_specs(ctx)
+        for name, spec in new.items():
+            if spec != current.get(name):
+                sources[name] = pattern
+            current[name] = spec
+        hooks = (hooks or ModuleHooks()).merge(style.hooks(ctx, new))
+        param_metadata = getattr(style, "param_metadata", None)  # optional protocol method
+        if param_metadata is not None:
+            for name, meta in param_metadata(ctx, dict(current)).items():
+                metadata.setdefault(name, {}).update(meta)
+    if styles:
+        _check_conflicts(own, previous, current, sources)
+    return _Module(current, sources, _layer_hooks(module, scope.mesh, hooks), metadata)
+
+
+def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:
+    """Hooks the layer table asks for where no style gave any (see
+    `layers.needs_whole_features`: BatchNorm on Explicit axes)."""
+    if hooks is not None and (hooks.layout is not None or hooks.gather is not None):
+        return hooks
+    if not layers.needs_whole_features(module, _compat.is_explicit(mesh)):
+        return hooks
+    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=Layout(input=(None,))))
+
+
+def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, P]:
+    """Expands a positional `@sharded(spec)` ("*") onto each param's trailing dims."""
+    if "*" not in declared:
+        return dict(declared)
+    spec = tuple(declared["*"])
+    out = {}
+    for name, shape in shapes.items():
+        tail = spec[-len(shape):] if shape else ()
+        out[name] = P(*((None,) * (len(shape) - len(tail)) + tail))
+    out.update({k: v for k, v in declared.items() if k != "*"})
+    return out
+
+
+# Checks ----------------------------------------------------------------------------------
+
+
+def _check_conflicts(own, previous, current, sources) -> None:
+    for name, old in previous.items():
+        new = current.get(name)
+        if new is None or old is None:
+            continue
+        ndim = max(len(tuple(old)), len(tuple(new)))
+        for d, (a, b) in enumerate(zip(_specs.pad(old, ndim), _specs.pad(new, ndim))):
+            moved = a is None and set(_specs.axes_of(b)) & _specs.spec_axes(old)
+            if a is not None and a != b or moved:
+                raise PlanError(
+                    f"{own[name][0]!r} is already parallelized as {old} and the new plan "
+                    f"(pattern {sources.get(name)!r}) wants {new}, which changes dim {d}. "
+                    "Use nnx_parallel.reshard(model, mesh, plan) to move to a different plan, "
+                    "or only add axes to dims that are still unsharded."
+                )
+
+
+def check_spec(path: str, source: str | None, spec: P, shape: tuple, mesh: Mesh) -> None:
+    """Raises unless `spec` has one entry per dim of `shape`, names only mesh
+    axes (each once) and divides every dim it shards."""
+    where = f"{path!r}" + (f" (pattern {source!r})" if source is not None else "")
+    entries = tuple(spec)
+    if len(entries) != len(shape):
+        raise PlanError(
+            f"spec {spec} for {where} has {len(entries)} entries but the parameter has shape "
+            f"{shape} ({len(shape)} dims). Give one entry per dim, None for unsharded dims."
+        )
+    seen: set[str] = set()
+    for d, entry in enumerate(entries):
+        for a in _specs.axes_of(entry):
+            if a not in mesh.axis_names:
+                raise MeshError(
+                    f"spec {spec} for {where} names mesh axis {a!r}, which the mesh "
+                    f"{dict(mesh.shape)} does not have.{did_you_mean(a, mesh.axis_names)} "
+                    "Rename the axis in the plan or build the mesh with it."
+                )
+            if a in seen:
+                raise PlanError(
+                    f"spec {spec} for {where} uses mesh axis {a!r} twice. A mesh axis can shard "
+                    "at most one dim of a parameter."
+                )
+            seen.add(a)
+        size = _specs.size(mesh, entry)
+        if shape[d] % size:
+            raise PlanError(
+                f"{where}: dim {d} of shape {shape} is not divisible by mesh axis {entry!r} "
+                f"(size {size}). Make that dim a multiple of {size}, or map this path to "
+                "Replicated()."
+            )

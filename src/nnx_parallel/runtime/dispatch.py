@@ -1,0 +1,138 @@
+"""Call-time dispatch: which path a hooked module's call takes, and why.
+
+A hooked method (see `runtime/install.py`) runs `run(...)`, which picks one
+route from the table below at trace time, the first whose condition holds. The choice depends on the hooks,
+on the axis types of the mesh, on the inputs and on whether an enclosing
+module is already manual. Every route has a name; `recording()` lists the
+routes a trace took, and each has a test of its own (tests/test_dispatch.py).
+
+| route              | when                                                      | what it does |
+|--------------------|-----------------------------------------------------------|--------------|
+| `plain`            | probing output shapes, or a method without hooks for it   | the method as written |
+| `layout.*`         | activation layouts only (no FSDP gather)                  | see below |
+| `fsdp.tp-manual`   | FSDP x TP on a local-safe layer (`layers.local_safe`)      | one fully manual shard_map: gather only the FSDP axis, psum the TP partial sums |
+| `fsdp.auto-axes`   | FSDP + a layout, on Explicit axes                          | gather + layout inside `auto_axes`; the output gets the layout |
+| `fsdp.nested`      | FSDP, inside an enclosing module's shard_map over its axes | all-gather own params there |
+| `fsdp.shard-map`   | FSDP, the batch splits over the batch axes                 | shard_map over the batch axes, all-gather params, reduce-scatter grads |
+| `fsdp.gspmd`       | FSDP, but state or an indivisible batch (FallbackWarning)  | sharding constraints; GSPMD all-reduces the gradients |
+
+The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
+`out_sharding=` wins), `layout.as-written` (no output layout or no array
+input), `layout.constrain` (Auto axes: sharding constraints),
+`layout.out-sharding` (Explicit: passed to a layer that takes it) and
+`layout.auto-axes` (Explicit: the call runs in `auto_axes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
+from nnx_parallel.runtime import fsdp, layout
+
+PLAIN = "plain"
+FSDP_NESTED = "fsdp.nested"
+FSDP_TP_MANUAL = "fsdp.tp-manual"
+FSDP_AUTO_AXES = "fsdp.auto-axes"
+FSDP_SHARD_MAP = "fsdp.shard-map"
+FSDP_GSPMD = "fsdp.gspmd"
+
+ROUTES = (
+    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
+    layout.CALLER, layout.AS_WRITTEN, layout.CONSTRAIN, layout.OUT_SHARDING, layout.AUTO_AXES,
+)
+
+_records: list[list[tuple[str, str, str]]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects `(class name, method, route)` for every hooked call traced inside.
+
+    Example:
+      >>> layer = parallelize(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), mesh8, ColumnParallel())
+      >>> with recording() as routes, jax.set_mesh(mesh8):
+      ...     _ = jax.jit(lambda x: layer(x))(jax.numpy.ones((2, 16)))
+      >>> routes
+      [('ParallelLinear', '__call__', 'layout.constrain')]
+    """
+    log: list[tuple[str, str, str]] = []
+    _records.append(log)
+    try:
+        yield log
+    finally:
+        _records.remove(log)
+
+
+def _note(module, name: str, route: str) -> None:
+    for log in _records:
+        log.append((type(module).__name__, name, route))
+
+
+def wrap(method, name: str):
+    """`method` of a hooked class: runs through `run` with the class's hooks."""
+
+    @functools.wraps(method)
+    def hooked(self, *args, **kwargs):
+        if layout.probing():
+            _note(self, name, PLAIN)
+            return method(self, *args, **kwargs)
+        hooks: ModuleHooks = getattr(type(self), HOOKS_ATTR)
+        return run(self, method, name, hooks, args, kwargs)
+
+    return hooked
+
+
+def choose(module, hooks: ModuleHooks, lay: Layout | None, args, kwargs) -> str:
+    """The FSDP route of a call with a gather (see the table above)."""
+    mesh = hooks.mesh
+    if lay is not None and fsdp.local_ok(module, hooks, mesh, args, kwargs):
+        return FSDP_TP_MANUAL
+    if lay is not None and layout.explicit_here(mesh) and args and layout.is_array(args[0]):
+        return FSDP_AUTO_AXES
+    if fsdp.nested(hooks.gather):
+        return FSDP_NESTED
+    return FSDP_SHARD_MAP  # `fsdp.batch_call` may still fall back to FSDP_GSPMD
+
+
+def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
+    """Runs one hooked call on its route."""
+    mesh = hooks.mesh
+    lay = hooks.layout if name == "__call__" else None
+    record = functools.partial(_note, module, name)
+    if hooks.gather is None:
+        if lay is None:
+            record(PLAIN)
+            return method(module, *args, **kwargs)
+        return layout.with_layout(method, lay, mesh, record)(module, *args, **kwargs)
+    route = choose(module, hooks, lay, args, kwargs)
+    if route == FSDP_TP_MANUAL:
+        record(route)
+        return fsdp.local_call(module, method, hooks, mesh, args, kwargs)
+    if route == FSDP_AUTO_AXES:
+        record(route)
+        return _fsdp_in_auto_axes(module, method, hooks, lay, args, kwargs)
+    call = method if lay is None else layout.with_layout(method, lay, mesh)
+    if route == FSDP_NESTED:
+        record(route)
+        return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
+    used = fsdp.batch_call(module, call, hooks.gather, mesh, args, kwargs)
+    record(FSDP_GSPMD if used.fallback else FSDP_SHARD_MAP)
+    return used.out
+
+
+def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kwargs):
+    """Explicit axes: run the gather + layout with Auto axes inside and give
+    the result the layout's sharding (JAX cannot yet transpose a gather
+    inside a partly-manual shard_map over Explicit axes)."""
+    mesh = hooks.mesh
+    x = args[0]
+    full = layout.full_spec(x, lay.output or (), mesh, x.ndim + lay.rank_delta, lay.out_from)
+    inner = layout.with_layout(method, dataclasses.replace(lay, force_auto=True), mesh)
+
+    def call(clone, *a, **kw):
+        return fsdp.gather_call(clone, inner, hooks.gather, mesh, a, kw)
+
+    return layout.run_in_auto_axes(module, call, layout.drop_manual(full), mesh, args, kwargs)

@@ -1,0 +1,173 @@
+"""One test per named call-time route (see `nnx_parallel.runtime.dispatch`).
+
+Each test builds the smallest model that takes the route, checks with
+`dispatch.recording()` that it was taken, and compares the output with the
+unsharded model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import nnx_parallel as npx
+from nnx_parallel.runtime import dispatch, layout
+from tests import models
+
+AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
+
+
+def _mesh(shape, names, kind):
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names))
+
+
+def _routes(model, mesh, *args, **kwargs):
+    """(output, routes taken) of one jitted forward call under `mesh`."""
+    with dispatch.recording() as routes, jax.set_mesh(mesh):
+        out = jax.jit(lambda *a: model(*a, **kwargs))(*args)
+    return out, [r for _, _, r in routes]
+
+
+def _twin(factory, mesh, plan):
+    ref = factory()
+    return ref, npx.parallelize(factory(), mesh, plan)
+
+
+def _assert_close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+X = jax.random.normal(jax.random.key(0), (8, 16), jnp.float32)
+
+
+def test_every_route_is_listed_once():
+    assert len(set(dispatch.ROUTES)) == len(dispatch.ROUTES) == 11
+    for route in dispatch.ROUTES:
+        assert route in dispatch.__doc__, route
+
+
+def test_plain_while_probing():
+    layer = npx.parallelize(nnx.Linear(16, 64, rngs=nnx.Rngs(0)), _mesh((8,), ("fsdp",), AUTO),
+                            npx.FSDP(min_size=16))
+    with dispatch.recording() as routes, layout.probe():
+        jax.eval_shape(lambda x: layer(x), X)
+    assert [r for _, _, r in routes] == [dispatch.PLAIN]
+
+
+def test_layout_constrain_on_auto_axes():
+    mesh = _mesh((8,), ("model",), AUTO)
+    ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
+    out, routes = _routes(layer, mesh, X)
+    assert routes == [layout.CONSTRAIN]
+    _assert_close(out, ref(X))
+
+
+def test_layout_out_sharding_on_explicit_axes():
+    mesh = _mesh((8,), ("model",), EXPLICIT)
+    ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
+    out, routes = _routes(layer, mesh, X)
+    assert routes == [layout.OUT_SHARDING]
+    assert out.sharding.spec == P(None, "model")
+    _assert_close(out, ref(X))
+
+
+def test_layout_caller_out_sharding_wins():
+    mesh = _mesh((8,), ("model",), EXPLICIT)
+    ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
+    out, routes = _routes(layer, mesh, X, out_sharding=P(None, None))
+    assert routes == [layout.CALLER]
+    assert out.sharding.spec == P(None, None)  # the plan's layout would be P(None, 'model')
+    _assert_close(out, ref(X))
+
+
+def test_layout_auto_axes_for_a_layer_without_out_sharding():
+    mesh = _mesh((8,), ("model",), EXPLICIT)
+    ref, norm = _twin(lambda: nnx.LayerNorm(16, rngs=nnx.Rngs(0)), mesh, npx.SequenceParallel())
+    x = X.reshape(1, 8, 16)
+    out, routes = _routes(norm, mesh, x)
+    assert routes == [layout.AUTO_AXES]
+    assert out.sharding.spec == P(None, "model", None)
+    _assert_close(out, ref(x))
+
+
+def test_layout_as_written_without_an_output_layout():
+    mesh = _mesh((8,), ("model",), AUTO)
+    plan = npx.Shard(kernel=P(None, None), input_spec=(None,))
+    ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, plan)
+    out, routes = _routes(layer, mesh, X)
+    assert routes == [layout.AS_WRITTEN]
+    _assert_close(out, ref(X))
+
+
+@pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
+def test_fsdp_shard_map(kind):
+    mesh = _mesh((8,), ("fsdp",), kind)
+    ref, mlp = _twin(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
+    out, routes = _routes(mlp, mesh, X)
+    assert routes == [dispatch.FSDP_SHARD_MAP] * 2
+    _assert_close(out, ref(X))
+
+
+def test_fsdp_gspmd_fallback_on_an_indivisible_batch(monkeypatch):
+    monkeypatch.setattr(layout, "_warned", set())
+    mesh = _mesh((8,), ("fsdp",), AUTO)
+    ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
+    with pytest.warns(npx.FallbackWarning, match="does not split over the batch axes"):
+        out, routes = _routes(layer, mesh, X[:3])
+    assert routes == [dispatch.FSDP_GSPMD]
+    _assert_close(out, ref(X[:3]))
+
+
+class _Scaled(nnx.Module):
+    """A module with a parameter of its own around a child layer."""
+
+    def __init__(self, rngs):
+        self.scale = nnx.Param(jnp.linspace(0.5, 1.5, 64))
+        self.inner = nnx.Linear(16, 64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.inner(x) * self.scale[...].reshape(1, -1)
+
+
+def test_fsdp_nested_inside_a_gathered_parent():
+    mesh = _mesh((8,), ("fsdp",), AUTO)
+    ref, model = _twin(lambda: _Scaled(nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
+    out, routes = _routes(model, mesh, X)
+    # The parent's batch probe traces the child twice (full and per-device
+    # batch) with hooks aside; then the child runs inside the parent's shard_map.
+    assert routes == [dispatch.PLAIN] * 2 + [dispatch.FSDP_NESTED, dispatch.FSDP_SHARD_MAP]
+    _assert_close(out, ref(X))
+
+
+@pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
+def test_fsdp_tp_manual_region(kind):
+    mesh = _mesh((2, 4), ("fsdp", "model"), kind)
+    tp = {"up": npx.ColumnParallel("model"), "down": npx.RowParallel("model")}
+    plan = npx.plans.combine(tp, npx.FSDP("fsdp", min_size=16))
+    ref, mlp = _twin(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
+    out, routes = _routes(mlp, mesh, X)
+    assert routes == [dispatch.FSDP_TP_MANUAL] * 2
+    _assert_close(out, ref(X))
+
+
+def test_fsdp_auto_axes_for_a_layout_layer_on_explicit_axes():
+    mesh = _mesh((2, 4), ("fsdp", "model"), EXPLICIT)
+    plan = {"": npx.FSDP("fsdp", min_size=4), "norm": npx.SequenceParallel("model")}
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(x)
+
+    ref, net = _twin(lambda: Net(nnx.Rngs(0)), mesh, plan)
+    x = X.reshape(2, 4, 16)
+    out, routes = _routes(net, mesh, x)
+    assert routes == [dispatch.FSDP_AUTO_AXES]
+    _assert_close(out, ref(x))
