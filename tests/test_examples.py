@@ -17,3 +17,18 @@ def test_readme_example_prints_summary_numerics_and_collectives(capsys):
     assert lines["all-reduce model"][0] == "10" and lines["all-reduce data"][0] == "1"
     assert lines["all-gather model"][0] == "1"  # the head's logits, gathered for the loss
     assert set(lines) == {"all-reduce model", "all-reduce data", "all-gather model"}
+
+
+def test_train_gpt_example_learns_and_matches_one_device():
+    """examples/train_gpt.py: sharded losses equal the unsharded run; loss falls."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "examples" / "train_gpt.py"
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses, reference = example.main(["--parallel", "tp", "--steps", "6", "--compare", "3", "--layers", "1"])
+    assert len(losses) == 6 and len(reference) == 3
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
+    assert losses[-1] < losses[0] - 0.5
