@@ -1,5 +1,6 @@
 """nnx-parallel: tensor parallelism, FSDP and ZeRO for unmodified Flax NNX models."""
 
+from nnx_parallel.accumulate import accumulate
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.errors import MeshError, ParallelError, PlanError
 from nnx_parallel.mesh import make_mesh
@@ -30,6 +31,7 @@ from nnx_parallel.styles import (
 )
 
 __all__ = [
+    "accumulate",
     "FSDP",
     "ColumnParallel",
     "FallbackWarning",

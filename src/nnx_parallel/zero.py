@@ -182,6 +182,7 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
         )
         return mapped(params, rest, batch)
 
+    run.zero_loss_fn, run.zero_axis = loss_fn, axis  # accumulate() defers the reduce-scatter
     return run
 
 

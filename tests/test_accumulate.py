@@ -1,0 +1,245 @@
+"""Gradient accumulation: full-batch numerics, one gradient sync, sharded FSDP
+accumulators, compiled temp memory, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nnx_parallel import FSDP, ParallelError, Replicated, ZeRO, accumulate, parallelize, zero
+from nnx_parallel.collectives import count_collectives
+from tests import helpers, models
+
+K = 4
+BATCH = 2048  # 256 rows per device on 8 devices: activations dominate temp memory
+REL_TOL = 1e-6
+MEMORY_RATIO = 0.4  # temp(k=4) <= 0.4 * temp(k=1)
+
+
+def loss_fn(model, x):
+    return jnp.mean(model(x) ** 2)
+
+
+def aux_loss_fn(model, x):
+    y = model(x)
+    return jnp.mean(y**2), {"mean_out": jnp.mean(y), "positive": jnp.sum(y > 0)}
+
+
+def rel_err(actual, expected) -> float:
+    a, e = np.asarray(actual), np.asarray(expected)
+    assert a.shape == e.shape
+    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
+
+
+def flat(grads) -> dict:
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(grads)}
+
+
+def max_grad_err(grads, ref_grads) -> float:
+    got, want = flat(grads), flat(ref_grads)
+    assert got.keys() == want.keys()
+    return max(rel_err(got[k], want[k]) for k in want)
+
+
+def batch(size=BATCH):
+    return jax.random.normal(jax.random.key(1), (size, 16))
+
+
+def loop_collectives(compiled, mesh) -> dict[str, int]:
+    """Collectives inside while-loop bodies (run once per microbatch), by kind."""
+    text = compiled.as_text()
+    blocks, name = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head:
+            name = head.group(1)
+            blocks[name] = []
+        elif name is not None:
+            blocks[name].append(line)
+    todo, seen = re.findall(r"body=%?([\w.\-]+)", text), set()
+    while todo:
+        block = todo.pop()
+        if block in seen or block not in blocks:
+            continue
+        seen.add(block)
+        for line in blocks[block]:
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
+    counts = count_collectives("\n".join(line for b in seen for line in blocks[b]), mesh)
+    return {k: v for k, v in counts.items() if v}
+
+
+def compile_both(grad_fn, model, x, mesh):
+    """(compiled k=1, compiled k=4, the k=4 result), under `mesh`."""
+    with jax.set_mesh(mesh):
+        one = nnx.jit(accumulate(grad_fn, microbatches=1)).lower(model, x).compile()
+        four = nnx.jit(accumulate(grad_fn, microbatches=K))
+        compiled = four.lower(model, x).compile()
+        return one, compiled, four(model, x)
+
+
+def temp(compiled) -> int:
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+# Numerics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["value_and_grad", "grad", "has_aux"])
+def test_matches_full_batch_on_one_device(which):
+    x = batch(64)
+    make = {
+        "value_and_grad": lambda: nnx.value_and_grad(loss_fn),
+        "grad": lambda: nnx.grad(loss_fn),
+        "has_aux": lambda: nnx.value_and_grad(aux_loss_fn, has_aux=True),
+    }[which]
+    ref = models.MLP(rngs=nnx.Rngs(0))
+    want = make()(ref, x)
+    got = nnx.jit(accumulate(make(), microbatches=K))(models.MLP(rngs=nnx.Rngs(0)), x)
+    if which == "grad":
+        assert max_grad_err(got, want) <= REL_TOL
+        return
+    assert max_grad_err(got[1], want[1]) <= REL_TOL
+    if which == "has_aux":
+        (loss, aux), ((ref_loss, ref_aux), _) = got[0], want
+        assert rel_err(aux["mean_out"], ref_aux["mean_out"]) <= REL_TOL
+        assert int(aux["positive"]) == int(ref_aux["positive"])  # counts are summed
+        assert aux["positive"].dtype == ref_aux["positive"].dtype
+    else:
+        loss, ref_loss = got[0], want[0]
+    assert rel_err(loss, ref_loss) <= REL_TOL
+
+
+def test_sum_reduction_matches_a_sum_loss():
+    def sum_loss(model, x):
+        return jnp.sum(model(x) ** 2)
+
+    x = batch(64)
+    loss, grads = nnx.value_and_grad(sum_loss)(models.MLP(rngs=nnx.Rngs(0)), x)
+    got = accumulate(nnx.value_and_grad(sum_loss), microbatches=K, reduction="sum")
+    acc_loss, acc_grads = nnx.jit(got)(models.MLP(rngs=nnx.Rngs(0)), x)
+    assert rel_err(acc_loss, loss) <= REL_TOL
+    assert max_grad_err(acc_grads, grads) <= REL_TOL
+
+
+# Data parallel and ZeRO-1/2: one gradient sync per step --------------------------------
+
+
+DP_CASES = {
+    "dp": ({"": Replicated()}, lambda: nnx.value_and_grad(loss_fn), P(None, None)),
+    "zero1": (ZeRO(stage=1, axis="data", min_size=16), lambda: nnx.value_and_grad(loss_fn), P(None, None)),
+    "zero2": (ZeRO(stage=2, axis="data", min_size=16), lambda: zero.value_and_grad(loss_fn), P(None, "data")),
+}
+
+
+@pytest.mark.parametrize("case", list(DP_CASES))
+def test_data_parallel_syncs_once(case, kind):
+    plan, make, grad_spec = DP_CASES[case]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+    x = batch()
+    ref_loss, ref_grads = nnx.value_and_grad(loss_fn)(models.MLP(rngs=nnx.Rngs(0)), x)
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    one, four, (loss, grads) = compile_both(make(), model, xs, mesh)
+    # The same collectives as without accumulation, and none of them in the loop:
+    # the gradients are synchronised once, after the k microbatches.
+    assert count_collectives(four, mesh) == count_collectives(one, mesh)
+    assert loop_collectives(four, mesh) == {}
+    assert count_collectives(one, mesh)["all-reduce"] == 1  # XLA combines them into one
+    assert temp(four) <= MEMORY_RATIO * temp(one), (temp(four), temp(one))
+    assert rel_err(loss, ref_loss) <= REL_TOL
+    assert max_grad_err(grads, ref_grads) <= REL_TOL
+    assert grads["up"]["kernel"][...].sharding.spec in (grad_spec, P())
+
+
+# FSDP: the accumulator is a shard ---------------------------------------------------------
+
+
+def test_fsdp_accumulates_shards(kind):
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
+    x = batch()
+    ref_loss, ref_grads = nnx.value_and_grad(loss_fn)(models.MLP(rngs=nnx.Rngs(0)), x)
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, FSDP("fsdp", min_size=16))
+    xs = jax.device_put(x, NamedSharding(mesh, P("fsdp")))
+    one, four, (loss, grads) = compile_both(nnx.value_and_grad(loss_fn), model, xs, mesh)
+    counts = count_collectives(one, mesh)
+    assert count_collectives(four, mesh) == counts
+    # Each microbatch gathers and reduce-scatters, as FSDP does per call; the
+    # gathers stay in the loop (no whole parameter lives across microbatches).
+    in_loop = loop_collectives(four, mesh)
+    assert in_loop["all-gather"] == counts["all-gather"] == 4
+    assert in_loop["reduce-scatter"] == counts["reduce-scatter"] == 4
+    # The loop state holds 1/8 of each kernel, never a whole (16, 64) gradient.
+    carry = next(line for line in four.as_text().splitlines() if " while(" in line)
+    assert "f32[16,8]" in carry and "f32[8,16]" in carry
+    assert "f32[16,64]" not in carry and "f32[64,16]" not in carry
+    assert grads["up"]["kernel"][...].sharding.spec == P(None, "fsdp")
+    assert temp(four) <= MEMORY_RATIO * temp(one), (temp(four), temp(one))
+    assert rel_err(loss, ref_loss) <= REL_TOL
+    assert max_grad_err(grads, ref_grads) <= REL_TOL
+
+
+# One optimizer step ----------------------------------------------------------------------
+
+
+def test_optimizer_step_matches_full_batch(kind):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+    x = batch(256)
+    ref = models.MLP(rngs=nnx.Rngs(0))
+    ref_opt = nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param)
+    ref_opt.update(ref, nnx.grad(loss_fn)(ref, x))
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
+    grad_fn = accumulate(nnx.value_and_grad(loss_fn), microbatches=K)
+
+    @nnx.jit
+    def step(model, opt, x):
+        loss, grads = grad_fn(model, x)
+        opt.update(model, grads)
+        return loss
+
+    with jax.set_mesh(mesh):
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+        step(model, opt, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    for name, value in helpers.params(model).items():
+        helpers.assert_close(value, helpers.params(ref)[name], helpers.STEP_TOL, name)
+
+
+# Errors ------------------------------------------------------------------------------------
+
+
+def test_errors():
+    grad_fn = nnx.value_and_grad(loss_fn)
+    model = models.MLP(rngs=nnx.Rngs(0))
+    with pytest.raises(ParallelError, match=r"microbatches must be an int, got float"):
+        accumulate(grad_fn, microbatches=2.0)
+    with pytest.raises(ParallelError, match=r"microbatches must be an int, got bool"):
+        accumulate(grad_fn, microbatches=True)
+    with pytest.raises(ParallelError, match=r"microbatches must be >= 1. Pass 1 for no"):
+        accumulate(grad_fn, microbatches=0)
+    with pytest.raises(ParallelError, match=r"reduction must be one of \('mean', 'sum'\)"):
+        accumulate(grad_fn, microbatches=2, reduction="avg")
+    f = accumulate(grad_fn, microbatches=3)
+    with pytest.raises(ParallelError, match=r"batch size 8 .* not divisible by 3. Use a batch"):
+        f(model, jnp.ones((8, 16)))
+    with pytest.raises(ParallelError, match=r"differ in dim 0 \(\{'\[0\]': 6, '\[1\]': 3\}\)"):
+        f(model, jnp.ones((6, 16)), jnp.ones((3,)))
+    with pytest.raises(ParallelError, match=r"args\[0\] is a scalar.*as keyword arguments"):
+        f(model, jnp.float32(1.0))
+    with pytest.raises(ParallelError, match=r"no batch array among the positional arguments"):
+        f(model)
+    with pytest.raises(ParallelError, match=r"first argument must be the nnx.Module, got Array"):
+        f(jnp.ones((6, 16)), model)
+
+
+def test_error_batch_not_divisible_by_devices_times_k():
+    mesh = jax.make_mesh((8,), ("data",))
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
+    x = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh, P("data")))
+    f = accumulate(nnx.value_and_grad(loss_fn), microbatches=4)
+    with jax.set_mesh(mesh), pytest.raises(ParallelError, match=r"multiple of 32"):
+        f(model, x)
