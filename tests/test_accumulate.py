@@ -1,6 +1,7 @@
 """Gradient accumulation: full-batch numerics, one gradient sync, sharded FSDP
 accumulators, compiled temp memory, errors."""
 
+import functools
 import re
 
 import jax
@@ -51,6 +52,12 @@ def batch(size=BATCH):
     return jax.random.normal(jax.random.key(1), (size, 16))
 
 
+@functools.cache
+def reference(size=BATCH):
+    """Full-batch (loss, grads) of the unsharded model: one compile per size."""
+    return nnx.jit(nnx.value_and_grad(loss_fn))(models.MLP(rngs=nnx.Rngs(0)), batch(size))
+
+
 def loop_collectives(compiled, mesh) -> dict[str, int]:
     """Collectives inside while-loop bodies (run once per microbatch), by kind."""
     text = compiled.as_text()
@@ -98,8 +105,7 @@ def test_matches_full_batch_on_one_device(which):
         "grad": lambda: nnx.grad(loss_fn),
         "has_aux": lambda: nnx.value_and_grad(aux_loss_fn, has_aux=True),
     }[which]
-    ref = models.MLP(rngs=nnx.Rngs(0))
-    want = make()(ref, x)
+    want = nnx.jit(make())(models.MLP(rngs=nnx.Rngs(0)), x)
     got = nnx.jit(accumulate(make(), microbatches=K))(models.MLP(rngs=nnx.Rngs(0)), x)
     if which == "grad":
         assert max_grad_err(got, want) <= REL_TOL
@@ -120,7 +126,7 @@ def test_sum_reduction_matches_a_sum_loss():
         return jnp.sum(model(x) ** 2)
 
     x = batch(64)
-    loss, grads = nnx.value_and_grad(sum_loss)(models.MLP(rngs=nnx.Rngs(0)), x)
+    loss, grads = nnx.jit(nnx.value_and_grad(sum_loss))(models.MLP(rngs=nnx.Rngs(0)), x)
     got = accumulate(nnx.value_and_grad(sum_loss), microbatches=K, reduction="sum")
     acc_loss, acc_grads = nnx.jit(got)(models.MLP(rngs=nnx.Rngs(0)), x)
     assert rel_err(acc_loss, loss) <= REL_TOL
@@ -142,7 +148,7 @@ def test_data_parallel_syncs_once(case, kind):
     plan, make, grad_spec = DP_CASES[case]
     mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
     x = batch()
-    ref_loss, ref_grads = nnx.value_and_grad(loss_fn)(models.MLP(rngs=nnx.Rngs(0)), x)
+    ref_loss, ref_grads = reference()
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     one, four, (loss, grads) = compile_both(make(), model, xs, mesh)
@@ -163,7 +169,7 @@ def test_data_parallel_syncs_once(case, kind):
 def test_fsdp_accumulates_shards(kind):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
     x = batch()
-    ref_loss, ref_grads = nnx.value_and_grad(loss_fn)(models.MLP(rngs=nnx.Rngs(0)), x)
+    ref_loss, ref_grads = reference()
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, FSDP("fsdp", min_size=16))
     xs = jax.device_put(x, NamedSharding(mesh, P("fsdp")))
     one, four, (loss, grads) = compile_both(nnx.value_and_grad(loss_fn), model, xs, mesh)
@@ -191,19 +197,22 @@ def test_optimizer_step_matches_full_batch(kind):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
     x = batch(256)
     ref = models.MLP(rngs=nnx.Rngs(0))
-    ref_opt = nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param)
-    ref_opt.update(ref, nnx.grad(loss_fn)(ref, x))
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
-    grad_fn = accumulate(nnx.value_and_grad(loss_fn), microbatches=K)
 
-    @nnx.jit
-    def step(model, opt, x):
-        loss, grads = grad_fn(model, x)
-        opt.update(model, grads)
-        return loss
+    def make_step(grad_fn):
+        @nnx.jit
+        def step(model, opt, x):
+            loss, grads = grad_fn(model, x)
+            opt.update(model, grads)
+            return loss
 
+        return step
+
+    full = nnx.value_and_grad(loss_fn)
+    make_step(full)(ref, nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param), x)
     with jax.set_mesh(mesh):
         opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+        step = make_step(accumulate(full, microbatches=K))
         step(model, opt, jax.device_put(x, NamedSharding(mesh, P("data"))))
     for name, value in helpers.params(model).items():
         helpers.assert_close(value, helpers.params(ref)[name], helpers.STEP_TOL, name)
