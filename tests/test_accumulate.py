@@ -207,29 +207,34 @@ def test_fsdp_accumulates_shards(kind):
 # One optimizer step ----------------------------------------------------------------------
 
 
+def make_step(grad_fn):
+    @nnx.jit
+    def step(model, opt, x):
+        loss, grads = grad_fn(model, x)
+        opt.update(model, grads)
+        return loss
+
+    return step
+
+
+@functools.cache
+def reference_step(size=256):
+    """Parameters of the unsharded model after one full-batch Adam step."""
+    ref = models.MLP(rngs=nnx.Rngs(0))
+    make_step(nnx.value_and_grad(loss_fn))(ref, nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param), batch(size))
+    return helpers.params(ref)
+
+
 def test_optimizer_step_matches_full_batch(kind):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
-    x = batch(256)
-    ref = models.MLP(rngs=nnx.Rngs(0))
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
-
-    def make_step(grad_fn):
-        @nnx.jit
-        def step(model, opt, x):
-            loss, grads = grad_fn(model, x)
-            opt.update(model, grads)
-            return loss
-
-        return step
-
-    full = nnx.value_and_grad(loss_fn)
-    make_step(full)(ref, nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param), x)
     with jax.set_mesh(mesh):
         opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-        step = make_step(accumulate(full, microbatches=K))
-        step(model, opt, jax.device_put(x, NamedSharding(mesh, P("data"))))
+        step = make_step(accumulate(nnx.value_and_grad(loss_fn), microbatches=K))
+        step(model, opt, jax.device_put(batch(256), NamedSharding(mesh, P("data"))))
+    want = reference_step()
     for name, value in helpers.params(model).items():
-        helpers.assert_close(value, helpers.params(ref)[name], helpers.STEP_TOL, name)
+        helpers.assert_close(value, want[name], helpers.STEP_TOL, name)
 
 
 # Errors ------------------------------------------------------------------------------------
@@ -259,13 +264,17 @@ def test_errors():
         f(jnp.ones((6, 16)), model)
 
 
-def test_error_batch_not_divisible_by_devices_times_k():
-    mesh = jax.make_mesh((8,), ("data",))
-    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
-    x = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh, P("data")))
+@pytest.mark.parametrize("style", ["dp", "fsdp"])
+def test_error_batch_not_divisible_by_devices_times_k(style):
+    axis = "data" if style == "dp" else "fsdp"
+    mesh = jax.make_mesh((8,), (axis,), axis_types=(AxisType.Auto,))
+    plan = {"": Replicated()} if style == "dp" else FSDP("fsdp", min_size=16)
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
+    x = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh, P(axis)))
     f = accumulate(nnx.value_and_grad(loss_fn), microbatches=4)
-    with jax.set_mesh(mesh), pytest.raises(ParallelError, match=r"multiple of 32"):
-        f(model, x)
+    match = rf"split over mesh axes \('{axis}',\) \(8 devices\).*must be a multiple of 32"
+    with jax.set_mesh(mesh), pytest.raises(ParallelError, match=match):
+        nnx.jit(f)(model, x)
 
 
 # Tensor parallel x data parallel; model state ----------------------------------------------

@@ -123,17 +123,14 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
                 "Call the accumulated function as f(model, *batch)."
             )
         size = _batch_size(batch)
-        if size % k:
-            raise ParallelError(
-                f"accumulate(microbatches={k}): the batch size {size} (dim 0 of the batch "
-                f"arguments) is not divisible by {k}. Use a batch size that is a multiple of {k}, "
-                "or a number of microbatches that divides it."
-            )
+        _check_divisible(size, k)
         if k == 1:
             return grad_fn(model, *batch, **kwargs)
         plan = _choose(model, axes)
+        _check_divisible(size, k, *_row_axes(model, batch, plan))
         if plan is None:
-            return _global(grad_fn, model, batch, kwargs, k, reduction)
+            # zero.value_and_grad's gradients are not laid out as their parameters.
+            return _global(grad_fn, model, batch, kwargs, k, reduction, declared=zero_loss is None)
         mesh, used = plan
         inner = grad_fn if zero_loss is None else nnx.value_and_grad(zero_loss)
         return _per_device(inner, model, batch, kwargs, k, reduction, mesh, used, zero_loss is not None)
@@ -156,6 +153,42 @@ def _check_microbatches(k: Any) -> int:
             "accumulation, or the number of slices to split the batch into."
         )
     return int(k)
+
+
+def _check_divisible(size: int, k: int, n: int = 1, axes: tuple[str, ...] = ()) -> None:
+    if size % (n * k) == 0:
+        return
+    if n == 1:
+        raise ParallelError(
+            f"accumulate(microbatches={k}): the batch size {size} (dim 0 of the batch "
+            f"arguments) is not divisible by {k}. Use a batch size that is a multiple of {k}, "
+            "or a number of microbatches that divides it."
+        )
+    raise ParallelError(
+        f"accumulate(microbatches={k}): the batch size {size} is split over mesh axes {axes} "
+        f"({n} devices) and then into {k} microbatches, so it must be a multiple of {n * k}. "
+        f"Use a batch size that is a multiple of {n * k}, or fewer microbatches."
+    )
+
+
+def _row_axes(model, batch, plan) -> tuple[int, tuple[str, ...]]:
+    """(devices each microbatch is split over, their mesh axes), where known."""
+    if plan is not None:
+        mesh, axes = plan
+    else:
+        gathers = [h.gather for _, node in nnx.iter_graph(model)
+                   if (h := get_hooks(node)) is not None and h.gather is not None]
+        mesh = _params_mesh(model)
+        first = next(x for x in jax.tree.leaves(batch) if _is_array(x))
+        lead = tuple(_compat.spec_of(first) or (None,))[:1]
+        if gathers:  # FSDP splits each call over its batch axes
+            axes = gathers[0].batch_axes
+        elif lead and lead[0] is not None:  # an Explicit type says where dim 0 lives
+            axes = (lead[0],) if isinstance(lead[0], str) else tuple(lead[0])
+        else:
+            return 1, ()
+        mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes), tuple(axes)
 
 
 def _is_array(x) -> bool:
@@ -286,27 +319,31 @@ def _resharded(model) -> bool:
 # The global path ------------------------------------------------------------------------
 
 
-def _leaf_specs(out, mesh: Mesh | None) -> list[P | None]:
-    """Per value leaf of `out`: the spec to keep its accumulator in, or None."""
+def _leaf_specs(out, mesh: Mesh | None, declared: bool) -> list[P | None]:
+    """Per value leaf of `out`: the spec to keep its accumulator in, or None.
+
+    Explicit axes: the leaf's own type. Auto axes: a gradient's parameter's
+    `out_sharding` if `declared`, else None (left to propagation).
+    """
     leaves = jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, nnx.Variable))
     specs = []
     for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         if mesh is not None and _compat.is_explicit(mesh) and hasattr(sharding, "spec"):
             specs.append(sharding.spec)
-        elif isinstance(leaf, nnx.Variable) and leaf.get_metadata().get("mesh") is not None:
+        elif declared and isinstance(leaf, nnx.Variable) and leaf.get_metadata().get("mesh"):
             specs.append(P(*(_compat.get_declared_spec(leaf) or ())))
         else:
             specs.append(None)
     return specs
 
 
-def _global(grad_fn, model, batch, kwargs, k: int, reduction: str):
+def _global(grad_fn, model, batch, kwargs, k: int, reduction: str, *, declared: bool = True):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     call = _caller(grad_fn, graphdef, _splitter(batch, k), kwargs)
     shapes, _ = jax.eval_shape(call, params, rest, 0)
     mesh = _params_mesh(model)
-    specs = _leaf_specs(shapes, mesh)
+    specs = _leaf_specs(shapes, mesh, declared)
     treedef = jax.tree.structure(shapes)
 
     def pin(acc):
@@ -339,13 +376,6 @@ def _varying(x, axes: tuple[str, ...]):
 def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: bool):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n = math.prod(mesh.shape[a] for a in axes)
-    size = _batch_size(batch)
-    if size % (n * k):
-        raise ParallelError(
-            f"accumulate(microbatches={k}): the batch size {size} is split over mesh axes {axes} "
-            f"({n} devices) and then into {k} microbatches, so it must be a multiple of {n * k}. "
-            f"Use a batch size that is a multiple of {n * k}."
-        )
     flat, treedef = jax.tree.flatten((batch, kwargs))
     where = [i for i, x in enumerate(flat) if _is_array(x)]
     split = [i < len(jax.tree.leaves(batch)) for i in where]
