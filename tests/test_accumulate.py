@@ -150,10 +150,10 @@ def test_sum_reduction_matches_a_sum_loss():
 # Data parallel and ZeRO-1/2: one gradient sync per step --------------------------------
 
 
-DP_CASES = {
+DP_CASES = {  # plan, grad_fn, spec of the up.kernel gradient
     "dp": ({"": Replicated()}, lambda: nnx.value_and_grad(loss_fn), P(None, None)),
-    "zero1": (ZeRO(stage=1, axis="data", min_size=16), lambda: nnx.value_and_grad(loss_fn), P(None, None)),
-    "zero2": (ZeRO(stage=2, axis="data", min_size=16), lambda: zero.value_and_grad(loss_fn), P(None, "data")),
+    "zero1": (ZeRO(stage=1, min_size=16), lambda: nnx.value_and_grad(loss_fn), P(None, None)),
+    "zero2": (ZeRO(stage=2, min_size=16), lambda: zero.value_and_grad(loss_fn), P(None, "data")),
 }
 
 
@@ -221,7 +221,8 @@ def make_step(grad_fn):
 def reference_step(size=256):
     """Parameters of the unsharded model after one full-batch Adam step."""
     ref = models.MLP(rngs=nnx.Rngs(0))
-    make_step(nnx.value_and_grad(loss_fn))(ref, nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param), batch(size))
+    opt = nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param)
+    make_step(nnx.value_and_grad(loss_fn))(ref, opt, batch(size))
     return helpers.params(ref)
 
 

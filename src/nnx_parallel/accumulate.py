@@ -17,10 +17,13 @@ the next exactly as k sequential calls would advance it.
 
 Two paths, chosen once per trace from the model (`_choose`):
 
-| path | when | gradient sync |
-|---|---|---|
-| `per-device` | the batch axes (`axis`) are in the parameters' mesh; no parameter is sharded over them (on Explicit axes: over any axis); no FSDP hook; no `nnx.BatchStat` | none in the loop; one all-reduce (ZeRO-2: one reduce-scatter) after it |
-| `global` | everything else: FSDP, a single device, no mesh, batch statistics, tensor parallel on Explicit axes | whatever `grad_fn` does, once per microbatch; the accumulator keeps each gradient's layout |
+- `per-device`: the batch axes (`axis`) are in the parameters' mesh, no
+  parameter is sharded over them (on Explicit axes: over any axis), no FSDP
+  hook, no `nnx.BatchStat`. Gradient sync: none in the loop; one all-reduce
+  (ZeRO-2: one reduce-scatter) after it.
+- `global`: everything else (FSDP, one device, no mesh, batch statistics,
+  tensor parallel on Explicit axes). Gradient sync: whatever `grad_fn` does,
+  once per microbatch; each accumulator keeps its gradient's layout.
 
 Tensor parallel on Explicit axes takes the global path because a partly
 manual `shard_map` over the batch axes makes XLA all-gather the
@@ -29,9 +32,17 @@ column/row-parallel MLP on a 2x4 mesh); on Auto axes it does not.
 
 `per-device` runs the scan inside a `shard_map` over the batch axes, with the
 parameters cast to device-varying, so each device's gradients stay partial
-sums of its own rows; they are reduced once, after the scan. For FSDP the
-reduce-scatter per microbatch is the layer's own backward (the accumulator is
-a shard, never a whole gradient), which is the least memory FSDP can have.
+sums of its own rows; they are reduced once, after the scan (a plain scan at
+the GSPMD level would all-reduce inside the loop, k times per step). With
+`zero.value_and_grad` its loss function is differentiated directly and its
+reduce-scatter deferred to the end.
+
+`global` runs the scan at the GSPMD level and keeps each accumulator in its
+gradient's layout. For FSDP each microbatch's backward reduce-scatters (the
+transpose of the per-call all-gather), so the accumulator is a shard, never a
+whole gradient; an `optimization_barrier` ties the sharded parameters to the
+loop index so XLA does not hoist their all-gathers out of the loop and keep
+whole parameters alive through it (not with `reshard_after_forward=False`).
 """
 
 from __future__ import annotations
@@ -84,7 +95,8 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
       reduction: "mean" if the loss is a mean over its batch (the result is
         the average over microbatches, equal to the full batch's), "sum" if it
         is a sum (the result is the sum).
-      axis: The mesh axis (or axes) the batch is sharded over.
+      axis: The mesh axis (or axes) the batch is sharded over, for the
+        data-parallel path. `zero.value_and_grad` brings its own axis.
 
     Returns:
       A function `(model, *batch, **kwargs) -> what grad_fn returns`. The
@@ -101,7 +113,8 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
       >>> x = jax.random.normal(jax.random.key(0), (32, 16))
       >>> loss, grads = nnx.jit(accumulate(nnx.value_and_grad(loss_fn), microbatches=4))(mlp, x)
       >>> full_loss, full_grads = nnx.value_and_grad(loss_fn)(mlp, x)
-      >>> bool(jax.numpy.allclose(grads["up"]["kernel"][...], full_grads["up"]["kernel"][...], atol=1e-6))
+      >>> got, want = grads["up"]["kernel"][...], full_grads["up"]["kernel"][...]
+      >>> bool(jax.numpy.allclose(got, want, atol=1e-6))
       True
     """
     k = _check_microbatches(microbatches)
@@ -119,8 +132,8 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
     def run(model, *batch, **kwargs):
         if not isinstance(model, nnx.Module):
             raise ParallelError(
-                f"accumulate: the first argument must be the nnx.Module, got {type(model).__name__}. "
-                "Call the accumulated function as f(model, *batch)."
+                "accumulate: the first argument must be the nnx.Module, got "
+                f"{type(model).__name__}. Call the accumulated function as f(model, *batch)."
             )
         size = _batch_size(batch)
         _check_divisible(size, k)
@@ -133,7 +146,8 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
             return _global(grad_fn, model, batch, kwargs, k, reduction, declared=zero_loss is None)
         mesh, used = plan
         inner = grad_fn if zero_loss is None else nnx.value_and_grad(zero_loss)
-        return _per_device(inner, model, batch, kwargs, k, reduction, mesh, used, zero_loss is not None)
+        zero2 = zero_loss is not None
+        return _per_device(inner, model, batch, kwargs, k, reduction, mesh, used, zero2)
 
     return run
 
