@@ -316,9 +316,8 @@ class DropoutMLP(nnx.Module):
 def test_rng_state_advances_once_per_microbatch(kind):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
     model = parallelize(DropoutMLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
-    xs = jax.device_put(batch(256), NamedSharding(mesh, P("data")))
-    with jax.set_mesh(mesh):
-        nnx.jit(accumulate(nnx.value_and_grad(loss_fn), microbatches=K))(model, xs)
+    with jax.set_mesh(mesh):  # a replicated batch is laid out over 'data' first
+        nnx.jit(accumulate(nnx.value_and_grad(loss_fn), microbatches=K))(model, batch(256))
     assert int(model.drop.rngs.count[...]) == K  # as K sequential calls
 
 

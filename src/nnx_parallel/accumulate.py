@@ -128,7 +128,7 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
     if zero_loss is not None:
         axes = (grad_fn.zero_axis,)
 
-    @functools.wraps(grad_fn)
+    @functools.wraps(grad_fn, updated=())
     def run(model, *batch, **kwargs):
         if not isinstance(model, nnx.Module):
             raise ParallelError(
@@ -420,9 +420,26 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
         local, mesh=mesh, in_specs=(P(), P(), [P(entry) if s else P() for s in split]),
         out_specs=(out_specs, P()), axis_names=set(axes),
     )
-    out, rest = mapped(params, rest, [flat[i] for i in where])
+    arrays = [flat[i] for i in where]
+    if explicit:  # shard_map checks Explicit types against in_specs: lay the inputs out
+        arrays = [_laid_out(x, entry if s else None, axes, mesh) for x, s in zip(arrays, split)]
+    out, rest = mapped(params, rest, arrays)
     nnx.update(model, rest)
     return out
+
+
+def _laid_out(x, lead, axes: tuple[str, ...], mesh: Mesh):
+    """`x` with dim 0 on `lead` (None: replicated) and no other dim on `axes`."""
+    spec = tuple(_compat.spec_of(x) or ())
+    spec += (None,) * (x.ndim - len(spec))
+
+    def drop(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n not in axes)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    new = (lead if lead is not None else drop(spec[0]),) + tuple(drop(e) for e in spec[1:])
+    return x if new == spec else _compat.constrain(x, mesh, P(*new))
 
 
 def _zero_dims(params, axis: str):
