@@ -177,6 +177,20 @@ def test_data_parallel_syncs_once(case, kind):
     assert grads["up"]["kernel"][...].sharding.spec in (grad_spec, P())
 
 
+def test_a_plain_scan_would_sync_every_microbatch():
+    """The control for the test above: the global path (a GSPMD-level scan) on a
+    data-parallel model keeps the gradient all-reduce inside the loop."""
+    from nnx_parallel.accumulate import _global
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
+    xs = jax.device_put(batch(), NamedSharding(mesh, P("data")))
+    plain = nnx.jit(lambda m, x: _global(nnx.value_and_grad(loss_fn), m, (x,), {}, K, "mean"))
+    with jax.set_mesh(mesh):
+        compiled = plain.lower(model, xs).compile()
+    assert loop_collectives(compiled, mesh) == {"all-reduce": 1}  # runs K times per step
+
+
 # FSDP: the accumulator is a shard ---------------------------------------------------------
 
 
