@@ -89,9 +89,10 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
       grad_fn: `nnx.value_and_grad(loss_fn)`, `nnx.grad(loss_fn)` (optionally
         `has_aux=True`) or `zero.value_and_grad(loss_fn)`, called as
         `grad_fn(model, *batch, **kwargs)`.
-      microbatches: k >= 1; dim 0 of every batch array must divide by k (by
-        k times the number of devices on `axis` for the data-parallel path).
-        1 calls `grad_fn` unchanged.
+      microbatches: k >= 1; dim 0 of every batch array must divide by k, and
+        by k times the devices each microbatch is split over where that is
+        known (`axis` on the data-parallel path, FSDP's batch axes, an
+        Explicit batch layout). 1 calls `grad_fn` unchanged.
       reduction: "mean" if the loss is a mean over its batch (the result is
         the average over microbatches, equal to the full batch's), "sum" if it
         is a sum (the result is the sum).
