@@ -113,7 +113,7 @@ def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
       >>> loss_fn = lambda m, x: (m(x) ** 2).mean()
       >>> x = jax.random.normal(jax.random.key(0), (32, 16))
       >>> loss, grads = nnx.jit(accumulate(nnx.value_and_grad(loss_fn), microbatches=4))(mlp, x)
-      >>> full_loss, full_grads = nnx.value_and_grad(loss_fn)(mlp, x)
+      >>> full_loss, full_grads = nnx.jit(nnx.value_and_grad(loss_fn))(mlp, x)
       >>> got, want = grads["up"]["kernel"][...], full_grads["up"]["kernel"][...]
       >>> bool(jax.numpy.allclose(got, want, atol=1e-6))
       True
