@@ -114,7 +114,7 @@ def manual_axes() -> frozenset[str]:
 def varying_axes(x: Any) -> frozenset[str]:
     """Mesh axes an array inside `shard_map` varies over (its type's varying set)."""
     aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)  # JAX >= 0.9; older releases call it `vma`
+    mat = getattr(aval, "mat", None)  # `aval.mat.varying` in jax 0.10; earlier: `aval.vma`
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
