@@ -148,10 +148,12 @@ def reference_loss(model, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def make_train_step(loss_fn):
+def make_train_step(loss_fn, microbatches: int = 1):
+    grad_fn = npx.accumulate(nnx.value_and_grad(loss_fn), microbatches=microbatches)
+
     @nnx.jit
     def train_step(model, optimizer, batch):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        loss, grads = grad_fn(model, batch)
         optimizer.update(model, grads)
         return loss
 
@@ -175,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--compare", type=int, default=5, help="steps to also run unsharded")
+    parser.add_argument("--accumulate", type=int, default=1, help="microbatches per step")
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron-SP (tp only)")
     npx.add_distributed_flags(parser)  # --coordinator, --num-processes, --process-id, --local-devices
     args = parser.parse_args(argv)
@@ -195,7 +198,7 @@ def main(argv=None):
             return npx.cross_entropy(m(batch[:, :-1]), batch[:, 1:], mesh, "model").mean()
     else:
         loss_fn = reference_loss
-    train_step = make_train_step(loss_fn)
+    train_step = make_train_step(loss_fn, args.accumulate)
     batch_spec = jax.P(batch_axis)
     rows = npx.local_batch_slice(args.batch, mesh, batch_spec)  # this process's rows of each batch
     log(f"processes: {jax.process_count()}, devices: {jax.device_count()} "

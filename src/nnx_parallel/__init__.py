@@ -7,6 +7,7 @@ only code that mutates models or runs at call time, `views/` inspection.
 """
 
 from nnx_parallel import checkpoint, plans, zero
+from nnx_parallel.accumulate import accumulate
 from nnx_parallel.checkpoint import restore, save
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
@@ -46,6 +47,7 @@ from nnx_parallel.views.summary import explain, render, summary, treescope_rende
 from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
+    "accumulate",
     "FSDP",
     "ColumnParallel",
     "FallbackWarning",

@@ -121,6 +121,13 @@ def manual_axes() -> frozenset[str]:
     return frozenset(getattr(mesh, "manual_axes", ()) or ())
 
 
+def varying_axes(x: Any) -> frozenset[str]:
+    """Mesh axes an array inside `shard_map` varies over (its type's varying set)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # `aval.mat.varying` in jax 0.10; earlier: `aval.vma`
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 def current_mesh_is_empty() -> bool:
     return abstract_mesh().empty
 

@@ -150,7 +150,7 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
                 f"zero.value_and_grad(axis={axis!r}): the model's parameters carry no mesh with axis "
                 f"{axis!r}. Call parallelize(model, mesh, ZeRO(stage=2, axis={axis!r})) first."
             )
-        dims = [_scatter_dim(axis)(v) for v in variables]
+        dims = [scatter_dim(axis)(v) for v in variables]
         leaves, treedef = jax.tree.flatten(params)
         n = mesh.shape[axis]
 
@@ -179,10 +179,11 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
         )
         return mapped(params, rest, batch)
 
+    run.zero_loss_fn, run.zero_axis = loss_fn, axis  # accumulate() defers the reduce-scatter
     return run
 
 
-def _scatter_dim(axis: str):
+def scatter_dim(axis: str):
     def dim(var) -> int:
         meta = var.get_metadata()
         spec = meta.get(OPT_KEY)
