@@ -9,7 +9,9 @@ Run:  python docs/render_example.py
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys  # noqa: E402
@@ -27,9 +29,12 @@ def readme_plan():
     col, row = npx.ColumnParallel("model"), npx.RowParallel("model")
     return {
         "embed": row,
-        "blocks.*.attn.q": col, "blocks.*.attn.k": col, "blocks.*.attn.v": col,
+        "blocks.*.attn.q": col,
+        "blocks.*.attn.k": col,
+        "blocks.*.attn.v": col,
         "blocks.*.attn.o": row,
-        "blocks.*.mlp.up": col, "blocks.*.mlp.down": row,
+        "blocks.*.mlp.up": col,
+        "blocks.*.mlp.down": row,
         "head": npx.ColumnParallel("model", output_spec=(None,)),
     }
 

@@ -16,7 +16,9 @@ Run: python examples/init_large_model.py [--layers 8] [--width 512]
 import os
 
 # The device count is fixed when JAX starts: set it before importing jax.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -59,7 +61,9 @@ def main():
     live = len(jax.live_arrays())
     abstract, resolution = npx.abstract_parallelize(factory, mesh, plan)
     assert len(jax.live_arrays()) == live, "the preview allocated device memory"
-    whole = sum(int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize for e in resolution.params.values())
+    whole = sum(
+        int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize for e in resolution.params.values()
+    )
     per_device = sum(e.bytes_per_device(mesh) for e in resolution.params.values())
     kernel = abstract.layers[0].kernel.get_value()
     print(f"plan preview   : layers.0.kernel {kernel.shape} -> {kernel.sharding.spec}")
@@ -68,27 +72,37 @@ def main():
 
     # 2. What XLA says one device needs while creating it.
     mem = npx.init_memory(factory, mesh, plan)
-    print(f"compiled init  : {mem.programs} programs; per device output {mib(mem.output_bytes)}, "
-          f"peak (output + temp) {mib(mem.peak_bytes)}")
-    print(f"bound          : share + largest param = {mib(mem.model_bytes // 8 + mem.largest_bytes)}"
-          f"  -> {'OK' if mem.peak_bytes <= mem.model_bytes // 8 + mem.largest_bytes else 'EXCEEDED'}")
+    print(
+        f"compiled init  : {mem.programs} programs; per device output {mib(mem.output_bytes)}, "
+        f"peak (output + temp) {mib(mem.peak_bytes)}"
+    )
+    print(
+        f"bound          : share + largest param = {mib(mem.model_bytes // 8 + mem.largest_bytes)}"
+        f"  -> {'OK' if mem.peak_bytes <= mem.model_bytes // 8 + mem.largest_bytes else 'EXCEEDED'}"
+    )
 
     # 3. Create it, shard by shard.
     start = time.perf_counter()
     model = npx.parallelize(factory, mesh, plan)
     value = model.layers[0].kernel[...]
     jax.block_until_ready(value)
-    print(f"sharded init   : {time.perf_counter() - start:.2f} s; one shard is {value.addressable_shards[0].data.shape}")
+    print(
+        f"sharded init   : {time.perf_counter() - start:.2f} s; one shard is {value.addressable_shards[0].data.shape}"
+    )
     eager = nnx.Linear(args.width, args.width, use_bias=False, rngs=nnx.Rngs(0))
     same = np.array_equal(np.asarray(value), np.asarray(eager.kernel[...]))
     print(f"same as eager  : {same} (layers.0.kernel, same seed)")
 
     # 4. Move it to tensor parallelism over 4 devices.
-    mesh4 = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    mesh4 = jax.make_mesh(
+        (4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4]
+    )
     npx.reshard(model, mesh4, {"layers.*": npx.ColumnParallel("model")})
     moved = model.layers[0].kernel[...]
-    print(f"resharded      : {moved.sharding.spec} on {len(moved.devices())} devices, "
-          f"bit-identical: {np.array_equal(np.asarray(moved), np.asarray(value))}")
+    print(
+        f"resharded      : {moved.sharding.spec} on {len(moved.devices())} devices, "
+        f"bit-identical: {np.array_equal(np.asarray(moved), np.asarray(value))}"
+    )
 
 
 if __name__ == "__main__":

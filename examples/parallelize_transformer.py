@@ -5,7 +5,9 @@ Run:  python examples/parallelize_transformer.py
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys  # noqa: E402
@@ -26,9 +28,12 @@ def main():
     col, row = npx.ColumnParallel("model"), npx.RowParallel("model")
     plan = {
         "embed": row,  # vocab-parallel: each device holds 16 of the 64 rows
-        "blocks.*.attn.q": col, "blocks.*.attn.k": col, "blocks.*.attn.v": col,
+        "blocks.*.attn.q": col,
+        "blocks.*.attn.k": col,
+        "blocks.*.attn.v": col,
         "blocks.*.attn.o": row,
-        "blocks.*.mlp.up": col, "blocks.*.mlp.down": row,
+        "blocks.*.mlp.up": col,
+        "blocks.*.mlp.down": row,
         # Gather the vocab-sharded logits so an ordinary loss can read them
         # (PyTorch: ColwiseParallel(output_layouts=Replicate())).
         "head": npx.ColumnParallel("model", output_spec=(None,)),
@@ -57,7 +62,13 @@ def main():
         opt_ref = nnx.Optimizer(reference, optax.adam(1e-3), wrt=nnx.Param)
         err = float(jnp.max(jnp.abs(model(sharded_tokens) - reference(tokens))))
         compiled = train_step.lower(model, opt, sharded_tokens).compile()
-        losses = [(float(train_step(model, opt, sharded_tokens)), float(train_step(reference, opt_ref, tokens))) for _ in range(3)]
+        losses = [
+            (
+                float(train_step(model, opt, sharded_tokens)),
+                float(train_step(reference, opt_ref, tokens)),
+            )
+            for _ in range(3)
+        ]
 
     print(f"\nforward max |sharded - unsharded| = {err:.2e}")
     for i, (a, b) in enumerate(losses):

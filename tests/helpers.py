@@ -15,7 +15,6 @@ GRAD_TOL = 1e-5
 STEP_TOL = 1e-5
 
 
-
 def tp_plans():
     from nnx_parallel import ColumnParallel, RowParallel
 
@@ -29,7 +28,10 @@ def tp_plans():
 
 
 def params(model):
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        ".".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def assert_close(actual, expected, tol, what):

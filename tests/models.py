@@ -64,5 +64,3 @@ class GPT(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
-
-

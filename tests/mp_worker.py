@@ -35,7 +35,13 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     """Progress on stderr (the test shows it if a worker fails or hangs)."""
-    print(f"[process {jax.process_index()} {time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    print(
+        f"[process {jax.process_index()} {time.perf_counter() - T0:6.1f}s] {msg}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 BATCH, SEQ, VOCAB, LAYERS = 8, 8, 64, 1
 
 
@@ -44,8 +50,11 @@ def setups():
     from tests.helpers import tp_plans
 
     return {
-        "fsdp": (npx.make_mesh(fsdp=2, model=4, explicit=False), npx.FSDP(("fsdp", "model"), min_size=64),
-                 jax.P(("fsdp", "model"))),
+        "fsdp": (
+            npx.make_mesh(fsdp=2, model=4, explicit=False),
+            npx.FSDP(("fsdp", "model"), min_size=64),
+            jax.P(("fsdp", "model")),
+        ),
         "tp": (npx.make_mesh(data=2, model=4, explicit=False), tp_plans()["gpt"], None),
     }
 
@@ -82,7 +91,9 @@ def checksums(model) -> dict:
 def train(mesh, plan, spec, ckpt: str | None = None) -> dict:
     from tests.models import GPT
 
-    model = npx.parallelize(GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(0)), mesh, plan)
+    model = npx.parallelize(
+        GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(0)), mesh, plan
+    )
     kernel = model.blocks[0].mlp.up.kernel.get_value()
     batch = global_batch()
     rows = npx.local_batch_slice(BATCH, mesh, spec)
@@ -109,7 +120,10 @@ def train(mesh, plan, spec, ckpt: str | None = None) -> dict:
 def export(model) -> dict:
     """gather (a collective across processes) and render, on every process."""
     host = npx.gather(nnx.state(model, nnx.Param))
-    abs_sums = {".".join(map(str, p)): float(np.abs(v.get_value()).sum()) for p, v in nnx.to_flat_state(host)}
+    abs_sums = {
+        ".".join(map(str, p)): float(np.abs(v.get_value()).sum())
+        for p, v in nnx.to_flat_state(host)
+    }
     html = npx.render(model.blocks[0].mlp, compressed=False)  # arrays span processes: layouts only
     return {"abs_sums": abs_sums, "render_shows_layouts": "B/device" in html}
 
@@ -123,7 +137,13 @@ def save_and_restore(path: str, model, optimizer) -> dict:
     log("restoring")
     mesh, plan, _ = setups()["fsdp"]
     adam = lambda m: nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)  # noqa: E731
-    back, opt = npx.restore(path, lambda: GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(1)), mesh, plan, adam)
+    back, opt = npx.restore(
+        path,
+        lambda: GPT(vocab=VOCAB, layers=LAYERS, max_len=SEQ, rngs=nnx.Rngs(1)),
+        mesh,
+        plan,
+        adam,
+    )
     mu = opt.opt_state[0].mu["blocks"][0]["mlp"]["up"]["kernel"].get_value()
     log("comparing")
     # Compared on the devices (the layouts differ; jit reshards): no host gather.
@@ -133,7 +153,10 @@ def save_and_restore(path: str, model, optimizer) -> dict:
         for p, v in nnx.to_flat_state(nnx.state(a)):
             same = _equal(v.get_value(), restored[p].get_value())
             equal[".".join(map(str, (name, *p)))] = same.block_until_ready()
-    return {"all_equal": min(npx.reduce_metrics(equal).values()) == 1.0, "mu_spec": str(mu.sharding.spec)}
+    return {
+        "all_equal": min(npx.reduce_metrics(equal).values()) == 1.0,
+        "mu_spec": str(mu.sharding.spec),
+    }
 
 
 @jax.jit
@@ -148,8 +171,10 @@ def run_all(ckpt: str | None = None) -> dict:
         "local_devices": len(jax.local_devices()),
         "devices": jax.device_count(),
         # Process-local values: reduced across processes, the same on each.
-        "local_metrics": [npx.reduce_metrics({"index": jax.process_index()}),
-                          npx.reduce_metrics([float(jax.process_index() + 1)], op="sum")],
+        "local_metrics": [
+            npx.reduce_metrics({"index": jax.process_index()}),
+            npx.reduce_metrics([float(jax.process_index() + 1)], op="sum"),
+        ],
     }
     for mode, (mesh, plan, spec) in setups().items():
         log(f"training {mode}")
@@ -160,10 +185,16 @@ def run_all(ckpt: str | None = None) -> dict:
 def main(argv=None):
     parser = npx.add_distributed_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--ckpt", default=None, help="also save the TP run here and restore it as FSDP")
-    parser.add_argument("--timeout", type=float, default=200, help="dump stacks and exit after this long")
+    parser.add_argument(
+        "--ckpt", default=None, help="also save the TP run here and restore it as FSDP"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=200, help="dump stacks and exit after this long"
+    )
     args = parser.parse_args(argv)
-    faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hung collective must not outlive the test
+    faulthandler.dump_traceback_later(
+        args.timeout, exit=True
+    )  # a hung collective must not outlive the test
     npx.initialize_from_args(args)
     result = run_all(args.ckpt)
     with open(args.out + ".tmp", "w") as f:

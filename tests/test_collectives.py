@@ -14,7 +14,13 @@ def test_column_row_mlp_forward_has_one_all_reduce(mesh8):
     parallelize(model, mesh8, helpers.tp_plans()["mlp"])
     x = jax.numpy.ones((8, 16))
     counts = helpers.forward_counts(model, x, mesh8)
-    assert counts == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    assert counts == {
+        "all-reduce": 1,
+        "all-gather": 0,
+        "reduce-scatter": 0,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }
 
 
 def test_column_alone_forward_has_no_collective(mesh8):

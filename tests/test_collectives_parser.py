@@ -43,7 +43,11 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
         ("collective-permute", 4 * 8 * 4, 2, ("model",)),
     ]
     assert count_collectives(text) == {
-        "all-reduce": 1, "all-gather": 1, "reduce-scatter": 1, "all-to-all": 1, "collective-permute": 1,
+        "all-reduce": 1,
+        "all-gather": 1,
+        "reduce-scatter": 1,
+        "all-to-all": 1,
+        "collective-permute": 1,
     }
 
 
@@ -75,7 +79,9 @@ def test_async_start_done_pairs_count_once_with_the_done_shape():
 
 
 def test_variadic_all_reduce_sums_its_tuple_shape():
-    op = one("ROOT %ar = (f32[4]{0}, bf16[8,2]{1,0}, s32[]) all-reduce(%a, %b, %c), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add")
+    op = one(
+        "ROOT %ar = (f32[4]{0}, bf16[8,2]{1,0}, s32[]) all-reduce(%a, %b, %c), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add"
+    )
     assert op.size == 4 * 4 + 8 * 2 * 2 + 4
     assert op.group == 8 and op.axes == ("data", "model")
     assert bytes_by_kind([op])["all-reduce"] == op.size
@@ -91,9 +97,18 @@ def test_variadic_all_reduce_sums_its_tuple_shape():
         ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
         ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
         # XLA:CPU today, for a sum over 'model' on a 2x4 mesh: devices in mesh order.
-        ("replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
-        ("replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
-        ("replica_groups=mesh['a'=4,'b'=2], device_ids=(0,4,1,5,2,6,3,7) {'b'}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+        (
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}",
+            [[0, 1, 2, 3], [4, 5, 6, 7]],
+        ),
+        (
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}",
+            [[0, 4], [1, 5], [2, 6], [3, 7]],
+        ),
+        (
+            "replica_groups=mesh['a'=4,'b'=2], device_ids=(0,4,1,5,2,6,3,7) {'b'}",
+            [[0, 4], [1, 5], [2, 6], [3, 7]],
+        ),
         ("replica_groups={{0,2},{1,3}}", [[0, 2], [1, 3]]),
         ("replica_groups={}", [list(range(8))]),
     ],
@@ -111,10 +126,25 @@ def test_replica_group_formats(attr, groups):
         ("replica_groups={{0,4},{1,5},{2,6},{3,7}}", MESH2X4, 2, ("data",)),
         ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", MESH2X4, 2, ("data",)),
         ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", MESH2X4, 4, ("model",)),
-        ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}", MESH2X4, 8, ("data", "model")),
+        (
+            "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}",
+            MESH2X4,
+            8,
+            ("data", "model"),
+        ),
         ("replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}", MESH8, 8, ("model",)),
-        ("replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}", MESH2X4, 4, ("model",)),
-        ("replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}", MESH2X4, 2, ("data",)),
+        (
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}",
+            MESH2X4,
+            4,
+            ("model",),
+        ),
+        (
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}",
+            MESH2X4,
+            2,
+            ("data",),
+        ),
     ],
 )
 def test_axis_mapping(attr, mesh, group, axes):
@@ -123,7 +153,10 @@ def test_axis_mapping(attr, mesh, group, axes):
 
 
 def test_no_mesh_leaves_axes_empty():
-    assert one("%ar = f32[8]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add", None).axes == ()
+    assert (
+        one("%ar = f32[8]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add", None).axes
+        == ()
+    )
 
 
 @pytest.mark.parametrize(

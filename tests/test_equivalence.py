@@ -40,7 +40,9 @@ def test_fsdp_composes_with_tensor_parallel(kind):
     mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(kind, kind))
     model, ref = models.MLP(rngs=nnx.Rngs(0)), models.MLP(rngs=nnx.Rngs(0))
     fsdp = FSDP("fsdp", min_size=16)
-    parallelize(model, mesh, {"up": (ColumnParallel("model"), fsdp), "down": (RowParallel("model"), fsdp)})
+    parallelize(
+        model, mesh, {"up": (ColumnParallel("model"), fsdp), "down": (RowParallel("model"), fsdp)}
+    )
     assert model.up.kernel[...].sharding.spec == jax.P("fsdp", "model")
     assert model.down.kernel[...].sharding.spec == jax.P("model", "fsdp")
     x, xs = helpers.batch_for("mlp", mesh, batch_axes=("fsdp",))

@@ -182,7 +182,11 @@ def test_example_script_runs():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "init_large_model.py")
     out = subprocess.run(
-        [sys.executable, script, "--layers", "8", "--width", "256"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, script, "--layers", "8", "--width", "256"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(8.0x smaller)" in out.stdout

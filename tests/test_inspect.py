@@ -43,7 +43,15 @@ def test_summary_of_parallelized_mlp(mesh8):
     model = npx.parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh8, mlp_plan())
     text = npx.summary(model)
     table = rows(text)
-    assert table["up.kernel"] == ["up.kernel", "(16, 64)", "float32", "P(None, 'model')", "(16, 8)", "512", "up"]
+    assert table["up.kernel"] == [
+        "up.kernel",
+        "(16, 64)",
+        "float32",
+        "P(None, 'model')",
+        "(16, 8)",
+        "512",
+        "up",
+    ]
     assert table["down.kernel"][3:7] == ["P('model', None)", "(8, 16)", "512", "down"]
     assert table["up.bias"][3:6] == ["P('model')", "(8,)", "32"]
     # RowParallel keeps the bias whole: flagged as replicated, and only it.
@@ -58,14 +66,25 @@ def test_summary_totals_equal_sum_of_bytes_per_device(mesh2x4):
     res = npx.resolve(abstract, mesh2x4, helpers.tp_plans()["gpt"])
     text = npx.summary(res)
     table = rows(text)
-    assert len(table) == len(res.params) and text.startswith("mesh {'data': 2, 'model': 4} (8 devices), 35 params")
+    assert len(table) == len(res.params) and text.startswith(
+        "mesh {'data': 2, 'model': 4} (8 devices), 35 params"
+    )
     for path, entry in res.params.items():
         assert table[path][4] == str(entry.shard_shape(mesh2x4))
         assert int(table[path][5].replace(",", "")) == entry.bytes_per_device(mesh2x4)
-    assert table["blocks.0.mlp.up.kernel"][3:7] == ["P(None, 'model')", "(32, 32)", "4,096", "blocks.*.mlp.up"]
+    assert table["blocks.0.mlp.up.kernel"][3:7] == [
+        "P(None, 'model')",
+        "(32, 32)",
+        "4,096",
+        "blocks.*.mlp.up",
+    ]
     total, sharded, replicated = footer(text)
     assert total == sum(e.bytes_per_device(mesh2x4) for e in res.params.values())
-    assert replicated == sum(e.bytes_per_device(mesh2x4) for e in res.params.values() if e.spec == jax.P(*[None] * len(e.shape)))
+    assert replicated == sum(
+        e.bytes_per_device(mesh2x4)
+        for e in res.params.values()
+        if e.spec == jax.P(*[None] * len(e.shape))
+    )
     assert sharded + replicated == total
     # Sorted by size: bytes per device never increase down the table.
     sizes = [int(cells[5].replace(",", "")) for cells in table.values()]
@@ -99,8 +118,15 @@ def test_summary_names_decorator_and_root_sources(fsdp8):
         pass
 
     layer = npx.parallelize(Declared(16, 32, rngs=nnx.Rngs(0)), fsdp8, {})
-    assert rows(npx.summary(layer))["kernel"][3:7] == ["P(None, 'fsdp')", "(16, 4)", "256", "@sharded"]
-    res = npx.resolve(nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0))), fsdp8, npx.FSDP(min_size=64))
+    assert rows(npx.summary(layer))["kernel"][3:7] == [
+        "P(None, 'fsdp')",
+        "(16, 4)",
+        "256",
+        "@sharded",
+    ]
+    res = npx.resolve(
+        nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0))), fsdp8, npx.FSDP(min_size=64)
+    )
     table = rows(npx.summary(res))
     assert table["up.kernel"][3:] == ["P(None, 'fsdp')", "(16, 8)", "512", "'' (root)"]
     # The same plan applied to an abstract model: layouts read back from metadata.
@@ -115,7 +141,9 @@ def test_summary_names_decorator_and_root_sources(fsdp8):
 
 def test_summary_and_explain_of_a_root_plan_and_own_metadata(fsdp8):
     text = npx.explain(models.MLP(rngs=nnx.Rngs(0)), fsdp8, npx.FSDP(min_size=64))
-    assert text.splitlines()[0].endswith("1 pattern, 0 matched nothing; 4 params, 4 set by the plan")
+    assert text.splitlines()[0].endswith(
+        "1 pattern, 0 matched nothing; 4 params, 4 set by the plan"
+    )
     assert "params no rule touched" not in text
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
     with jax.set_mesh(fsdp8):
@@ -127,10 +155,15 @@ def test_summary_and_explain_of_a_root_plan_and_own_metadata(fsdp8):
 
 def test_explain_names_fsdp_gather_hooks(fsdp8):
     text = npx.explain(models.MLP(rngs=nnx.Rngs(0)), fsdp8, {"up": npx.FSDP(min_size=64)})
-    assert text.splitlines()[0].endswith("1 pattern, 0 matched nothing; 4 params, 2 set by the plan")
+    assert text.splitlines()[0].endswith(
+        "1 pattern, 0 matched nothing; 4 params, 2 set by the plan"
+    )
     assert "'up' -> FSDP('fsdp')" in text
     assert text.endswith("call-time hooks (1 module):\n  up  gather")
-    assert "params no rule touched: 2\n  down.bias    (16,)     P(None)\n  down.kernel  (64, 16)  P(None, None)" in text
+    assert (
+        "params no rule touched: 2\n  down.bias    (16,)     P(None)\n  down.kernel  (64, 16)  P(None, None)"
+        in text
+    )
 
 
 # explain ----------------------------------------------------------------------------------
@@ -139,10 +172,17 @@ def test_explain_names_fsdp_gather_hooks(fsdp8):
 def test_explain_lists_matches_unmatched_and_untouched(mesh8):
     model = models.GPT(rngs=nnx.Rngs(0))
     before = jax.tree.map(lambda x: x.sharding, nnx.state(model))
-    plan = {"blocks.*.mlp.up": npx.ColumnParallel(), "blocks.*.mlp.down": npx.RowParallel(), "blocks.*.atn.q": npx.ColumnParallel()}
+    plan = {
+        "blocks.*.mlp.up": npx.ColumnParallel(),
+        "blocks.*.mlp.down": npx.RowParallel(),
+        "blocks.*.atn.q": npx.ColumnParallel(),
+    }
     text = npx.explain(model, mesh8, plan)
     lines = text.splitlines()
-    assert lines[0] == "plan on mesh {'model': 8} (8 devices): 3 patterns, 1 matched nothing; 35 params, 8 set by the plan"
+    assert (
+        lines[0]
+        == "plan on mesh {'model': 8} (8 devices): 3 patterns, 1 matched nothing; 35 params, 8 set by the plan"
+    )
     i = lines.index("'blocks.*.mlp.up' -> ColumnParallel('model')")
     assert lines[i + 1] == "  matched 2 modules: blocks.0.mlp.up, blocks.1.mlp.up"
     assert "    blocks.1.mlp.up.kernel  P(None, 'model')" in lines
@@ -150,7 +190,11 @@ def test_explain_lists_matches_unmatched_and_untouched(mesh8):
     assert lines[j + 1] == "  'blocks.*.atn.q' Did you mean 'blocks.*.attn.q'?"
     k = lines.index("params no rule touched: 27")
     untouched = [line.split()[0] for line in lines[k + 1 : k + 28]]
-    assert len(untouched) == 27 and "embed.embedding" in untouched and "blocks.0.attn.o.kernel" in untouched
+    assert (
+        len(untouched) == 27
+        and "embed.embedding" in untouched
+        and "blocks.0.attn.o.kernel" in untouched
+    )
     assert not any(".mlp." in p for p in untouched)
     assert lines[-5:] == [
         "call-time hooks (4 modules):",
@@ -184,7 +228,10 @@ def test_report_column_row_forward_has_one_all_reduce_over_model(mesh8):
     assert report.count() == 1
     assert report.count("all-reduce", "model") == 1
     assert report.by_kind["all-reduce"] == npx.report.CommStats(1, 4 * 16 * 4, 2 * 256 * 7 / 8)
-    assert all(report.by_kind[k].count == 0 for k in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute"))
+    assert all(
+        report.by_kind[k].count == 0
+        for k in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    )
     assert report.by_axis == {("model",): report.by_kind["all-reduce"]}
     assert report.argument_bytes >= 4 * (16 * 8 + 8 + 8 * 16 + 16) + 4 * 16 * 4  # params shards + x
     assert report.output_bytes >= 4 * 16 * 4 and report.temp_bytes >= 0

@@ -51,7 +51,9 @@ def test_weight_name_and_sizes():
 
 
 def test_runtime_facts():
-    assert layers.local_safe(nnx.Linear(4, 8, rngs=R)) and not layers.local_safe(nnx.Embed(10, 4, rngs=R))
+    assert layers.local_safe(nnx.Linear(4, 8, rngs=R)) and not layers.local_safe(
+        nnx.Embed(10, 4, rngs=R)
+    )
     assert layers.known_output_rank(nnx.Embed(10, 4, rngs=R))
     assert not layers.known_output_rank(nnx.LayerNorm(4, rngs=R))
     bn = nnx.BatchNorm(4, rngs=R)

@@ -23,11 +23,17 @@ def test_cross_entropy_equals_optax_without_gathering_logits(mesh2x4):
 
     fn = jax.jit(jax.value_and_grad(lambda lg, y: cross_entropy(lg, y, mesh2x4).mean()))
     with jax.set_mesh(mesh2x4):
-        (loss, grad), compiled = fn(sharded, sharded_labels), fn.lower(sharded, sharded_labels).compile()
+        (loss, grad), compiled = (
+            fn(sharded, sharded_labels),
+            fn.lower(sharded, sharded_labels).compile(),
+        )
         per_example = jax.jit(lambda lg, y: cross_entropy(lg, y, mesh2x4))(sharded, sharded_labels)
     loss_ref, grad_ref = jax.value_and_grad(ref)(logits, labels)
     assert _max_err(loss, loss_ref) <= 1e-5 and _max_err(grad, grad_ref) <= 1e-6
-    assert _max_err(per_example, optax.softmax_cross_entropy_with_integer_labels(logits, labels)) <= 1e-5
+    assert (
+        _max_err(per_example, optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        <= 1e-5
+    )
     assert grad.sharding.spec == P("data", None, "model")
     ops = collectives(compiled, mesh2x4)
     assert count_collectives(compiled, mesh2x4)["all-gather"] == 0
@@ -43,4 +49,3 @@ def test_cross_entropy_errors(mesh8):
         cross_entropy(jnp.zeros((2, 60)), labels, mesh8)
     with pytest.raises(Exception, match="do not fit"):
         cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), mesh8)
-

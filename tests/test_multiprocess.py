@@ -37,20 +37,41 @@ def free_port() -> int:
 
 def worker_env() -> dict:
     """JAX on CPU, without the parent's 8-device flag (the workers ask for 4)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), PYTHONUNBUFFERED="1")
 
 
 def launch(tmp: Path) -> list[subprocess.Popen]:
     port, procs = free_port(), []
     for i in range(PROCESSES):
-        cmd = [sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", str(PROCESSES), "--process-id", str(i),
-               "--local-devices", str(LOCAL_DEVICES), "--out", str(tmp / f"result{i}.json"),
-               "--ckpt", str(tmp / "ckpt"), "--timeout", str(TIMEOUT_S - 20)]
+        cmd = [
+            sys.executable,
+            str(WORKER),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(PROCESSES),
+            "--process-id",
+            str(i),
+            "--local-devices",
+            str(LOCAL_DEVICES),
+            "--out",
+            str(tmp / f"result{i}.json"),
+            "--ckpt",
+            str(tmp / "ckpt"),
+            "--timeout",
+            str(TIMEOUT_S - 20),
+        ]
         with open(tmp / f"worker{i}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT
+                )
+            )
     return procs
 
 
@@ -58,7 +79,9 @@ def logs(tmp: Path) -> str:
     tails = []
     for i in range(PROCESSES):
         lines = (tmp / f"worker{i}.log").read_text().splitlines()
-        tails.append(f"--- worker {i} ---\n" + "\n".join(ln for ln in lines[-40:] if "[Gloo]" not in ln))
+        tails.append(
+            f"--- worker {i} ---\n" + "\n".join(ln for ln in lines[-40:] if "[Gloo]" not in ln)
+        )
     return "\n".join(tails)
 
 
@@ -93,9 +116,16 @@ def test_really_multiprocess(runs):
     assert reference["process_count"] == 1 and reference["devices"] == 8
     assert [r["process_index"] for r in results] == list(range(PROCESSES))
     for r in results:
-        assert (r["process_count"], r["local_devices"], r["devices"]) == (PROCESSES, LOCAL_DEVICES, 8)
+        assert (r["process_count"], r["local_devices"], r["devices"]) == (
+            PROCESSES,
+            LOCAL_DEVICES,
+            8,
+        )
         for mode in ("fsdp", "tp"):
-            assert not r[mode]["kernel_fully_addressable"] and r[mode]["kernel_local_shards"] == LOCAL_DEVICES
+            assert (
+                not r[mode]["kernel_fully_addressable"]
+                and r[mode]["kernel_local_shards"] == LOCAL_DEVICES
+            )
             assert not r[mode]["batch_fully_addressable"]
         assert r["local_metrics"] == [{"index": 0.5}, [3.0]]
     # Each process fed its own half of the batch.
@@ -117,7 +147,10 @@ def test_matches_single_process(runs, mode):
     assert results[0][mode]["kernel_spec"] == expected["kernel_spec"]
     assert results[0][mode]["summary"] == results[1][mode]["summary"] == expected["summary"]
     diff = max(abs(a - b) for a, b in zip(results[0][mode]["losses"], expected["losses"]))
-    assert len(results[0][mode]["losses"]) == mp_worker.STEPS and diff <= TOL, (results[0][mode]["losses"], expected)
+    assert len(results[0][mode]["losses"]) == mp_worker.STEPS and diff <= TOL, (
+        results[0][mode]["losses"],
+        expected,
+    )
     assert expected["losses"][-1] < expected["losses"][0]  # it trains
     for path, sums in expected["checksums"].items():
         got = results[0][mode]["checksums"][path]
@@ -142,4 +175,3 @@ def test_gather_and_render_across_processes(runs):
         for path, (_, abs_sum) in r["tp"]["checksums"].items():
             assert abs(sums[path] - abs_sum) <= TOL * max(1.0, abs_sum), path
     assert results[0]["tp"]["export"] == results[1]["tp"]["export"]
-

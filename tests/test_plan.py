@@ -36,7 +36,11 @@ def test_mlp_specs(mesh8):
 
 
 def test_attention_specs(mesh2x4):
-    res = resolve(abstract(lambda: models.Attention(rngs=nnx.Rngs(0))), mesh2x4, helpers.tp_plans()["attention"])
+    res = resolve(
+        abstract(lambda: models.Attention(rngs=nnx.Rngs(0))),
+        mesh2x4,
+        helpers.tp_plans()["attention"],
+    )
     specs = res.specs()
     for name in "qkv":
         assert specs[f"{name}.kernel"] == P(None, "model")

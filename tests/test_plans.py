@@ -69,8 +69,11 @@ def test_fsdp_plan_shards_every_large_parameter(fsdp8):
 def test_combine_puts_fsdp_around_tensor_parallel():
     tp = {"blocks.*.mlp.up": ColumnParallel("model"), "pos": Replicated()}
     combined = plans.combine(tp, FSDP("fsdp", min_size=64))
-    assert combined == {"": FSDP("fsdp", min_size=64), "blocks.*.mlp.up": ColumnParallel("model"),
-                        "pos": FSDP("fsdp", min_size=64)}
+    assert combined == {
+        "": FSDP("fsdp", min_size=64),
+        "blocks.*.mlp.up": ColumnParallel("model"),
+        "pos": FSDP("fsdp", min_size=64),
+    }
     assert tp == {"blocks.*.mlp.up": ColumnParallel("model"), "pos": Replicated()}  # not modified
     assert plans.combine({})[""] == FSDP("fsdp")
 

@@ -25,22 +25,44 @@ from tests.transformers import (
 
 def test_auto_plan_classifies_all_four_models():
     expected = {
-        "gpt": {"blocks.*.attn.q": ColumnParallel, "blocks.*.attn.k": ColumnParallel,
-                "blocks.*.attn.v": ColumnParallel, "blocks.*.attn.o": RowParallel,
-                "blocks.*.mlp.up": ColumnParallel, "blocks.*.mlp.down": RowParallel,
-                "embed": RowParallel, "head": ColumnParallel},
-        "llama": {"layers.*.attention.qkv_einsum": ColumnParallel,
-                  "layers.*.attention.attn_vec_einsum": RowParallel,
-                  "layers.*.feed_forward.w1": ColumnParallel, "layers.*.feed_forward.w3": ColumnParallel,
-                  "layers.*.feed_forward.w2": RowParallel, "tok_embeddings": RowParallel,
-                  "output": ColumnParallel},
-        "gemma": {"h.*.attn.q_einsum": ColumnParallel, "h.*.attn.kv_einsum": ColumnParallel,
-                  "h.*.attn.attn_vec_einsum": RowParallel, "h.*.fc1": ColumnParallel,
-                  "h.*.fc2": RowParallel, "wte": RowParallel, "lm_head": ColumnParallel},
-        "custom": {"blocks.*.query": ColumnParallel, "blocks.*.key": ColumnParallel,
-                   "blocks.*.value": ColumnParallel, "blocks.*.proj": RowParallel,
-                   "blocks.*.expand": ColumnParallel, "blocks.*.contract": RowParallel,
-                   "token_embedding": RowParallel, "unembed": ColumnParallel},
+        "gpt": {
+            "blocks.*.attn.q": ColumnParallel,
+            "blocks.*.attn.k": ColumnParallel,
+            "blocks.*.attn.v": ColumnParallel,
+            "blocks.*.attn.o": RowParallel,
+            "blocks.*.mlp.up": ColumnParallel,
+            "blocks.*.mlp.down": RowParallel,
+            "embed": RowParallel,
+            "head": ColumnParallel,
+        },
+        "llama": {
+            "layers.*.attention.qkv_einsum": ColumnParallel,
+            "layers.*.attention.attn_vec_einsum": RowParallel,
+            "layers.*.feed_forward.w1": ColumnParallel,
+            "layers.*.feed_forward.w3": ColumnParallel,
+            "layers.*.feed_forward.w2": RowParallel,
+            "tok_embeddings": RowParallel,
+            "output": ColumnParallel,
+        },
+        "gemma": {
+            "h.*.attn.q_einsum": ColumnParallel,
+            "h.*.attn.kv_einsum": ColumnParallel,
+            "h.*.attn.attn_vec_einsum": RowParallel,
+            "h.*.fc1": ColumnParallel,
+            "h.*.fc2": RowParallel,
+            "wte": RowParallel,
+            "lm_head": ColumnParallel,
+        },
+        "custom": {
+            "blocks.*.query": ColumnParallel,
+            "blocks.*.key": ColumnParallel,
+            "blocks.*.value": ColumnParallel,
+            "blocks.*.proj": RowParallel,
+            "blocks.*.expand": ColumnParallel,
+            "blocks.*.contract": RowParallel,
+            "token_embedding": RowParallel,
+            "unembed": ColumnParallel,
+        },
     }
     for name, ctor in MODELS.items():
         plan, report = plans.tensor_parallel(nnx.eval_shape(lambda: ctor(rngs=nnx.Rngs(0))))
@@ -89,7 +111,9 @@ def test_fused_qkv_linear_is_noted():
 
 
 def test_vocab_parallel_false_leaves_embedding_and_head_alone():
-    plan, report = plans.tensor_parallel(nnx.eval_shape(lambda: _gpt(rngs=nnx.Rngs(0))), vocab_parallel=False)
+    plan, report = plans.tensor_parallel(
+        nnx.eval_shape(lambda: _gpt(rngs=nnx.Rngs(0))), vocab_parallel=False
+    )
     assert "embed" not in plan and "head" not in plan
     assert "replicated" in report.roles["embed"] and "replicated" in report.roles["head"]
 
@@ -121,13 +145,18 @@ def test_flax_multi_head_attention_is_planned(mesh8):
 
     class Encoder(nnx.Module):
         def __init__(self, rngs):
-            self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=HEADS, in_features=D, decode=False, rngs=rngs
+            )
 
     abstract = nnx.eval_shape(lambda: Encoder(nnx.Rngs(0)))
     plan, report = plans.tensor_parallel(abstract)
     assert {k: type(v) for k, v in plan.items()} == {
-        "attn.query": ColumnParallel, "attn.key": ColumnParallel, "attn.value": ColumnParallel,
-        "attn.out": RowParallel}
+        "attn.query": ColumnParallel,
+        "attn.key": ColumnParallel,
+        "attn.value": ColumnParallel,
+        "attn.out": RowParallel,
+    }
     specs = resolve(abstract, mesh8, plan).specs()
     assert specs["attn.query.kernel"] == P(None, "model", None)  # (d, heads, head_dim)
     assert specs["attn.out.kernel"] == P("model", None, None)  # (heads, head_dim, d)
@@ -163,4 +192,3 @@ def test_mesh_aware_plan_skips_layers_that_do_not_divide(mesh8):
     assert set(report.unclassified) == {"k_proj", "v_proj"}
     assert "not divisible" in report.unclassified["k_proj"]
     assert resolve(abstract, mesh8, plan).specs()["q_proj.kernel"] == P(None, "model")
-

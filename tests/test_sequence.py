@@ -57,9 +57,17 @@ def test_sequence_parallel_trades_all_reduces_for_gathers_and_scatters(mesh8):
         (f1, s1), (f2, s2) = _compiled(sp, 1, mesh8), _compiled(sp, 2, mesh8)
         fwd[sp] = _per_layer(count_collectives(f1, mesh8), count_collectives(f2, mesh8))
         step[sp] = _per_layer(count_collectives(s1, mesh8), count_collectives(s2, mesh8))
-        fwd_bytes[sp] = _per_layer(bytes_by_kind(collectives(f1, mesh8)), bytes_by_kind(collectives(f2, mesh8)))
+        fwd_bytes[sp] = _per_layer(
+            bytes_by_kind(collectives(f1, mesh8)), bytes_by_kind(collectives(f2, mesh8))
+        )
         assert all(c.axes == ("model",) for c in collectives(s2, mesh8))
-    assert fwd[False] == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    assert fwd[False] == {
+        "all-reduce": 2,
+        "all-gather": 0,
+        "reduce-scatter": 0,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }
     assert fwd_bytes[False]["all-reduce"] == 2 * act
     assert step[False]["all-reduce"] == 4 and step[False]["all-gather"] == 0
     assert fwd[True]["all-gather"] == 2
@@ -120,10 +128,11 @@ def test_sequence_parallel_on_data_x_model_matches_unsharded(name, mesh2x4):
     parallelize(model, mesh2x4, plan)
     tokens = _tokens(batch=4)
     with jax.set_mesh(mesh2x4):
-        loss, grads = nnx.jit(nnx.value_and_grad(_parallel_loss(mesh2x4)))(model, _tokens(mesh2x4, batch=4))
+        loss, grads = nnx.jit(nnx.value_and_grad(_parallel_loss(mesh2x4)))(
+            model, _tokens(mesh2x4, batch=4)
+        )
     loss_ref, grads_ref = nnx.value_and_grad(_loss)(ref, tokens)
     assert _max_err(loss, loss_ref) <= 1e-5
     g, g_ref = _flat(grads), _flat(grads_ref)
     for key in g:
         assert _max_err(g[key], g_ref[key]) <= 1e-5, key
-

@@ -50,8 +50,12 @@ def test_itemsize_counts_prng_key_data():
 
 
 def test_paths():
-    keypath = [jax.tree_util.DictKey("blocks"), jax.tree_util.SequenceKey(0),
-               jax.tree_util.DictKey("kernel"), jax.tree_util.GetAttrKey("value")]
+    keypath = [
+        jax.tree_util.DictKey("blocks"),
+        jax.tree_util.SequenceKey(0),
+        jax.tree_util.DictKey("kernel"),
+        jax.tree_util.GetAttrKey("value"),
+    ]
     assert _paths.keys(keypath) == ("blocks", 0, "kernel")
     assert _paths.leaf_path(keypath) == "blocks.0.kernel"
     assert _paths.ancestors("a.b.c") == ["a.b", "a", ""]

@@ -37,7 +37,9 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
+                )
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
@@ -60,7 +62,7 @@ def _cycle() -> list[str] | None:
             if dep.startswith(node + ".") and node.count(".") < dep.count("."):
                 continue  # a package re-exporting its submodules
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (found := visit(dep)):
                 return found
         stack.pop()
@@ -89,12 +91,19 @@ def test_core_imports_nothing_from_the_runtime():
 def _code_lines(source: list[str], node) -> int:
     body = node.body
     doc = None
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+    ):
         doc = range(body[0].lineno, body[0].end_lineno + 1)
     lines = range(node.lineno, node.end_lineno + 1)
     return sum(
-        1 for i in lines
-        if source[i - 1].strip() and not source[i - 1].strip().startswith("#") and not (doc and i in doc)
+        1
+        for i in lines
+        if source[i - 1].strip()
+        and not source[i - 1].strip().startswith("#")
+        and not (doc and i in doc)
     )
 
 

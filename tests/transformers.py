@@ -154,8 +154,14 @@ class Custom(_LM):
         self.unembed = Dense(D, VOCAB, rngs)
 
     def __call__(self, tokens):
-        return self.logits(tokens, self.token_embedding, self.blocks, self.final_norm, self.unembed,
-                           pos=self.position_embedding)
+        return self.logits(
+            tokens,
+            self.token_embedding,
+            self.blocks,
+            self.final_norm,
+            self.unembed,
+            pos=self.position_embedding,
+        )
 
 
 def _gpt(layers=2, *, rngs):

@@ -25,8 +25,11 @@ def join(path: tuple) -> str:
 def keys(keypath: Any) -> tuple:
     """The plain keys of a `jax.tree_util` key path: dict keys and sequence
     indices. Attribute entries (a Variable's value) drop out."""
-    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keypath
-                 if hasattr(k, "key") or hasattr(k, "idx"))
+    return tuple(
+        getattr(k, "key", getattr(k, "idx", None))
+        for k in keypath
+        if hasattr(k, "key") or hasattr(k, "idx")
+    )
 
 
 def leaf_path(keypath: Any) -> str:

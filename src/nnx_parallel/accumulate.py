@@ -67,8 +67,13 @@ from nnx_parallel.zero import scatter_dim
 REDUCTIONS = ("mean", "sum")
 
 
-def accumulate(grad_fn: Callable, *, microbatches: int, reduction: str = "mean",
-               axis: str | tuple[str, ...] = "data") -> Callable:
+def accumulate(
+    grad_fn: Callable,
+    *,
+    microbatches: int,
+    reduction: str = "mean",
+    axis: str | tuple[str, ...] = "data",
+) -> Callable:
     """Gradient accumulation over `microbatches` slices of the batch, under a scan.
 
     Reads as "accumulate this `value_and_grad` over k microbatches":
@@ -192,8 +197,11 @@ def _row_axes(model, batch, plan) -> tuple[int, tuple[str, ...]]:
     if plan is not None:
         mesh, axes = plan
     else:
-        gathers = [h.gather for _, node in nnx.iter_graph(model)
-                   if (h := get_hooks(node)) is not None and h.gather is not None]
+        gathers = [
+            h.gather
+            for _, node in nnx.iter_graph(model)
+            if (h := get_hooks(node)) is not None and h.gather is not None
+        ]
         mesh = _params_mesh(model)
         first = next(x for x in jax.tree.leaves(batch) if _is_array(x))
         lead = tuple(_compat.spec_of(first) or (None,))[:1]
@@ -287,8 +295,10 @@ def _splitter(batch, k: int):
 
     def take(i):
         return jax.tree.map(
-            lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
-            if _is_array(x) else x, folded,
+            lambda x: (
+                jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False) if _is_array(x) else x
+            ),
+            folded,
         )
 
     return take
@@ -364,9 +374,10 @@ def _global(grad_fn, model, batch, kwargs, k: int, reduction: str, *, declared: 
 
     def pin(acc):
         leaves = jax.tree.leaves(acc)
-        return jax.tree.unflatten(treedef, [
-            x if s is None else _compat.constrain(x, mesh, s) for x, s in zip(leaves, specs)
-        ])
+        return jax.tree.unflatten(
+            treedef,
+            [x if s is None else _compat.constrain(x, mesh, s) for x, s in zip(leaves, specs)],
+        )
 
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # `pin` lays it out
     acc, rest = _scan(call, params, rest, init, k, pin, regather=_resharded(model))
@@ -415,12 +426,22 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
     out_specs = P()
     if dims is not None:
         values, values_def = jax.tree.flatten(params)
-        out_specs = (P(), jax.tree.unflatten(values_def, [
-            P(*[entry if j == d else None for j in range(x.ndim)]) for x, d in zip(values, dims)
-        ]))
+        out_specs = (
+            P(),
+            jax.tree.unflatten(
+                values_def,
+                [
+                    P(*[entry if j == d else None for j in range(x.ndim)])
+                    for x, d in zip(values, dims)
+                ],
+            ),
+        )
     mapped = _compat.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), [P(entry) if s else P() for s in split]),
-        out_specs=(out_specs, P()), axis_names=set(axes),
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), [P(entry) if s else P() for s in split]),
+        out_specs=(out_specs, P()),
+        axis_names=set(axes),
     )
     arrays = [flat[i] for i in where]
     if explicit:  # shard_map checks Explicit types against in_specs: lay the inputs out
@@ -459,7 +480,8 @@ def _reduce(acc, axes, dims, reduction: str, count: int):
     else:
         loss, grads = acc
         values, values_def = jax.tree.flatten(grads)
-        summed = (total(loss), jax.tree.unflatten(values_def, [
-            total(x, d) for x, d in zip(values, dims)
-        ]))
+        summed = (
+            total(loss),
+            jax.tree.unflatten(values_def, [total(x, d) for x, d in zip(values, dims)]),
+        )
     return _finish(summed, reduction, count)

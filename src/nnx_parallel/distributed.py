@@ -76,8 +76,9 @@ def initialize(
         )
     if _compat.backends_initialized():
         raise ParallelError("initialize: " + _STARTED_TOO_LATE.format(what="the process group"))
-    _compat.distributed_initialize(coordinator_address, num_processes, process_id,
-                                   initialization_timeout=timeout_s)
+    _compat.distributed_initialize(
+        coordinator_address, num_processes, process_id, initialization_timeout=timeout_s
+    )
     return True
 
 
@@ -99,12 +100,20 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentP
       Namespace(coordinator='127.0.0.1:1234', num_processes=2, process_id=1, local_devices=None)
     """
     group = parser.add_argument_group("multi-process (jax.distributed)")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="address of process 0's coordinator (multi-process runs)")
+    group.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator (multi-process runs)",
+    )
     group.add_argument("--num-processes", type=int, default=1, help="processes in the run")
     group.add_argument("--process-id", type=int, default=0, help="this process's index")
-    group.add_argument("--local-devices", type=int, default=None,
-                       help="simulated CPU devices per process (testing on one machine)")
+    group.add_argument(
+        "--local-devices",
+        type=int,
+        default=None,
+        help="simulated CPU devices per process (testing on one machine)",
+    )
     return parser
 
 
@@ -122,8 +131,9 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
       >>> initialize_from_args(add_distributed_flags(argparse.ArgumentParser()).parse_args([]))
       False
     """
-    return initialize(args.coordinator, args.num_processes, args.process_id,
-                      local_device_count=args.local_devices)
+    return initialize(
+        args.coordinator, args.num_processes, args.process_id, local_device_count=args.local_devices
+    )
 
 
 def _check_args(coordinator_address, num_processes, process_id) -> None:

@@ -11,8 +11,15 @@ from nnx_parallel import _compat
 from nnx_parallel.errors import MeshError
 
 
-def make_mesh(*, data: int = 1, fsdp: int = 1, model: int = 1, explicit: bool = True,
-              devices=None, **other_axes: int) -> Mesh:
+def make_mesh(
+    *,
+    data: int = 1,
+    fsdp: int = 1,
+    model: int = 1,
+    explicit: bool = True,
+    devices=None,
+    **other_axes: int,
+) -> Mesh:
     """Builds a mesh with axes ('data', 'fsdp', 'model', *other_axes).
 
     Size-1 axes are kept so plans can name them. One size may be -1: it is
@@ -59,4 +66,6 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, model: int = 1, explicit: bool = 
             f"make_mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there "
             f"are {count} devices. Make the product {count}, or pass -1 for one axis."
         )
-    return _compat.make_mesh(tuple(sizes.values()), tuple(sizes), explicit=explicit, devices=devices)
+    return _compat.make_mesh(
+        tuple(sizes.values()), tuple(sizes), explicit=explicit, devices=devices
+    )

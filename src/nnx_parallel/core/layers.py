@@ -7,12 +7,15 @@ The runtime must know which layers compute correctly on local shards and
 whose output rank is known statically. Everything of that kind lives here;
 styles and runtime ask through the functions below and never test types.
 
-| kind      | detected by                          | column dim       | row dim          |
-|-----------|--------------------------------------|------------------|------------------|
-| `einsum`  | an `einsum_str` attribute (Einsum)   | first kernel letter only in the output (that `size` divides) | first kernel letter only in the input |
-| `general` | tuple `in_features`/`out_features` (LinearGeneral) | first output dim | first input dim |
-| `embed`   | `nnx.Embed`                          | features (last)  | vocab rows (0)   |
-| `dense`   | anything else (Linear, Conv)         | last             | second to last   |
+- `einsum` (an `einsum_str` attribute: `nnx.Einsum`): column shards the
+  first kernel letter only the output has (that the axis size divides), row
+  the first kernel letter only the input has.
+- `general` (tuple `in_features`/`out_features`: `nnx.LinearGeneral`):
+  column shards the first output dim, row the first input dim.
+- `embed` (`nnx.Embed`): column shards the features (last dim), row the
+  vocabulary rows (dim 0).
+- `dense` (anything else: `nnx.Linear`, `nnx.Conv`): column shards the
+  last dim, row the second to last.
 
 Example:
   >>> layer_kind(nnx.Linear(4, 8, rngs=nnx.Rngs(0))), layer_kind(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))

@@ -36,7 +36,7 @@ def _untagged_stack(path: str, params, shapes, out) -> tuple[str, ...] | None:
             continue
         if len(tags) == 1:
             (tag,) = tags
-            lead = {shapes[p][:len(tag)] for p in inside}
+            lead = {shapes[p][: len(tag)] for p in inside}
             if len(lead) == 1 and all(len(shapes[p]) >= len(tag) for p in inside):
                 return tag
         return None
@@ -59,8 +59,7 @@ def layer_stacks(params, mesh: Mesh) -> dict[str, tuple[str, ...]]:
     has the same leading sizes, they share its stack names.
     """
     declared = {
-        path: _compat.get_declared_spec(var, raw=True) or ()
-        for path, (_, _, var) in params.items()
+        path: _compat.get_declared_spec(var, raw=True) or () for path, (_, _, var) in params.items()
     }
     shapes = {path: tuple(var.get_value().shape) for path, (_, _, var) in params.items()}
     names = _stack_names(declared, shapes, mesh)

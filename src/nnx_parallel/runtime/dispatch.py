@@ -6,15 +6,21 @@ on the axis types of the mesh, on the inputs and on whether an enclosing
 module is already manual. Every route has a name; `recording()` lists the
 routes a trace took, and each has a test of its own (tests/test_dispatch.py).
 
-| route              | when                                                      | what it does |
-|--------------------|-----------------------------------------------------------|--------------|
-| `plain`            | probing output shapes, or a method without hooks for it   | the method as written |
-| `layout.*`         | activation layouts only (no FSDP gather)                  | see below |
-| `fsdp.tp-manual`   | FSDP x TP on a local-safe layer (`layers.local_safe`)      | one fully manual shard_map: gather only the FSDP axis, psum the TP partial sums |
-| `fsdp.auto-axes`   | FSDP + a layout, on Explicit axes                          | gather + layout inside `auto_axes`; the output gets the layout |
-| `fsdp.nested`      | FSDP, inside an enclosing module's shard_map over its axes | all-gather own params there |
-| `fsdp.shard-map`   | FSDP, the batch splits over the batch axes                 | shard_map over the batch axes, all-gather params, reduce-scatter grads |
-| `fsdp.gspmd`       | FSDP, but state or an indivisible batch (FallbackWarning)  | sharding constraints; GSPMD all-reduces the gradients |
+- `plain`: probing output shapes, or hooks with nothing to do for this
+  method: the method as written.
+- `layout.*`: activation layouts only (no FSDP gather); see below.
+- `fsdp.tp-manual`: FSDP x TP on a local-safe layer (`layers.local_safe`):
+  one fully manual shard_map that gathers only the FSDP axis and sums the
+  tensor-parallel partial results itself.
+- `fsdp.auto-axes`: FSDP plus a layout on Explicit axes: gather and layout
+  run inside `auto_axes`; the output gets the layout.
+- `fsdp.nested`: FSDP inside an enclosing module's shard_map that is
+  already manual over our axes: all-gather our own params there.
+- `fsdp.shard-map`: FSDP whose batch splits over the batch axes: a
+  shard_map over them; params all-gathered, gradients reduce-scattered.
+- `fsdp.gspmd`: FSDP whose call holds state or whose batch does not split
+  (a `FallbackWarning`): sharding constraints, and GSPMD all-reduces the
+  gradients.
 
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array

@@ -280,7 +280,9 @@ def _prepare(factory, mesh, plan, strict, chunk_bytes=None):
             return [leaves[i] for i in group]  # XLA drops the other leaves as dead code
 
         out = [shardings[i] for i in group]
-        programs.append((group, jax.jit(pick, out_shardings=out, compiler_options=EAGER_NUMERICS).lower()))
+        programs.append(
+            (group, jax.jit(pick, out_shardings=out, compiler_options=EAGER_NUMERICS).lower())
+        )
     return programs, state, (graphdef, resolution)
 
 

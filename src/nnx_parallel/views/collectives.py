@@ -20,9 +20,25 @@ from jax.sharding import Mesh
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-    "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 1,
+    "u4": 1,
 }
 _OP = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
@@ -108,7 +124,10 @@ def _device_ids(text: str | None, n: int) -> np.ndarray:
 def _groups(attrs: str, n_devices: int) -> list[list[int]] | None:
     m = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:,\s*\{[\d,\s]*\})*)\}", attrs)
     if m:
-        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+        return [
+            [int(x) for x in g.split(",") if x.strip()]
+            for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))
+        ]
     m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
     if m:
         out_shape = [int(x) for x in m.group(1).split(",")]
@@ -127,7 +146,9 @@ def _groups(attrs: str, n_devices: int) -> list[list[int]] | None:
         ids = _device_ids(m.group("ids"), math.prod(sizes)).reshape(sizes)
         inner = [names.index(c) for c in chosen]
         outer = [i for i in range(len(names)) if i not in inner]
-        ids = ids.transpose(outer + inner).reshape(-1, math.prod(sizes[i] for i in inner) if inner else 1)
+        ids = ids.transpose(outer + inner).reshape(
+            -1, math.prod(sizes[i] for i in inner) if inner else 1
+        )
         return ids.tolist()
     m = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
     if m:

@@ -90,7 +90,10 @@ class CommunicationReport:
         stats = None if isinstance(compiled, str) else compiled.memory_analysis()
         get = lambda name: None if stats is None else int(getattr(stats, name))  # noqa: E731
         return cls(
-            ops, by_kind, dict(by_axis), dict(both),
+            ops,
+            by_kind,
+            dict(by_axis),
+            dict(both),
             argument_bytes=get("argument_size_in_bytes"),
             output_bytes=get("output_size_in_bytes"),
             temp_bytes=get("temp_size_in_bytes"),
@@ -102,7 +105,11 @@ class CommunicationReport:
     def count(self, kind: str | None = None, axes: tuple[str, ...] | str | None = None) -> int:
         """Number of ops of `kind` (any if None) over exactly `axes` (any if None)."""
         axes = None if axes is None else _specs.axes_of(axes)
-        return sum(1 for c in self.collectives if (kind is None or c.kind == kind) and (axes is None or c.axes == axes))
+        return sum(
+            1
+            for c in self.collectives
+            if (kind is None or c.kind == kind) and (axes is None or c.axes == axes)
+        )
 
     @property
     def total(self) -> CommStats:
@@ -119,10 +126,14 @@ class CommunicationReport:
         ]
         t = self.total
         rows.append(["total", "", str(t.count), f"{t.bytes:,}", f"{t.traffic:,.0f}"])
-        lines += _text.table(["kind", "axes", "count", "bytes", "traffic/device"], rows, right={2, 3, 4})
+        lines += _text.table(
+            ["kind", "axes", "count", "bytes", "traffic/device"], rows, right={2, 3, 4}
+        )
         memory = [
-            ("arguments", self.argument_bytes), ("outputs", self.output_bytes),
-            ("temp", self.temp_bytes), ("generated code", self.generated_code_bytes),
+            ("arguments", self.argument_bytes),
+            ("outputs", self.output_bytes),
+            ("temp", self.temp_bytes),
+            ("generated code", self.generated_code_bytes),
             ("aliased", self.alias_bytes),
         ]
         known = [(name, n) for name, n in memory if n is not None]
@@ -140,7 +151,9 @@ def _find_mesh(tree: Any) -> Mesh | None:
     return None
 
 
-def communication_report(jitted_fn: Any, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> CommunicationReport:
+def communication_report(
+    jitted_fn: Any, *args: Any, mesh: Mesh | None = None, **kwargs: Any
+) -> CommunicationReport:
     """Compiles `jitted_fn(*args, **kwargs)` and reports its collectives and memory.
 
     Works for `jax.jit` and `nnx.jit` functions (anything with `.lower`), and
@@ -164,11 +177,17 @@ def communication_report(jitted_fn: Any, *args: Any, mesh: Mesh | None = None, *
     """
     if not hasattr(jitted_fn, "lower"):
         if args or kwargs:
-            raise TypeError("a compiled program takes no arguments; pass the jitted function instead.")
+            raise TypeError(
+                "a compiled program takes no arguments; pass the jitted function instead."
+            )
         return CommunicationReport.from_compiled(jitted_fn, mesh)
     if mesh is None:
         current = jax.sharding.get_mesh()
-        mesh = current if isinstance(current, Mesh) and not current.empty else _find_mesh((args, kwargs))
+        mesh = (
+            current
+            if isinstance(current, Mesh) and not current.empty
+            else _find_mesh((args, kwargs))
+        )
     if mesh is not None:
         with jax.set_mesh(mesh):
             compiled = jitted_fn.lower(*args, **kwargs).compile()
