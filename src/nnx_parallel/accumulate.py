@@ -423,19 +423,7 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
         acc, rest = _scan(call, params, rest, init, k, pin=vary)
         return _reduce(acc, axes, dims, reduction, n * k), rest
 
-    out_specs = P()
-    if dims is not None:
-        values, values_def = jax.tree.flatten(params)
-        out_specs = (
-            P(),
-            jax.tree.unflatten(
-                values_def,
-                [
-                    P(*[entry if j == d else None for j in range(x.ndim)])
-                    for x, d in zip(values, dims)
-                ],
-            ),
-        )
+    out_specs = P() if dims is None else (P(), _scattered_specs(params, dims, entry))
     mapped = _compat.shard_map(
         local,
         mesh=mesh,
@@ -451,6 +439,16 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
     return out
 
 
+def _scattered_specs(params, dims, entry):
+    """Each ZeRO-2 gradient's spec: sharded over `entry` on its scatter dim."""
+    values, values_def = jax.tree.flatten(params)
+    specs = [
+        _specs.with_dim(None, x.ndim, d, entry) if d >= 0 else _specs.replicated(x.ndim)
+        for x, d in zip(values, dims)
+    ]
+    return jax.tree.unflatten(values_def, specs)
+
+
 def _laid_out(x, lead, axes: tuple[str, ...], mesh: Mesh):
     """`x` with dim 0 on `lead` (None: replicated) and no other dim on `axes`."""
     spec = _specs.pad(_compat.spec_of(x), x.ndim)
@@ -461,7 +459,6 @@ def _laid_out(x, lead, axes: tuple[str, ...], mesh: Mesh):
 
 def _zero_dims(params, axis: str):
     """Per parameter, in leaf order: the dim ZeRO-2 scatters its gradient over (-1: all-reduce)."""
-
     dim = scatter_dim(axis)
     return [dim(v) for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))]
 
