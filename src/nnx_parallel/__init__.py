@@ -14,7 +14,7 @@ from nnx_parallel.parallelize import parallelize
 from nnx_parallel.init import InitMemory, abstract_parallelize, init_memory, sharded_init
 from nnx_parallel.reshard import gather, move, reshard
 from nnx_parallel import checkpoint
-from nnx_parallel.checkpoint import restore, save
+from nnx_parallel.checkpoint import CheckpointManager, restore, save
 from nnx_parallel.plan import ParamEntry, Resolution, resolve
 from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
 from nnx_parallel import zero
@@ -75,6 +75,7 @@ __all__ = [
     "move",
     "reshard",
     "checkpoint",
+    "CheckpointManager",
     "restore",
     "save",
     "resolve",

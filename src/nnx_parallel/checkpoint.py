@@ -1,4 +1,4 @@
-"""Sharded checkpoints through orbax-checkpoint, restorable onto any mesh and plan.
+"""Sharded, crash-safe checkpoints on orbax, restorable onto any mesh and plan.
 
 `save` writes each array shard by shard (orbax / TensorStore); nothing is
 gathered. `restore` first builds the target, every array a
@@ -8,46 +8,634 @@ is restored replicated and resharded afterwards. Optimizer state leaves
 take the sharding of the parameter they mirror (Adam's `mu`/`nu` of
 `blocks.0.mlp.up.kernel` are laid out like that kernel).
 
-Layout on disk: `path/model` and, if given, `path/optimizer`, each an orbax
-`StandardCheckpointer` tree of the state's pure dict (`nnx.to_pure_dict`).
+Everything goes through orbax's `CheckpointManager`: a checkpoint directory
+holds one sub-directory per step, written under a temporary name and renamed
+once complete (orbax's atomic finalize), so a step is either whole or absent.
+One step is one orbax Composite of items:
+
+- `model`, `optimizer`: orbax `StandardSave` trees of `nnx.to_pure_dict(state)`;
+- `metadata`: the caller's JSON dict, if any;
+- `nnx_parallel`: the manifest, which marks the directory as ours and lists,
+  per item and array path, the shape, the dtype and a checksum of the values.
+
+`save(path, ...)` is a manager with one step kept: the new step is complete
+on disk before orbax deletes the old one, so a crash at any moment leaves
+the old or the new checkpoint, never neither and never a mix.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from typing_extensions import Self
 
-from nnx_parallel.errors import PlanError
+from nnx_parallel.errors import ParallelError, PlanError
 from nnx_parallel.init import abstract_copy, abstract_parallelize
 from nnx_parallel.plan import Resolution
 from nnx_parallel.reshard import mirror_sharding
 
 MODEL_ITEM = "model"
 OPTIMIZER_ITEM = "optimizer"
+METADATA_ITEM = "metadata"
+MANIFEST_ITEM = "nnx_parallel"
+FORMAT = 1
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 OptimizerArg = nnx.Optimizer | Callable[[nnx.Module], nnx.Optimizer] | None
 
 
-def _checkpointer():
+class CheckpointError(ParallelError):
+    """A checkpoint directory is missing, incomplete, corrupt or not ours."""
+
+
+class Restored(NamedTuple):
+    """One step, restored whole by `CheckpointManager.restore`."""
+
+    step: int
+    model: nnx.Module
+    optimizer: nnx.Optimizer | None
+    metadata: dict | None
+
+
+def _ocp():
     import orbax.checkpoint as ocp  # optional dependency: pip install orbax-checkpoint
 
-    return ocp.StandardCheckpointer()
+    return ocp
 
 
-def save(path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, overwrite: bool = False) -> None:
-    """Saves a (parallelized) model, and optionally its optimizer, shard by shard.
+# Paths ----------------------------------------------------------------------
+
+
+def _directory(path: str | os.PathLike) -> str:
+    """Absolute path; refuses '' (it would mean the working directory)."""
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise CheckpointError(
+            f"A checkpoint path must name a directory, got {text!r}: an empty path would "
+            "write into the working directory. Pass e.g. 'checkpoints/run1'."
+        )
+    return os.path.abspath(text)
+
+
+def _foreign_entries(directory: str) -> list[str]:
+    """Entries of `directory` that a checkpoint of ours never contains."""
+    foreign = []
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if _TMP_MARK in name:
+            continue  # a step orbax had not finished (a crash): ours, cleaned up on save
+        if name.isdigit() and os.path.isdir(os.path.join(full, MANIFEST_ITEM)):
+            continue
+        foreign.append(name)
+    return foreign
+
+
+def _check_ours(directory: str) -> None:
+    """Refuses to write into a folder that holds anything but our steps."""
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"Checkpoint path {directory} is a file, not a directory.")
+    foreign = _foreign_entries(directory)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CheckpointError(
+            f"{directory} is not an nnx_parallel checkpoint directory: it holds {shown}, "
+            "which nnx_parallel did not write. Refusing to write there, since saving "
+            "would mix with or delete those files. Pick a new or empty directory."
+        )
+
+
+# Checksums ------------------------------------------------------------------
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: every input bit flips about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (one per element; two for 64-bit types)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag], axis=-1)
+    if x.dtype == jnp.bool_ or jnp.dtype(x.dtype).itemsize < 1 or x.dtype.name in ("int4", "uint4"):
+        x = x.astype(jnp.int8)
+    size = jnp.dtype(x.dtype).itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """Sum over elements of mix(bits ^ mix(flat index)), mod 2**32.
+
+    Integer sums do not depend on the order of the additions, so the value
+    is the same for every sharding of `x`: computed from the shards where
+    they lie (no gather), and comparable across meshes.
+    """
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    for d, n in enumerate(w.shape):
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+    return jnp.sum(_fmix(w ^ _fmix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda xs: [_checksum(x) for x in xs])
+
+
+def _device_key(x: Any) -> tuple:
+    sharding = getattr(x, "sharding", None)
+    return tuple(sorted(d.id for d in sharding.device_set)) if sharding is not None else ()
+
+
+def _checksums(flat: dict[str, Any]) -> dict[str, int]:
+    """Each array's `_checksum`, one compiled program per set of devices."""
+    groups: dict[tuple, list[str]] = {}
+    for path, x in flat.items():
+        groups.setdefault(_device_key(x), []).append(path)
+    out = {}
+    for paths in groups.values():
+        values = _checksums_jit([flat[p] for p in paths])
+        for p, v in zip(paths, values):
+            out[p] = int(np.asarray(v.addressable_data(0)))  # replicated: any local copy
+    return out
+
+
+# Trees and the manifest -----------------------------------------------------
+
+
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", key)))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """{'blocks.0.mlp.up.kernel': leaf} of a pure dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype)
+
+
+def _manifest_entry(tree: dict) -> dict:
+    flat = _flat(tree)
+    sums = _checksums(flat)
+    return {p: {"shape": list(np.shape(x)), "dtype": _dtype_name(x), "checksum": sums[p]}
+            for p, x in flat.items()}
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise PlanError(f"metadata must be a dict, got {type(metadata).__name__}.")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as e:
+        raise PlanError(
+            f"metadata must be JSON-serializable (str keys; str, numbers, bools, lists, "
+            f"dicts), and json says: {e}. Convert arrays with .tolist() or float()."
+        ) from None
+
+
+# Restore checks -------------------------------------------------------------
+
+
+def _mismatches(item: str, target: dict[str, Any], saved: dict[str, dict], cast: bool) -> list:
+    """One line per path whose presence, shape or dtype differs from the checkpoint."""
+    lines = []
+    for p in sorted(saved.keys() - target.keys()):
+        lines.append(f"{item}.{p}: in the checkpoint, not in the model")
+    for p in sorted(target.keys() - saved.keys()):
+        lines.append(f"{item}.{p}: in the model, not in the checkpoint")
+    for p in sorted(saved.keys() & target.keys()):
+        want, have = saved[p], target[p]
+        if tuple(want["shape"]) != tuple(have.shape):
+            lines.append(f"{item}.{p}: shape {tuple(want['shape'])} in the checkpoint, "
+                         f"{tuple(have.shape)} in the model")
+        elif want["dtype"] != _dtype_name(have) and (not cast or "key<" in want["dtype"]):
+            lines.append(f"{item}.{p}: dtype {want['dtype']} in the checkpoint, "
+                         f"{_dtype_name(have)} in the model")
+    return lines
+
+
+def _raise_mismatches(lines: list[str], where: str) -> None:
+    if not lines:
+        return
+    fixes = ["build the model (and optimizer) with the configuration it was saved with"]
+    if any(": dtype " in line for line in lines):
+        fixes.append("pass cast=True to convert the saved dtypes to the model's on purpose")
+    raise PlanError(
+        f"The checkpoint {where} does not fit the model: {len(lines)} mismatching "
+        "path(s):\n  " + "\n  ".join(lines) + "\nTo fix: " + "; or ".join(fixes) + "."
+    )
+
+
+def _saved_dtype_target(target: dict, saved: dict[str, dict]) -> dict:
+    """`target` with each leaf's dtype replaced by the saved one (to cast after reading)."""
+
+    def leaf(keypath, x):
+        name = saved[".".join(_key_name(k) for k in keypath)]["dtype"]
+        if name == _dtype_name(x):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(name), sharding=x.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def _verify(item: str, values: dict, saved: dict[str, dict], where: str) -> None:
+    """Raises CheckpointError naming every array whose checksum differs."""
+    got = _checksums(_flat(values))
+    bad = sorted(p for p, entry in saved.items() if got[p] != entry["checksum"])
+    if bad:
+        raise CheckpointError(
+            f"The checkpoint {where} is corrupt: the values read for "
+            + ", ".join(f"{item}.{p}" for p in bad)
+            + " differ from those saved (checksum mismatch). The files were changed or "
+            "damaged after the save; restore another step, or save again."
+        )
+
+
+def _cast(values: dict, target: dict) -> dict:
+    return jax.tree.map(lambda v, t: v if v.dtype == t.dtype else v.astype(t.dtype), values, target)
+
+
+def _optimizer_target(opt_state: nnx.State, resolution: Resolution) -> dict:
+    """Pure dict of sharded ShapeDtypeStructs for an optimizer's state."""
+
+    def target(keypath, leaf):
+        sharding = mirror_sharding(keypath, leaf.shape, resolution)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(opt_state))
+
+
+def _model_target(model: Any, mesh: Mesh, plan: Any, strict: bool):
+    """(abstract model, resolution): the layout `plan` gives on `mesh`."""
+    if isinstance(model, nnx.Module):
+        model = abstract_copy(model, fresh=True)
+    elif not callable(model):
+        raise PlanError(
+            f"restore expects a model or a zero-argument factory, got {type(model).__name__}."
+        )
+    return abstract_parallelize(model, mesh, plan, strict=strict)
+
+
+def _optimizer_abstract(optimizer: OptimizerArg, abstract_model: nnx.Module) -> nnx.Pytree:
+    if isinstance(optimizer, nnx.Pytree):
+        return optimizer
+    if not callable(optimizer):
+        raise PlanError(
+            "optimizer must be an nnx.Optimizer or a callable model -> nnx.Optimizer, "
+            f"got {type(optimizer).__name__}."
+        )
+    opt = nnx.eval_shape(optimizer, abstract_model)
+    if not isinstance(opt, nnx.Pytree):
+        raise PlanError(f"optimizer(model) must return an nnx.Optimizer, got {type(opt).__name__}.")
+    return opt
+
+
+def _check_saveable(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, nnx.Module):
+        raise PlanError(
+            f"save expects the model to be an nnx.Module, got {type(model).__name__}. Pass "
+            "the model first and the optimizer (an nnx.Optimizer) second."
+        )
+    if optimizer is not None and not isinstance(optimizer, nnx.Pytree):
+        raise PlanError(
+            f"save expects the optimizer to be an nnx.Optimizer (or another NNX object), got "
+            f"{type(optimizer).__name__}."
+        )
+
+
+def _pure(obj: Any, what: str) -> dict:
+    """The pure dict of `obj`'s state; refuses an object without arrays."""
+    tree = nnx.to_pure_dict(nnx.state(obj))
+    if not jax.tree_util.tree_leaves(tree):
+        raise PlanError(f"save: the {what} ({type(obj).__name__}) holds no arrays: nothing to save.")
+    return tree
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise PlanError(f"A checkpoint step must be an int >= 0, got {step!r}.")
+    return int(step)
+
+
+def _orbax_manager(directory: str, keep: int | None, async_save: bool, create: bool):
+    ocp = _ocp()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
+        cleanup_tmp_directories=create,
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+class CheckpointManager:
+    """Numbered checkpoints of a model, its optimizer and metadata, on orbax.
+
+    Each `save(step, ...)` writes one step directory, `directory/<step>`,
+    with orbax's `CheckpointManager`: written under a temporary name and
+    renamed when complete, so a crash leaves every finished step intact.
+    Model, optimizer and metadata are items of one orbax Composite step:
+    `restore` reads them from the same step, all or nothing. Only the last
+    `keep` steps stay on disk; older ones are deleted after a newer one is
+    complete. With `async_save`, `save` returns once the arrays are copied
+    off the devices and the files are written in the background: training
+    may go on (and change the model) meanwhile; `wait()` blocks until done.
+
+    Every array gets a checksum at save time, checked on restore: a changed
+    or damaged file raises `CheckpointError` naming the array.
 
     Args:
-      path: Directory to create.
+      directory: Where the steps go; created if missing. An existing
+        directory must be empty or hold only checkpoints of ours.
+      keep: How many of the newest steps to keep (None: all).
+      async_save: Write in the background.
+
+    Raises:
+      CheckpointError: `directory` is empty, a file, or holds files that
+        nnx_parallel did not write.
+      PlanError: `keep` is not a positive int.
+
+    Example:
+      >>> import optax, tempfile
+      >>> mlp = parallelize(lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> adam = lambda m: nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param)
+      >>> with CheckpointManager(tempfile.mkdtemp(), keep=2) as ckpt:
+      ...     for step in range(3):
+      ...         ckpt.save(step, mlp, adam(mlp), metadata={"loss": 1.0 / (step + 1)})
+      ...     ckpt.wait()
+      ...     r = ckpt.restore(lambda: TinyMLP(rngs=nnx.Rngs(1)), mesh8, {"up": ColumnParallel()},
+      ...                      optimizer=adam)
+      ...     steps = ckpt.all_steps()
+      >>> steps, r.step, r.metadata, r.model.up.kernel[...].sharding.spec
+      ([1, 2], 2, {'loss': 0.3333333333333333}, P(None, 'model'))
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = 3, async_save: bool = True):
+        self.directory = _directory(directory)
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise PlanError(f"keep must be a positive int (or None to keep every step), got {keep!r}.")
+        _check_ours(self.directory)
+        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
+        self._last_saved: int | None = None
+
+    @classmethod
+    def _reader(cls, directory: str) -> CheckpointManager:
+        """A manager that only reads (creates nothing, deletes nothing)."""
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"No checkpoint at {directory}: the directory does not exist.")
+        self = cls.__new__(cls)
+        self.directory = directory
+        self._manager = _orbax_manager(directory, None, False, create=False)
+        self._last_saved = None
+        return self
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def all_steps(self) -> list[int]:
+        """The completed steps on disk, oldest first (waits for a save in flight)."""
+        self.wait()
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest completed step, or None (waits for a save in flight).
+
+        Example:
+          >>> import tempfile
+          >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     before = ckpt.latest_step()
+          ...     ckpt.save(7, TinyMLP(rngs=nnx.Rngs(0)))
+          ...     after = ckpt.latest_step()
+          >>> before, after
+          (None, 7)
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def wait(self) -> None:
+        """Blocks until a background save is on disk; raises its error, if any."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for a background save, then releases orbax's threads."""
+        self._manager.close()
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
+             metadata: dict | None = None) -> None:
+        """Saves model, optimizer and metadata as one step, shard by shard.
+
+        The values saved are those at the call, even with `async_save` and a
+        model that training changes before the files are written.
+
+        Args:
+          step: The step number; must exceed every step already saved here.
+          model: The module whose whole state is saved.
+          optimizer: An `nnx.Optimizer` (or any NNX object) saved with it.
+          metadata: A JSON-serializable dict saved with it (e.g. data loader
+            position, config).
+
+        Raises:
+          PlanError: `model`/`optimizer` are not NNX objects, hold no arrays,
+            or `metadata` is not JSON-serializable.
+          CheckpointError: `step` is not newer than the latest step.
+
+        Example:
+          >>> import tempfile
+          >>> with CheckpointManager(tempfile.mkdtemp()) as ckpt:
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)), metadata={"epoch": 3})
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)))
+          Traceback (most recent call last):
+          ...
+          nnx_parallel.checkpoint.CheckpointError: Step 0 is not newer than step 0, ...
+        """
+        step = _check_step(step)
+        _check_saveable(model, optimizer)
+        _check_metadata(metadata)
+        trees = {MODEL_ITEM: _pure(model, "model")}
+        if optimizer is not None:
+            trees[OPTIMIZER_ITEM] = _pure(optimizer, "optimizer")
+        newest = max([*self._manager.all_steps(), self._last_saved or -1])
+        if step <= newest:
+            raise CheckpointError(
+                f"Step {step} is not newer than step {newest}, already saved in "
+                f"{self.directory}. Save with a step above {newest}, or use a new directory."
+            )
+        ocp = _ocp()
+        manifest = {"format": FORMAT, "metadata": metadata is not None,
+                    "items": {name: _manifest_entry(tree) for name, tree in trees.items()}}
+        args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        args[MANIFEST_ITEM] = ocp.args.JsonSave(manifest)
+        if metadata is not None:
+            args[METADATA_ITEM] = ocp.args.JsonSave(metadata)
+        self._manager.save(step, args=ocp.args.Composite(**args))
+        self._last_saved = step
+
+    def restore(self, model: nnx.Module | Callable[[], nnx.Module], mesh: Mesh, plan: Any,
+                step: int | None = None, optimizer: OptimizerArg = None, *,
+                strict: bool = True, cast: bool = False) -> Restored:
+        """Restores one step, whole, directly into the layout `plan` gives on `mesh`.
+
+        Args:
+          model: The model's structure: a zero-argument factory (never run),
+            an abstract model (`nnx.eval_shape`), or a model (only read).
+          mesh: The mesh to restore onto (may differ from the one saved from).
+          plan: The plan to restore with, as for `parallelize`.
+          step: The step to read; None for the latest.
+          optimizer: None, an `nnx.Optimizer` whose state is replaced in
+            place, or a callable `model -> nnx.Optimizer`, evaluated
+            abstractly. The step must hold optimizer state.
+          strict: If True, a pattern that matches no module raises `PlanError`.
+          cast: Convert saved dtypes that differ from the model's (e.g. a
+            float32 checkpoint into a bfloat16 model). Without it, they raise.
+
+        Returns:
+          `Restored(step, model, optimizer, metadata)`: the parallelized
+          model (hooks installed), the optimizer (None if not asked for),
+          and the metadata dict saved with the step (None if none).
+
+        Raises:
+          PlanError: `model` or `optimizer` is not usable, or the saved
+            paths, shapes or dtypes differ from the model's (every
+            mismatching path is listed).
+          CheckpointError: no such step, the step lacks an item asked for, or
+            a value read differs from the one saved (checksum).
+
+        Example:
+          >>> import optax, tempfile
+          >>> sgd = lambda m: nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param)
+          >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)))
+          ...     ckpt.restore(lambda: TinyMLP(rngs=nnx.Rngs(0)), mesh8, {}, optimizer=sgd)
+          Traceback (most recent call last):
+          ...
+          nnx_parallel.checkpoint.CheckpointError: Step 0 in ... has no optimizer state: ...
+        """
+        abstract, resolution = _model_target(model, mesh, plan, strict)
+        step = self._pick_step(step)
+        where = f"step {step} in {self.directory}"
+        manifest = self._manifest(step, where)
+        graphdef, state = nnx.split(abstract)
+        targets = {MODEL_ITEM: nnx.to_pure_dict(state)}
+        if optimizer is not None:
+            if OPTIMIZER_ITEM not in manifest["items"]:
+                raise CheckpointError(
+                    f"Step {step} in {self.directory} has no optimizer state: it was saved "
+                    "without one. Restore without optimizer= (and start a fresh optimizer), "
+                    "or restore a step saved with an optimizer."
+                )
+            opt = _optimizer_abstract(optimizer, abstract)
+            opt_graphdef, opt_state = nnx.split(opt)
+            targets[OPTIMIZER_ITEM] = _optimizer_target(opt_state, resolution)
+        _raise_mismatches([line for item, target in targets.items() for line in _mismatches(
+            item, _flat(target), manifest["items"][item], cast)], where)
+        values, metadata = self._read(step, targets, manifest, cast, where)
+        nnx.replace_by_pure_dict(state, values[MODEL_ITEM])
+        restored, restored_opt = nnx.merge(graphdef, state), None
+        if optimizer is not None:
+            nnx.replace_by_pure_dict(opt_state, values[OPTIMIZER_ITEM])
+            if isinstance(optimizer, nnx.Pytree):
+                nnx.update(optimizer, opt_state)
+                restored_opt = optimizer
+            else:
+                restored_opt = nnx.merge(opt_graphdef, opt_state)
+        return Restored(step, restored, restored_opt, metadata)
+
+    def _pick_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"No checkpoint in {self.directory}: it holds no completed step. Check the "
+                "path; a save that was interrupted leaves no step."
+            )
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"No step {step} in {self.directory}; its steps: {steps}.")
+        return step
+
+    def _manifest(self, step: int, where: str) -> dict:
+        """Our manifest of `step`, after checking every item it lists is on disk."""
+        ocp = _ocp()
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.isdir(os.path.join(step_dir, MANIFEST_ITEM)):
+            raise CheckpointError(f"The checkpoint {where} was not written by nnx_parallel.")
+        manifest = self._manager.restore(
+            step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
+        )[MANIFEST_ITEM]
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CheckpointError(f"The checkpoint {where} has an unknown format: {manifest!r:.80}.")
+        expected = [*manifest["items"], *([METADATA_ITEM] if manifest["metadata"] else [])]
+        missing = [i for i in expected if not os.path.isdir(os.path.join(step_dir, i))]
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint {where} is incomplete: items {missing} are missing. Its "
+                "files were removed after the save; restore another step."
+            )
+        return manifest
+
+    def _read(self, step: int, targets: dict, manifest: dict, cast: bool, where: str):
+        """Reads the items of one step in one orbax restore, then checks and casts."""
+        ocp = _ocp()
+        saved = manifest["items"]
+        reads = {k: _saved_dtype_target(t, saved[k]) if cast else t for k, t in targets.items()}
+        args = {k: ocp.args.StandardRestore(t) for k, t in reads.items()}
+        if manifest["metadata"]:
+            args[METADATA_ITEM] = ocp.args.JsonRestore()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax / TensorStore: unreadable files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(
+                f"The checkpoint {where} could not be read ({type(e).__name__}: {first:.300}); "
+                "its files are damaged or were changed after the save. Restore another step."
+            ) from e
+        for k in reads:
+            _verify(k, out[k], saved[k], where)
+        values = {k: _cast(out[k], targets[k]) if cast else out[k] for k in reads}
+        return values, out[METADATA_ITEM] if manifest["metadata"] else None
+
+
+def save(path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+         overwrite: bool = False) -> None:
+    """Saves a (parallelized) model, and optionally its optimizer, shard by shard.
+
+    Crash-safe: `path` is a `CheckpointManager` directory keeping one step.
+    Overwriting writes the new step beside the old one and deletes the old
+    one only once the new one is complete, so a crash at any moment leaves
+    the old or the new checkpoint restorable, never neither, never a mix.
+
+    Args:
+      path: The checkpoint directory (created if missing).
       model: The module whose whole state (params, batch stats, RNG state,
         `nnx.data` arrays) is saved.
       optimizer: An `nnx.Optimizer` (or any NNX object) to save alongside.
       overwrite: Replace an existing checkpoint at `path`.
+
+    Raises:
+      CheckpointError: `path` is empty, holds a checkpoint (and not
+        `overwrite`), or holds files that are not a checkpoint of ours.
+      PlanError: `model` is not an `nnx.Module` (or holds no arrays).
 
     Example:
       >>> import tempfile
@@ -57,12 +645,22 @@ def save(path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | 
       >>> back = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(1)), mesh8, {"up": ColumnParallel()})
       >>> back.up.kernel[...].sharding.spec, bool((back.up.kernel[...] == mlp.up.kernel[...]).all())
       (P(None, 'model'), True)
+      >>> save(path, mlp)
+      Traceback (most recent call last):
+      ...
+      nnx_parallel.checkpoint.CheckpointError: ... already holds a checkpoint (step 0). ...
     """
-    path = os.path.abspath(os.fspath(path))
-    items = {MODEL_ITEM: model} | ({OPTIMIZER_ITEM: optimizer} if optimizer is not None else {})
-    with _checkpointer() as ck:
-        for name, obj in items.items():
-            ck.save(os.path.join(path, name), nnx.to_pure_dict(nnx.state(obj)), force=overwrite)
+    directory = _directory(path)
+    _check_saveable(model, optimizer)
+    with CheckpointManager(directory, keep=1, async_save=False) as manager:
+        latest = manager.latest_step()
+        if latest is not None and not overwrite:
+            raise CheckpointError(
+                f"{directory} already holds a checkpoint (step {latest}). Pass overwrite=True "
+                "to replace it (the old one stays until the new one is complete), or pick "
+                "another path."
+            )
+        manager.save(0 if latest is None else latest + 1, model, optimizer)
 
 
 def restore(
@@ -73,14 +671,17 @@ def restore(
     optimizer: OptimizerArg = None,
     *,
     strict: bool = True,
+    cast: bool = False,
 ) -> nnx.Module | tuple[nnx.Module, nnx.Optimizer]:
     """Restores a checkpoint directly into the layout `plan` gives on `mesh`.
 
     The mesh and plan may differ from those at save time (other device
-    count, FSDP instead of tensor parallel, ...); values are bit-exact.
+    count, FSDP instead of tensor parallel, ...); values are bit-exact and
+    checked against the checksums written at save time.
 
     Args:
-      path: A directory written by `save`.
+      path: A directory written by `save` (or by a `CheckpointManager`: its
+        latest step is read).
       model: The model's structure: a zero-argument factory (never run:
         only its shapes are read), an abstract model (`nnx.eval_shape`), or
         a model (its values are ignored and it is not modified).
@@ -92,13 +693,18 @@ def restore(
         evaluated abstractly. Its state leaves are sharded like the
         params they mirror, the rest replicated.
       strict: If True, a pattern that matches no module raises `PlanError`.
+      cast: Convert saved dtypes that differ from the model's; without it
+        they raise `PlanError`.
 
     Returns:
       The restored, parallelized model (hooks installed), or
       `(model, optimizer)` when `optimizer` is given.
 
     Raises:
-      PlanError: `model` is neither a module nor a factory.
+      PlanError: `model` is neither a module nor a factory, or the saved
+        paths, shapes or dtypes differ from the model's (all listed).
+      CheckpointError: no checkpoint at `path`, no optimizer state saved
+        when one is asked for, or damaged files (the array is named).
 
     Example:
       >>> import optax, tempfile
@@ -106,39 +712,12 @@ def restore(
       >>> path = tempfile.mkdtemp() + "/ckpt"
       >>> save(path, mlp, nnx.Optimizer(mlp, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param))
       >>> sgd = lambda m: nnx.Optimizer(m, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-      >>> mlp2, opt2 = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16), optimizer=sgd)
+      >>> mlp2, opt2 = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16),
+      ...                      optimizer=sgd)
       >>> opt2.opt_state[0].trace["up"]["kernel"][...].sharding.spec
       P(None, 'fsdp')
     """
-    path = os.path.abspath(os.fspath(path))
-    if isinstance(model, nnx.Module):
-        model = abstract_copy(model, fresh=True)
-    elif not callable(model):
-        raise PlanError(f"restore expects a model or a zero-argument factory, got {type(model).__name__}.")
-    abstract, resolution = abstract_parallelize(model, mesh, plan, strict=strict)
-    graphdef, state = nnx.split(abstract)
-    with _checkpointer() as ck:
-        values = ck.restore(os.path.join(path, MODEL_ITEM), nnx.to_pure_dict(state))
-        nnx.replace_by_pure_dict(state, values)
-        restored = nnx.merge(graphdef, state)
-        if optimizer is None:
-            return restored
-        opt = optimizer if isinstance(optimizer, nnx.Pytree) else nnx.eval_shape(optimizer, restored)
-        opt_graphdef, opt_state = nnx.split(opt)
-        target = _optimizer_target(opt_state, resolution)
-        values = ck.restore(os.path.join(path, OPTIMIZER_ITEM), target)
-    nnx.replace_by_pure_dict(opt_state, values)
-    if isinstance(optimizer, nnx.Pytree):
-        nnx.update(optimizer, opt_state)
-        return restored, optimizer
-    return restored, nnx.merge(opt_graphdef, opt_state)
-
-
-def _optimizer_target(opt_state: nnx.State, resolution: Resolution) -> dict:
-    """Pure dict of sharded ShapeDtypeStructs for an optimizer's state."""
-
-    def target(keypath, leaf):
-        sharding = mirror_sharding(keypath, leaf.shape, resolution)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    return jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(opt_state))
+    manager = CheckpointManager._reader(_directory(path))
+    with manager:
+        r = manager.restore(model, mesh, plan, optimizer=optimizer, strict=strict, cast=cast)
+    return r.model if optimizer is None else (r.model, r.optimizer)
