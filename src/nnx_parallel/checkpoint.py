@@ -86,16 +86,17 @@ def _directory(path: str | os.PathLike) -> str:
 
 
 def _foreign_entries(directory: str) -> list[str]:
-    """Entries of `directory` that a checkpoint of ours never contains."""
-    foreign = []
-    for name in sorted(os.listdir(directory)):
-        full = os.path.join(directory, name)
-        if _TMP_MARK in name:
-            continue  # a step orbax had not finished (a crash): ours, cleaned up on save
-        if name.isdigit() and os.path.isdir(os.path.join(full, MANIFEST_ITEM)):
-            continue
-        foreign.append(name)
-    return foreign
+    """Entries of `directory` that a checkpoint directory of ours never contains.
+
+    Ours: step directories (digits) of which at least one holds our
+    manifest (another may be half deleted by a crash), and orbax's
+    temporary directories of unfinished steps (cleaned up on the next save).
+    """
+    names = sorted(os.listdir(directory))
+    steps = [n for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+    if not any(os.path.isdir(os.path.join(directory, n, MANIFEST_ITEM)) for n in steps):
+        steps = []
+    return [n for n in names if n not in steps and _TMP_MARK not in n]
 
 
 def _check_ours(directory: str) -> None:
@@ -326,7 +327,9 @@ def _pure(obj: Any, what: str) -> dict:
     """The pure dict of `obj`'s state; refuses an object without arrays."""
     tree = nnx.to_pure_dict(nnx.state(obj))
     if not jax.tree_util.tree_leaves(tree):
-        raise PlanError(f"save: the {what} ({type(obj).__name__}) holds no arrays: nothing to save.")
+        raise PlanError(
+            f"save: the {what} ({type(obj).__name__}) holds no arrays: nothing to save."
+        )
     return tree
 
 
@@ -390,7 +393,9 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike, keep: int | None = 3, async_save: bool = True):
         self.directory = _directory(directory)
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise PlanError(f"keep must be a positive int (or None to keep every step), got {keep!r}.")
+            raise PlanError(
+                f"keep must be a positive int (or None to keep every step), got {keep!r}."
+            )
         _check_ours(self.directory)
         self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
         self._last_saved: int | None = None
@@ -584,7 +589,9 @@ class CheckpointManager:
             step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
         )[MANIFEST_ITEM]
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(f"The checkpoint {where} has an unknown format: {manifest!r:.80}.")
+            raise CheckpointError(
+                f"The checkpoint {where} has an unknown format: {manifest!r:.80}."
+            )
         expected = [*manifest["items"], *([METADATA_ITEM] if manifest["metadata"] else [])]
         missing = [i for i in expected if not os.path.isdir(os.path.join(step_dir, i))]
         if missing:
