@@ -537,19 +537,19 @@ class CheckpointManager:
           nnx_parallel.checkpoint.CheckpointError: Step 0 in ... has no optimizer state: ...
         """
         abstract, resolution = _model_target(model, mesh, plan, strict)
+        opt = None if optimizer is None else _optimizer_abstract(optimizer, abstract)
         step = self._pick_step(step)
         where = f"step {step} in {self.directory}"
         manifest = self._manifest(step, where)
         graphdef, state = nnx.split(abstract)
         targets = {MODEL_ITEM: nnx.to_pure_dict(state)}
-        if optimizer is not None:
+        if opt is not None:
             if OPTIMIZER_ITEM not in manifest["items"]:
                 raise CheckpointError(
                     f"Step {step} in {self.directory} has no optimizer state: it was saved "
                     "without one. Restore without optimizer= (and start a fresh optimizer), "
                     "or restore a step saved with an optimizer."
                 )
-            opt = _optimizer_abstract(optimizer, abstract)
             opt_graphdef, opt_state = nnx.split(opt)
             targets[OPTIMIZER_ITEM] = _optimizer_target(opt_state, resolution)
         _raise_mismatches([line for item, target in targets.items() for line in _mismatches(
@@ -611,11 +611,11 @@ class CheckpointManager:
             args[METADATA_ITEM] = ocp.args.JsonRestore()
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # orbax / TensorStore: unreadable files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        except Exception as e:  # orbax / TensorStore: unreadable files (details chained)
             raise CheckpointError(
-                f"The checkpoint {where} could not be read ({type(e).__name__}: {first:.300}); "
-                "its files are damaged or were changed after the save. Restore another step."
+                f"The checkpoint {where} could not be read ({type(e).__name__} from orbax, "
+                "chained above): its files are damaged, or were changed or removed after the "
+                "save. Restore another step, or save again."
             ) from e
         for k in reads:
             _verify(k, out[k], saved[k], where)
