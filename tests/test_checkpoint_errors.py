@@ -144,3 +144,24 @@ def test_overwrite_without_optimizer_leaves_no_stale_optimizer(tmp_path):
     back = npx.restore(tmp_path / "c", lambda: models.MLP(rngs=nnx.Rngs(0)), MESH, PLAN)
     np.testing.assert_array_equal(np.asarray(back.up.kernel[...]),
                                   np.asarray(models.MLP(rngs=nnx.Rngs(1)).up.kernel[...]))
+
+
+def test_checksum_is_layout_invariant_and_host_equals_device():
+    from nnx_parallel.checkpoint import _checksum_jit, _checksums, _host_readable
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    base = jax.random.normal(jax.random.key(0), (8, 12))
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int8, jnp.uint16):
+        x = base.astype(dtype)
+        layouts = [x, np.asarray(x)] + [jax.device_put(x, jax.NamedSharding(mesh, s)) for s in
+                                        (P("data", "model"), P(None, "data"), P())]
+        assert all(_host_readable(y) for y in layouts)
+        host = {_checksums({"x": y})["x"] for y in layouts}
+        device = {int(_checksum_jit(y)) for y in layouts}
+        assert host == device and len(host) == 1, (dtype, host, device)
+        flipped = np.asarray(x).copy()
+        flipped.view(np.uint8)[5] ^= 1  # one bit
+        assert _checksums({"x": flipped})["x"] != host.pop()
+    scalar, key = jnp.float32(3.0), jax.random.key(1)
+    assert _checksums({"s": scalar})["s"] == int(_checksum_jit(scalar))
+    assert not _host_readable(key) and _checksums({"k": key})["k"] == int(_checksum_jit(key))

@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from typing_extensions import Self
 
+from nnx_parallel import _compat
 from nnx_parallel.errors import ParallelError, PlanError
 from nnx_parallel.init import abstract_copy, abstract_parallelize
 from nnx_parallel.plan import Resolution
@@ -154,24 +155,63 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(_fmix(w ^ _fmix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
 
 
-_checksums_jit = jax.jit(lambda xs: [_checksum(x) for x in xs])
+_checksum_jit = jax.jit(_checksum)  # one small program per shape, dtype and sharding
 
 
-def _device_key(x: Any) -> tuple:
-    sharding = getattr(x, "sharding", None)
-    return tuple(sorted(d.id for d in sharding.device_set)) if sharding is not None else ()
+def _host_readable(x: Any) -> bool:
+    """Whether `x`'s checksum is computed on the host, from its local shards in place.
+
+    Arrays on CPU devices (and numpy arrays) of 1-, 2- or 4-byte ints and
+    floats: no transfer and no compilation. Other arrays use `_checksum_jit`.
+    """
+    dtype = x.dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        return False  # bool, complex, PRNG keys
+    if dtype.itemsize not in (1, 2, 4) or "4" in dtype.name and dtype.itemsize == 1:
+        return False  # 64-bit, int4 / float4
+    if isinstance(x, np.ndarray):
+        return True
+    return isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
+def _np_fmix(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _host_partial(x: Any) -> int:
+    """`_checksum` of this process's share of `x`: its replica-0 shards, in numpy."""
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[np.dtype(x.dtype).itemsize]
+    if isinstance(x, np.ndarray):
+        pieces = [(x, (slice(None),) * x.ndim)]
+    else:
+        pieces = [(s.data, s.index) for s in x.addressable_shards if s.replica_id == 0]
+    total = 0
+    for data, index in pieces:
+        a = np.asarray(data)
+        a = np.atleast_1d(a if a.flags.c_contiguous else a.copy())  # a scalar: index 0
+        w = a.view(unsigned).astype(np.uint32)
+        flat = np.zeros(w.shape, np.uint32)
+        for d, (n, sl) in enumerate(zip(x.shape, index)):
+            iota = np.arange(sl.indices(n)[0], sl.indices(n)[0] + w.shape[d], dtype=np.uint32)
+            flat = flat * np.uint32(n) + iota.reshape((-1,) + (1,) * (w.ndim - d - 1))
+        mixed = _np_fmix(w ^ _np_fmix(flat + np.uint32(0x9E3779B9)))
+        total = (total + int(np.sum(mixed, dtype=np.uint32))) % 2**32
+    return total
 
 
 def _checksums(flat: dict[str, Any]) -> dict[str, int]:
-    """Each array's `_checksum`, one compiled program per set of devices."""
-    groups: dict[tuple, list[str]] = {}
-    for path, x in flat.items():
-        groups.setdefault(_device_key(x), []).append(path)
-    out = {}
-    for paths in groups.values():
-        values = _checksums_jit([flat[p] for p in paths])
-        for p, v in zip(paths, values):
-            out[p] = int(np.asarray(v.addressable_data(0)))  # replicated: any local copy
+    """Each array's `_checksum` (the same value on the host and on a device)."""
+    host = [p for p, x in flat.items() if _host_readable(x)]
+    partial = np.array([_host_partial(flat[p]) for p in host], np.uint32)
+    if jax.process_count() > 1 and host:  # add up the shares of every process
+        partial = np.sum(_compat.process_allgather(partial), axis=0, dtype=np.uint32)
+    out = dict(zip(host, (int(v) for v in partial)))
+    device = {p: _checksum_jit(x) for p, x in flat.items() if p not in out}
+    out.update({p: int(np.asarray(v.addressable_data(0))) for p, v in device.items()})
     return out
 
 
