@@ -49,6 +49,7 @@ METADATA_ITEM = "metadata"
 MANIFEST_ITEM = "nnx_parallel"
 FORMAT = 1
 _TMP_MARK = ".orbax-checkpoint-tmp"
+HOST_HASH_BYTES = 2**21  # arrays up to this size are hashed in numpy (see _host_readable)
 
 OptimizerArg = nnx.Optimizer | Callable[[nnx.Module], nnx.Optimizer] | None
 
@@ -161,12 +162,16 @@ _checksum_jit = jax.jit(_checksum)  # one small program per shape, dtype and sha
 def _host_readable(x: Any) -> bool:
     """Whether `x`'s checksum is computed on the host, from its local shards in place.
 
-    Arrays on CPU devices (and numpy arrays) of 1-, 2- or 4-byte ints and
-    floats: no transfer and no compilation. Other arrays use `_checksum_jit`.
+    Small (up to `HOST_HASH_BYTES`) arrays on CPU devices, and numpy arrays,
+    of 1-, 2- or 4-byte ints and floats: no transfer and no compilation
+    (about 0.1 s per new shape and sharding). Others use `_checksum_jit`
+    (6x numpy's throughput on 8 CPU devices: 64 MiB in 0.06 s, not 0.34 s).
     """
     dtype = x.dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         return False  # bool, complex, PRNG keys
+    if not isinstance(x, np.ndarray) and x.size * dtype.itemsize > HOST_HASH_BYTES:
+        return False
     if dtype.itemsize not in (1, 2, 4) or "4" in dtype.name and dtype.itemsize == 1:
         return False  # 64-bit, int4 / float4
     if isinstance(x, np.ndarray):
