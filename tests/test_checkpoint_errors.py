@@ -110,6 +110,8 @@ def test_paths_that_are_not_checkpoints_are_refused(tmp_path):
                        r"directory: it holds model, which nnx_parallel did not write"):
         npx.save(mine, model, overwrite=True)
     assert (mine / "model" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(CheckpointError, match="no completed step. It holds a 'model' folder"):
+        npx.restore(mine, lambda: Net(rngs=nnx.Rngs(0)), MESH, PLAN)
     with pytest.raises(CheckpointError, match="is a file"):
         npx.save(mine / "model" / "notes.txt", model)
     with pytest.raises(CheckpointError, match="No checkpoint at .*nowhere: the directory does "

@@ -614,9 +614,13 @@ class CheckpointManager:
     def _pick_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if not steps:
+            legacy = os.path.isdir(os.path.join(self.directory, MODEL_ITEM))
             raise CheckpointError(
-                f"No checkpoint in {self.directory}: it holds no completed step. Check the "
-                "path; a save that was interrupted leaves no step."
+                f"No checkpoint in {self.directory}: it holds no completed step. "
+                + ("It holds a 'model' folder: the layout of checkpoints written before "
+                   "step directories; read it with orbax's StandardCheckpointer and save "
+                   "it again." if legacy else
+                   "Check the path; a save that was interrupted leaves no step.")
             )
         if step is None:
             return steps[-1]
