@@ -19,6 +19,7 @@ from nnx_parallel import (
     restore,
     save,
 )
+from nnx_parallel.checkpoint import CheckpointError
 from tests import helpers, models
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")
@@ -118,7 +119,7 @@ def test_non_param_state_round_trips(fsdp8, tmp_path):
     back = restore(tmp_path / "d", lambda: Net(rngs=nnx.Rngs(1, dropout=1)), fsdp8, FSDP(min_size=16))
     assert_same(back, model)
     assert back.bn.mean[...].sharding.is_fully_replicated
-    with pytest.raises(ValueError):
+    with pytest.raises(CheckpointError, match="already holds a checkpoint .*overwrite=True"):
         save(tmp_path / "d", model)  # exists
     save(tmp_path / "d", back, overwrite=True)
 

@@ -8,7 +8,7 @@ only code that mutates models or runs at call time, `views/` inspection.
 
 from nnx_parallel import checkpoint, plans, zero
 from nnx_parallel.accumulate import accumulate
-from nnx_parallel.checkpoint import restore, save
+from nnx_parallel.checkpoint import CheckpointManager, restore, save
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
 from nnx_parallel.core.sequence import (
@@ -28,7 +28,7 @@ from nnx_parallel.core.styles import (
 from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
-from nnx_parallel.errors import MeshError, ParallelError, PlanError
+from nnx_parallel.errors import CheckpointError, MeshError, ParallelError, PlanError
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.mesh import make_mesh
 from nnx_parallel.parallelize import parallelize
@@ -93,6 +93,8 @@ __all__ = [
     "move",
     "reshard",
     "checkpoint",
+    "CheckpointManager",
+    "CheckpointError",
     "restore",
     "save",
     "resolve",

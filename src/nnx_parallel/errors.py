@@ -14,6 +14,10 @@ class PlanError(ParallelError):
     """A plan, a style or a declaration cannot be applied to this model."""
 
 
+class CheckpointError(ParallelError):
+    """A checkpoint directory is missing, incomplete, corrupt or not ours."""
+
+
 class MeshError(ParallelError):
     """The mesh does not fit the plan (unknown axis, wrong device count)."""
 

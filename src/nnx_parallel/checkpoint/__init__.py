@@ -1,0 +1,457 @@
+"""Sharded, crash-safe checkpoints on orbax, restorable onto any mesh and plan.
+
+`save` writes each array shard by shard (orbax / TensorStore); nothing is
+gathered. `restore` first builds the target, every array a
+`jax.ShapeDtypeStruct` carrying the `NamedSharding` the new plan gives it
+(`abstract_parallelize`), so each device reads only its own blocks: nothing
+is restored replicated and resharded afterwards. Optimizer state leaves
+take the sharding of the parameter they mirror (Adam's `mu`/`nu` of
+`blocks.0.mlp.up.kernel` are laid out like that kernel).
+
+Everything goes through orbax's `CheckpointManager`: a checkpoint directory
+holds one sub-directory per step, written under a temporary name and renamed
+once complete (orbax's atomic finalize), so a step is either whole or absent.
+One step is one orbax Composite of items:
+
+- `model`, `optimizer`: orbax `StandardSave` trees of `nnx.to_pure_dict(state)`;
+- `metadata`: the caller's JSON dict, if any;
+- `nnx_parallel`: the manifest, which marks the directory as ours and lists,
+  per item and array path, the shape, the dtype and a checksum of the values.
+
+`save(path, ...)` is a manager with one step kept: the new step is complete
+on disk before orbax deletes the old one, so a crash at any moment leaves
+the old or the new checkpoint, never neither and never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from flax import nnx
+from jax.sharding import Mesh
+from typing_extensions import Self
+
+from nnx_parallel.checkpoint._checks import (
+    FORMAT,
+    MANIFEST_ITEM,
+    METADATA_ITEM,
+    MODEL_ITEM,
+    OPTIMIZER_ITEM,
+    OptimizerArg,
+    _cast,
+    _check_metadata,
+    _check_ours,
+    _check_saveable,
+    _check_step,
+    _directory,
+    _flat,
+    _manifest_entry,
+    _mismatches,
+    _model_target,
+    _ocp,
+    _optimizer_abstract,
+    _optimizer_target,
+    _orbax_manager,
+    _pure,
+    _raise_mismatches,
+    _saved_dtype_target,
+    _verify,
+)
+from nnx_parallel.errors import CheckpointError, PlanError
+
+
+class Restored(NamedTuple):
+    """One step, restored whole by `CheckpointManager.restore`."""
+
+    step: int
+    model: nnx.Module
+    optimizer: nnx.Optimizer | None
+    metadata: dict | None
+
+
+class CheckpointManager:
+    """Numbered checkpoints of a model, its optimizer and metadata, on orbax.
+
+    Each `save(step, ...)` writes one step directory, `directory/<step>`,
+    with orbax's `CheckpointManager`: written under a temporary name and
+    renamed when complete, so a crash leaves every finished step intact.
+    Model, optimizer and metadata are items of one orbax Composite step:
+    `restore` reads them from the same step, all or nothing. Only the last
+    `keep` steps stay on disk; older ones are deleted after a newer one is
+    complete. With `async_save`, `save` returns once the arrays are copied
+    off the devices and the files are written in the background: training
+    may go on (and change the model) meanwhile; `wait()` blocks until done.
+
+    Every array gets a checksum at save time, checked on restore: a changed
+    or damaged file raises `CheckpointError` naming the array.
+
+    Args:
+      directory: Where the steps go; created if missing. An existing
+        directory must be empty or hold only checkpoints of ours.
+      keep: How many of the newest steps to keep (None: all).
+      async_save: Write in the background.
+
+    Raises:
+      CheckpointError: `directory` is empty, a file, or holds files that
+        nnx_parallel did not write.
+      PlanError: `keep` is not a positive int.
+
+    Example:
+      >>> import optax, tempfile
+      >>> mlp = parallelize(lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> adam = lambda m: nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param)
+      >>> with CheckpointManager(tempfile.mkdtemp(), keep=2) as ckpt:
+      ...     for step in range(3):
+      ...         ckpt.save(step, mlp, adam(mlp), metadata={"loss": 1.0 / (step + 1)})
+      ...     ckpt.wait()
+      ...     r = ckpt.restore(lambda: TinyMLP(rngs=nnx.Rngs(1)), mesh8, {"up": ColumnParallel()},
+      ...                      optimizer=adam)
+      ...     steps = ckpt.all_steps()
+      >>> steps, r.step, r.metadata, r.model.up.kernel[...].sharding.spec
+      ([1, 2], 2, {'loss': 0.3333333333333333}, P(None, 'model'))
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = 3, async_save: bool = True):
+        self.directory = _directory(directory)
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise PlanError(
+                f"keep must be a positive int (or None to keep every step), got {keep!r}."
+            )
+        _check_ours(self.directory)
+        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
+        self._last_saved: int | None = None
+
+    @classmethod
+    def _reader(cls, directory: str) -> CheckpointManager:
+        """A manager that only reads (creates nothing, deletes nothing)."""
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"No checkpoint at {directory}: the directory does not exist.")
+        self = cls.__new__(cls)
+        self.directory = directory
+        self._manager = _orbax_manager(directory, None, False, create=False)
+        self._last_saved = None
+        return self
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def all_steps(self) -> list[int]:
+        """The completed steps on disk, oldest first (waits for a save in flight)."""
+        self.wait()
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest completed step, or None (waits for a save in flight).
+
+        Example:
+          >>> import tempfile
+          >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     before = ckpt.latest_step()
+          ...     ckpt.save(7, TinyMLP(rngs=nnx.Rngs(0)))
+          ...     after = ckpt.latest_step()
+          >>> before, after
+          (None, 7)
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def wait(self) -> None:
+        """Blocks until a background save is on disk; raises its error, if any."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for a background save, then releases orbax's threads."""
+        self._manager.close()
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
+             metadata: dict | None = None) -> None:
+        """Saves model, optimizer and metadata as one step, shard by shard.
+
+        The values saved are those at the call, even with `async_save` and a
+        model that training changes before the files are written.
+
+        Args:
+          step: The step number; must exceed every step already saved here.
+          model: The module whose whole state is saved.
+          optimizer: An `nnx.Optimizer` (or any NNX object) saved with it.
+          metadata: A JSON-serializable dict saved with it (e.g. data loader
+            position, config).
+
+        Raises:
+          PlanError: `model`/`optimizer` are not NNX objects, hold no arrays,
+            or `metadata` is not JSON-serializable.
+          CheckpointError: `step` is not newer than the latest step.
+
+        Example:
+          >>> import tempfile
+          >>> with CheckpointManager(tempfile.mkdtemp()) as ckpt:
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)), metadata={"epoch": 3})
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)))
+          Traceback (most recent call last):
+          ...
+          nnx_parallel.errors.CheckpointError: Step 0 is not newer than step 0, ...
+        """
+        step = _check_step(step)
+        _check_saveable(model, optimizer)
+        _check_metadata(metadata)
+        trees = {MODEL_ITEM: _pure(model, "model")}
+        if optimizer is not None:
+            trees[OPTIMIZER_ITEM] = _pure(optimizer, "optimizer")
+        newest = max([*self._manager.all_steps(), self._last_saved or -1])
+        if step <= newest:
+            raise CheckpointError(
+                f"Step {step} is not newer than step {newest}, already saved in "
+                f"{self.directory}. Save with a step above {newest}, or use a new directory."
+            )
+        ocp = _ocp()
+        manifest = {"format": FORMAT, "metadata": metadata is not None,
+                    "items": {name: _manifest_entry(tree) for name, tree in trees.items()}}
+        args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        args[MANIFEST_ITEM] = ocp.args.JsonSave(manifest)
+        if metadata is not None:
+            args[METADATA_ITEM] = ocp.args.JsonSave(metadata)
+        self._manager.save(step, args=ocp.args.Composite(**args))
+        self._last_saved = step
+
+    def restore(self, model: nnx.Module | Callable[[], nnx.Module], mesh: Mesh, plan: Any,
+                step: int | None = None, optimizer: OptimizerArg = None, *,
+                strict: bool = True, cast: bool = False) -> Restored:
+        """Restores one step, whole, directly into the layout `plan` gives on `mesh`.
+
+        Args:
+          model: The model's structure: a zero-argument factory (never run),
+            an abstract model (`nnx.eval_shape`), or a model (only read).
+          mesh: The mesh to restore onto (may differ from the one saved from).
+          plan: The plan to restore with, as for `parallelize`.
+          step: The step to read; None for the latest.
+          optimizer: None, an `nnx.Optimizer` whose state is replaced in
+            place, or a callable `model -> nnx.Optimizer`, evaluated
+            abstractly. The step must hold optimizer state.
+          strict: If True, a pattern that matches no module raises `PlanError`.
+          cast: Convert saved dtypes that differ from the model's (e.g. a
+            float32 checkpoint into a bfloat16 model). Without it, they raise.
+
+        Returns:
+          `Restored(step, model, optimizer, metadata)`: the parallelized
+          model (hooks installed), the optimizer (None if not asked for),
+          and the metadata dict saved with the step (None if none).
+
+        Raises:
+          PlanError: `model` or `optimizer` is not usable, or the saved
+            paths, shapes or dtypes differ from the model's (every
+            mismatching path is listed).
+          CheckpointError: no such step, the step lacks an item asked for, or
+            a value read differs from the one saved (checksum).
+
+        Example:
+          >>> import optax, tempfile
+          >>> sgd = lambda m: nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param)
+          >>> with CheckpointManager(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     ckpt.save(0, TinyMLP(rngs=nnx.Rngs(0)))
+          ...     ckpt.restore(lambda: TinyMLP(rngs=nnx.Rngs(0)), mesh8, {}, optimizer=sgd)
+          Traceback (most recent call last):
+          ...
+          nnx_parallel.errors.CheckpointError: Step 0 in ... has no optimizer state: ...
+        """
+        abstract, resolution = _model_target(model, mesh, plan, strict)
+        opt = None if optimizer is None else _optimizer_abstract(optimizer, abstract)
+        step = self._pick_step(step)
+        where = f"step {step} in {self.directory}"
+        manifest = self._manifest(step, where)
+        graphdef, state = nnx.split(abstract)
+        targets = {MODEL_ITEM: nnx.to_pure_dict(state)}
+        if opt is not None:
+            if OPTIMIZER_ITEM not in manifest["items"]:
+                raise CheckpointError(
+                    f"Step {step} in {self.directory} has no optimizer state: it was saved "
+                    "without one. Restore without optimizer= (and start a fresh optimizer), "
+                    "or restore a step saved with an optimizer."
+                )
+            opt_graphdef, opt_state = nnx.split(opt)
+            targets[OPTIMIZER_ITEM] = _optimizer_target(opt_state, resolution)
+        _raise_mismatches([line for item, target in targets.items() for line in _mismatches(
+            item, _flat(target), manifest["items"][item], cast)], where)
+        values, metadata = self._read(step, targets, manifest, cast, where)
+        nnx.replace_by_pure_dict(state, values[MODEL_ITEM])
+        restored, restored_opt = nnx.merge(graphdef, state), None
+        if optimizer is not None:
+            nnx.replace_by_pure_dict(opt_state, values[OPTIMIZER_ITEM])
+            if isinstance(optimizer, nnx.Pytree):
+                nnx.update(optimizer, opt_state)
+                restored_opt = optimizer
+            else:
+                restored_opt = nnx.merge(opt_graphdef, opt_state)
+        return Restored(step, restored, restored_opt, metadata)
+
+    def _pick_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            legacy = os.path.isdir(os.path.join(self.directory, MODEL_ITEM))
+            raise CheckpointError(
+                f"No checkpoint in {self.directory}: it holds no completed step. "
+                + ("It holds a 'model' folder: the layout of checkpoints written before "
+                   "step directories; read it with orbax's StandardCheckpointer and save "
+                   "it again." if legacy else
+                   "Check the path; a save that was interrupted leaves no step.")
+            )
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"No step {step} in {self.directory}; its steps: {steps}.")
+        return step
+
+    def _manifest(self, step: int, where: str) -> dict:
+        """Our manifest of `step`, after checking every item it lists is on disk."""
+        ocp = _ocp()
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.isdir(os.path.join(step_dir, MANIFEST_ITEM)):
+            raise CheckpointError(f"The checkpoint {where} was not written by nnx_parallel.")
+        manifest = self._manager.restore(
+            step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
+        )[MANIFEST_ITEM]
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CheckpointError(
+                f"The checkpoint {where} has an unknown format: {manifest!r:.80}."
+            )
+        expected = [*manifest["items"], *([METADATA_ITEM] if manifest["metadata"] else [])]
+        missing = [i for i in expected if not os.path.isdir(os.path.join(step_dir, i))]
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint {where} is incomplete: items {missing} are missing. Its "
+                "files were removed after the save; restore another step."
+            )
+        return manifest
+
+    def _read(self, step: int, targets: dict, manifest: dict, cast: bool, where: str):
+        """Reads the items of one step in one orbax restore, then checks and casts."""
+        ocp = _ocp()
+        saved = manifest["items"]
+        reads = {k: _saved_dtype_target(t, saved[k]) if cast else t for k, t in targets.items()}
+        args = {k: ocp.args.StandardRestore(t) for k, t in reads.items()}
+        if manifest["metadata"]:
+            args[METADATA_ITEM] = ocp.args.JsonRestore()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax / TensorStore: unreadable files (details chained)
+            raise CheckpointError(
+                f"The checkpoint {where} could not be read ({type(e).__name__} from orbax, "
+                "chained above): its files are damaged, or were changed or removed after the "
+                "save. Restore another step, or save again."
+            ) from e
+        for k in reads:
+            _verify(k, out[k], saved[k], where)
+        values = {k: _cast(out[k], targets[k]) if cast else out[k] for k in reads}
+        return values, out[METADATA_ITEM] if manifest["metadata"] else None
+
+
+def save(path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+         overwrite: bool = False) -> None:
+    """Saves a (parallelized) model, and optionally its optimizer, shard by shard.
+
+    Crash-safe: `path` is a `CheckpointManager` directory keeping one step.
+    Overwriting writes the new step beside the old one and deletes the old
+    one only once the new one is complete, so a crash at any moment leaves
+    the old or the new checkpoint restorable, never neither, never a mix.
+
+    Args:
+      path: The checkpoint directory (created if missing).
+      model: The module whose whole state (params, batch stats, RNG state,
+        `nnx.data` arrays) is saved.
+      optimizer: An `nnx.Optimizer` (or any NNX object) to save alongside.
+      overwrite: Replace an existing checkpoint at `path`.
+
+    Raises:
+      CheckpointError: `path` is empty, holds a checkpoint (and not
+        `overwrite`), or holds files that are not a checkpoint of ours.
+      PlanError: `model` is not an `nnx.Module` (or holds no arrays).
+
+    Example:
+      >>> import tempfile
+      >>> mlp = parallelize(lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16))
+      >>> path = tempfile.mkdtemp() + "/ckpt"
+      >>> save(path, mlp)
+      >>> back = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(1)), mesh8, {"up": ColumnParallel()})
+      >>> back.up.kernel[...].sharding.spec, bool((back.up.kernel[...] == mlp.up.kernel[...]).all())
+      (P(None, 'model'), True)
+      >>> save(path, mlp)
+      Traceback (most recent call last):
+      ...
+      nnx_parallel.errors.CheckpointError: ... already holds a checkpoint (step 0). ...
+    """
+    directory = _directory(path)
+    _check_saveable(model, optimizer)
+    with CheckpointManager(directory, keep=1, async_save=False) as manager:
+        latest = manager.latest_step()
+        if latest is not None and not overwrite:
+            raise CheckpointError(
+                f"{directory} already holds a checkpoint (step {latest}). Pass overwrite=True "
+                "to replace it (the old one stays until the new one is complete), or pick "
+                "another path."
+            )
+        manager.save(0 if latest is None else latest + 1, model, optimizer)
+
+
+def restore(
+    path: str | os.PathLike,
+    model: nnx.Module | Callable[[], nnx.Module],
+    mesh: Mesh,
+    plan: Any,
+    optimizer: OptimizerArg = None,
+    *,
+    strict: bool = True,
+    cast: bool = False,
+) -> nnx.Module | tuple[nnx.Module, nnx.Optimizer]:
+    """Restores a checkpoint directly into the layout `plan` gives on `mesh`.
+
+    The mesh and plan may differ from those at save time (other device
+    count, FSDP instead of tensor parallel, ...); values are bit-exact and
+    checked against the checksums written at save time.
+
+    Args:
+      path: A directory written by `save` (or by a `CheckpointManager`: its
+        latest step is read).
+      model: The model's structure: a zero-argument factory (never run:
+        only its shapes are read), an abstract model (`nnx.eval_shape`), or
+        a model (its values are ignored and it is not modified).
+      mesh: The mesh to restore onto.
+      plan: The plan to restore with, as for `parallelize`.
+      optimizer: None, an `nnx.Optimizer` whose state is replaced in place
+        with the saved one, or a callable `model -> nnx.Optimizer` (e.g.
+        `lambda m: nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param)`),
+        evaluated abstractly. Its state leaves are sharded like the
+        params they mirror, the rest replicated.
+      strict: If True, a pattern that matches no module raises `PlanError`.
+      cast: Convert saved dtypes that differ from the model's; without it
+        they raise `PlanError`.
+
+    Returns:
+      The restored, parallelized model (hooks installed), or
+      `(model, optimizer)` when `optimizer` is given.
+
+    Raises:
+      PlanError: `model` is neither a module nor a factory, or the saved
+        paths, shapes or dtypes differ from the model's (all listed).
+      CheckpointError: no checkpoint at `path`, no optimizer state saved
+        when one is asked for, or damaged files (the array is named).
+
+    Example:
+      >>> import optax, tempfile
+      >>> mlp = parallelize(lambda: TinyMLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel()})
+      >>> path = tempfile.mkdtemp() + "/ckpt"
+      >>> save(path, mlp, nnx.Optimizer(mlp, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param))
+      >>> sgd = lambda m: nnx.Optimizer(m, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+      >>> mlp2, opt2 = restore(path, lambda: TinyMLP(rngs=nnx.Rngs(0)), fsdp8, FSDP(min_size=16),
+      ...                      optimizer=sgd)
+      >>> opt2.opt_state[0].trace["up"]["kernel"][...].sharding.spec
+      P(None, 'fsdp')
+    """
+    manager = CheckpointManager._reader(_directory(path))
+    with manager:
+        r = manager.restore(model, mesh, plan, optimizer=optimizer, strict=strict, cast=cast)
+    return r.model if optimizer is None else (r.model, r.optimizer)
