@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat
+from nnx_parallel import remat as _remat
 
 GATHERED_NAME = "nnx_parallel_gathered"
 
@@ -75,6 +76,8 @@ class ModuleHooks:
     gather: Gather | None = None
     methods: tuple[str, ...] = ("__call__",)
     mesh: Mesh | None = None
+    # Recompute `__call__` in the backward pass (a `remat.Recompute`, from `Remat`).
+    remat: Any = None
 
     def merge(self, other: ModuleHooks | None) -> ModuleHooks:
         if other is None:
@@ -84,6 +87,7 @@ class ModuleHooks:
             gather=other.gather or self.gather,
             methods=tuple(dict.fromkeys(self.methods + other.methods)),
             mesh=other.mesh or self.mesh,
+            remat=other.remat or self.remat,
         )
 
 
@@ -135,6 +139,9 @@ def _wrap(method, name: str):
             return method(self, *args, **kwargs)
         hooks: ModuleHooks = getattr(type(self), _HOOKS_ATTR)
         layout = hooks.layout if name == "__call__" else None
+        if hooks.remat is not None and name == "__call__":
+            run = lambda m, *a, **kw: _run(m, method, hooks, layout, a, kw)
+            return _remat.recompute_call(self, run, hooks.remat, args, kwargs)
         return _run(self, method, hooks, layout, args, kwargs)
 
     return hooked

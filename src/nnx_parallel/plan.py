@@ -233,7 +233,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     resolved: dict[str, ParamEntry] = {}
     hooks: dict[str, ModuleHooks] = {}
     stacks = layer_stacks(params, mesh)
-    owners = list(dict.fromkeys(list(by_owner) + [m for m in chosen if not entries[chosen[m]][0].subtree]))
+    owners = list(dict.fromkeys(list(by_owner) + [m for m in chosen if not all(s.subtree for s in entries[chosen[m]])]))
     for owner in owners:
         own = by_owner.get(owner, {})
         module = modules[owner]

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from nnx_parallel import remat as _remat
 from nnx_parallel.errors import PlanError, did_you_mean
 from nnx_parallel.hooks import Gather, Layout, ModuleHooks
 
@@ -572,3 +573,54 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
                 "`subtree`, `param_specs(ctx)` and `hooks(ctx, specs)`."
             )
     return items
+
+
+# Activation recompute ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat:
+    """Recomputes the matched module's call in the backward pass.
+
+    Activations inside the call are not kept for the backward pass; the
+    call runs again there, after the gradient of its output exists, so this
+    saves memory on every backend (plain `jax.checkpoint` saves nothing on
+    XLA's CPU backend; see `nnx_parallel.remat`). Parameters keep whatever
+    layout other styles give them: combine it with them in a tuple
+    (`{"blocks.*": (FSDP("fsdp"), Remat())}`) or give it its own pattern
+    (`{"": FSDP("fsdp"), "blocks.*": Remat()}`).
+
+    Args:
+      policy: None recomputes everything (only the call's inputs are
+        saved). A `jax.checkpoint_policies` policy, or the name of one
+        (`"dots_saveable"`, `"dots_with_no_batch_dims_saveable"`, ...),
+        saves what it allows and recomputes the rest.
+
+    Raises:
+      PlanError: `policy` names no checkpoint policy.
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> _ = parallelize(mlp, mesh8, {"": Replicated(), "up": Remat("dots_saveable")})
+      >>> npx.hooks.get_hooks(mlp.up).remat.name
+      'dots_saveable'
+    """
+
+    policy: Any = None
+    subtree = False
+
+    def __post_init__(self):
+        _remat.resolve_policy(self.policy)  # fail at construction, not at call time
+
+    def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        return {n: s for n, s in ctx.current.items() if s is not None}
+
+    def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks | None:
+        if isinstance(ctx.module, (nnx.List, nnx.Dict)) or not callable(ctx.module):
+            inside = f"{ctx.path}.*" if ctx.path else "*"
+            raise PlanError(
+                f"{self!r} matched {ctx.path or '<root>'!r} (pattern {ctx.pattern!r}), a "
+                f"{type(ctx.module).__name__}, which is never called, so there is no call to "
+                f"recompute. Match the modules it holds instead: {inside!r}."
+            )
+        return ModuleHooks(remat=_remat.resolve_policy(self.policy))
