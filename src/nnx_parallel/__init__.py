@@ -11,6 +11,7 @@ from nnx_parallel.report import CommunicationReport, communication_report
 from nnx_parallel import plans
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.parallelize import parallelize
+from nnx_parallel.memory import Estimate, estimate
 from nnx_parallel.init import InitMemory, abstract_parallelize, init_memory, sharded_init
 from nnx_parallel.reshard import gather, move, reshard
 from nnx_parallel import checkpoint
@@ -69,6 +70,8 @@ __all__ = [
     "reduce_metrics",
     "shard_batch",
     "parallelize",
+    "Estimate",
+    "estimate",
     "InitMemory",
     "abstract_parallelize",
     "init_memory",

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
+from nnx_parallel.auto_plan import auto  # noqa: F401  (plans.auto: the plan for a memory budget)
 from nnx_parallel.errors import ParallelError, PlanError
 from nnx_parallel.plan import resolve, walk
 from nnx_parallel.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
