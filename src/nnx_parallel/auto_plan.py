@@ -3,7 +3,7 @@
 Candidates are the layouts the library knows, each compiled once ahead of
 time by `estimate` (nothing runs, nothing is allocated):
 
-- 1-D meshes: data parallel (`Replicated()`), FSDP (`plans.fsdp`), the
+- 1-D meshes (counting axes of size > 1): data parallel (`Replicated()`), FSDP (`plans.fsdp`), the
   tensor-parallel auto-plan (`plans.tensor_parallel`), ZeRO-1 and ZeRO-2;
 - 2-D meshes: data parallel and FSDP over both axes, and FSDP x TP
   (`plans.combine`: TP over `'model'`, or the last axis, FSDP over the other);
@@ -170,7 +170,8 @@ def _candidates(model: nnx.Module, mesh: Mesh) -> list[tuple[str, dict, tuple[st
     """(name, plan, batch axes) for each layout that makes sense on `mesh`."""
     from nnx_parallel import plans  # plans imports this module
 
-    names = tuple(mesh.axis_names)
+    # Axes of size 1 (npx.make_mesh(data=8) also makes 'fsdp' and 'model') play no part.
+    names = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or tuple(mesh.axis_names[:1])
     if len(names) == 1:
         (a,) = names
         out = [("dp", {"": Replicated()}, names), ("fsdp", plans.fsdp(a), names)]
@@ -188,8 +189,9 @@ def _candidates(model: nnx.Module, mesh: Mesh) -> list[tuple[str, dict, tuple[st
             out.append(("fsdp x tp", plans.combine(tp, FSDP(fsdp_axis)), (fsdp_axis,)))
         return out
     raise PlanError(
-        f"plans.auto plans for 1-D and 2-D meshes; this mesh has axes {names}. Build a 1-D or "
-        "2-D mesh, or write the plan for it yourself and check it with npx.estimate."
+        f"plans.auto plans for 1-D and 2-D meshes; this mesh has {len(names)} axes of size > 1 "
+        f"({dict(mesh.shape)}). Build a 1-D or 2-D mesh, or write the plan for it yourself and "
+        "check it with npx.estimate."
     )
 
 
