@@ -146,6 +146,26 @@ def test_remat_keeps_dropout_state_and_masks():
     assert counts == [int(b.drop.rngs.count[...]) for b in ref_model.blocks] == [1, 1, 1]
 
 
+class TakesRngs(nnx.Module):
+    def __init__(self, *, rngs):
+        self.up = nnx.Linear(32, 32, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs):
+        return self.drop(self.up(x), rngs=rngs)
+
+
+def test_remat_call_passed_nnx_objects_falls_back_with_a_warning():
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    f = lambda m, x, rngs: jnp.mean(m(x, rngs) ** 2)
+    ref = nnx.grad(f)(TakesRngs(rngs=nnx.Rngs(0)), x, nnx.Rngs(dropout=1))
+    model = npx.parallelize(TakesRngs(rngs=nnx.Rngs(0)), mesh, npx.Remat())
+    with pytest.warns(npx.FallbackWarning, match="passed NNX objects"), jax.set_mesh(mesh):
+        grads = nnx.grad(f)(model, x, nnx.Rngs(dropout=1))
+    assert_grads_equal(grads, ref)
+
+
 def test_remat_errors(mesh8):
     with pytest.raises(npx.PlanError, match="Did you mean 'dots_saveable'"):
         npx.Remat("dots_savable")

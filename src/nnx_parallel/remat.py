@@ -11,7 +11,8 @@ step: on CPU it saves nothing.
 inputs, for full recompute). The backward first ties those residuals to the
 incoming cotangent (`r + 0 * c`, which no compiler may fold for floats), so
 the recompute cannot start before the cotangent exists and cannot be merged
-with the forward. The tie is elementwise where shapes line up and a local
+with the forward. (A non-finite cotangent makes the block's gradients NaN;
+they would not have been finite anyway.) The tie is elementwise where shapes line up and a local
 reduction over trailing dims otherwise, so it adds no collective for
 batch-sharded activations.
 
@@ -182,6 +183,15 @@ def _same_layout(x, c, lead: int | None = None) -> bool:
 
 def _checkpoint_call(module, call, remat: Recompute, args, kwargs):
     """Calls passed NNX objects (caches, rngs) go through `nnx.remat`."""
+    from nnx_parallel.hooks import _warn_once  # hooks imports this module
+
+    name = type(module).__name__
+    _warn_once(
+        (name, "remat"),
+        f"Remat on {name}: its call is passed NNX objects (Rngs, caches), which the "
+        "cotangent-tied recompute cannot carry; using nnx.remat (jax.checkpoint), which "
+        "saves no memory on XLA's CPU backend. Keep such objects as module attributes.",
+    )
     policy = remat.policy or jax.checkpoint_policies.nothing_saveable
     return nnx.remat(lambda m, a, kw: call(m, *a, **kw), policy=policy)(module, args, kwargs)
 
