@@ -139,3 +139,18 @@ def test_auto_errors():
         npx.plans.auto(factory, mesh3, BATCH, budget_bytes=10**9)
     with pytest.raises(npx.PlanError, match="expects an nnx.Module or a factory"):
         npx.plans.auto(3, MESH, BATCH, budget_bytes=10**9)
+
+
+def test_auto_candidates_on_a_2d_mesh_and_repeated_blocks(mesh2x4):
+    from nnx_parallel.auto_plan import _candidates, repeated_blocks
+    from tests.models import GPT
+
+    gpt = nnx.eval_shape(lambda: GPT(rngs=nnx.Rngs(0)))
+    assert repeated_blocks(gpt) == ("blocks.*",)
+    found = {name: (plan, axes) for name, plan, axes in _candidates(gpt, mesh2x4)}
+    assert list(found) == ["dp", "fsdp", "fsdp x tp"]
+    assert found["dp"][1] == found["fsdp"][1] == ("data", "model") and found["fsdp x tp"][1] == ("data",)
+    specs = npx.resolve(gpt, mesh2x4, found["fsdp x tp"][0]).specs()
+    assert specs["blocks.0.mlp.up.kernel"] == P("data", "model")  # TP over 'model', FSDP over 'data'
+    nested = nnx.eval_shape(lambda: nnx.List([Net(n=2, rngs=nnx.Rngs(0)) for _ in range(2)]))
+    assert repeated_blocks(nested) == ("*",)  # the outer list; its entries' lists are inside
