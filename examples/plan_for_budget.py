@@ -16,7 +16,9 @@ Its output is committed next to it, in plan_for_budget.txt.
 import os
 
 # The device count is fixed when JAX starts: set it before importing jax.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -91,7 +93,9 @@ def loss_fn(model, tokens):
 
 def compiled_peak(model, opt, tokens, mesh, zero2: bool):
     # ZeRO-2 plans take their gradients from zero.value_and_grad (reduce-scattered).
-    grad_fn = npx.zero.value_and_grad(loss_fn, axis="data") if zero2 else nnx.value_and_grad(loss_fn)
+    grad_fn = (
+        npx.zero.value_and_grad(loss_fn, axis="data") if zero2 else nnx.value_and_grad(loss_fn)
+    )
 
     @nnx.jit(donate_argnums=(0, 1))
     def step(model, opt, tokens):
@@ -122,7 +126,10 @@ def main():
     start = time.perf_counter()
     plan, report = npx.plans.auto(factory, mesh, batch, budget_bytes=budget, loss_fn=loss_fn)
     print(report)
-    print(f"\n{len(report.candidates)} candidates compiled in {time.perf_counter() - start:.0f} s, none run")
+    print(
+        f"\n{len(report.candidates)} candidates compiled in "
+        f"{time.perf_counter() - start:.0f} s, none run"
+    )
     chosen = report.chosen
     print(f"chosen: {chosen.name!r}, plan:")
     for pattern, style in plan.items():
@@ -137,8 +144,10 @@ def main():
     tokens = jax.device_put(tokens, NamedSharding(mesh, spec))
     step, peak = compiled_peak(model, opt, tokens, mesh, chosen.name.startswith("zero2"))
     error = chosen.peak_bytes / peak - 1
-    print(f"real parallelized model, same step: peak {peak:,} B per device; predicted "
-          f"{chosen.peak_bytes:,} B ({error:+.2%})")
+    print(
+        f"real parallelized model, same step: peak {peak:,} B per device; predicted "
+        f"{chosen.peak_bytes:,} B ({error:+.2%})"
+    )
     assert abs(error) <= 0.05, error
     with jax.set_mesh(mesh):
         losses = [float(step(model, opt, tokens)) for _ in range(3)]

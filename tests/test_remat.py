@@ -100,14 +100,20 @@ def test_remat_gradients_equal_and_no_extra_collectives():
 
 
 @pytest.mark.parametrize(
-    "layout, kind", [("tuple", AxisType.Auto), ("separate", AxisType.Explicit)], ids=["tuple-auto", "separate-explicit"]
+    "layout, kind",
+    [("tuple", AxisType.Auto), ("separate", AxisType.Explicit)],
+    ids=["tuple-auto", "separate-explicit"],
 )
 def test_remat_composes_with_fsdp(layout, kind):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
     x = jax.random.normal(jax.random.key(1), (256, 32))
     xs = jax.device_put(x, NamedSharding(mesh, P("fsdp")))
     fsdp = npx.FSDP("fsdp", min_size=16)
-    plan = {"blocks.*": (fsdp, npx.Remat())} if layout == "tuple" else {"": fsdp, "blocks.*": npx.Remat()}
+    plan = (
+        {"blocks.*": (fsdp, npx.Remat())}
+        if layout == "tuple"
+        else {"": fsdp, "blocks.*": npx.Remat()}
+    )
     model, compiled, grads = sharded_grads(plan, mesh, xs)
     assert model.blocks[0].up.kernel[...].sharding.spec == P(None, "fsdp")
     assert_grads_equal(grads, reference_grads(x))
@@ -119,7 +125,9 @@ def test_remat_composes_with_fsdp(layout, kind):
     # The backward waits for each block's cotangent through a scalar (the tie of
     # its sharded weights): one all-reduce of scalars per block, nothing bigger.
     reduced = [op.shape for op in ops if op.kind == "all-reduce"]
-    assert len(reduced) == 2 and all(set(re.findall(r"\w+\[[\d,]*\]", s)) == {"f32[]"} for s in reduced)
+    assert len(reduced) == 2 and all(
+        set(re.findall(r"\w+\[[\d,]*\]", s)) == {"f32[]"} for s in reduced
+    )
     fsdp_only = npx.parallelize(Net(rngs=nnx.Rngs(0)), mesh, {"": fsdp})
     base = compiled_grad(fsdp_only, xs, mesh).memory_analysis().temp_size_in_bytes
     assert compiled.memory_analysis().temp_size_in_bytes < 0.8 * base
@@ -130,7 +138,9 @@ def test_remat_policies_by_name_and_value():
     x = jax.random.normal(jax.random.key(1), (8, 32))
     ref = reference_grads(x)
     for policy in ("dots_saveable", jax.checkpoint_policies.dots_with_no_batch_dims_saveable):
-        model, _, grads = sharded_grads({"": npx.Replicated(), "blocks.*": npx.Remat(policy)}, mesh, x)
+        model, _, grads = sharded_grads(
+            {"": npx.Replicated(), "blocks.*": npx.Remat(policy)}, mesh, x
+        )
         assert_grads_equal(grads, ref)
     hooks = npx.hooks.get_hooks(model.blocks[0])
     assert hooks.remat.name == "dots_with_no_batch_dims_saveable"

@@ -79,8 +79,12 @@ class AutoReport:
         lines = [f"budget {self.budget_bytes:,} B ({_text.human(self.budget_bytes)}) per device"]
         rows = [
             [
-                c.name, f"{c.peak_bytes:,}", _text.human(c.peak_bytes), f"{c.wire_bytes:,.0f}",
-                "yes" if c.fits else "no", "<- chosen" if c is self.chosen else "",
+                c.name,
+                f"{c.peak_bytes:,}",
+                _text.human(c.peak_bytes),
+                f"{c.wire_bytes:,.0f}",
+                "yes" if c.fits else "no",
+                "<- chosen" if c is self.chosen else "",
             ]
             for c in self.candidates
         ]
@@ -203,7 +207,9 @@ def _with_remat(candidates, blocks: tuple[str, ...]):
         if blocks:
             remat = dict(plan)
             for pattern in blocks:
-                remat[pattern] = (*as_styles(plan[pattern]), Remat()) if pattern in plan else Remat()
+                remat[pattern] = (
+                    (*as_styles(plan[pattern]), Remat()) if pattern in plan else Remat()
+                )
             yield f"{name}+remat", remat, axes
 
 
@@ -247,7 +253,9 @@ def _structure(module: nnx.Module):
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         meta = repr(sorted(_compat.get_metadata(var).items()))
-        leaves.append((path, tuple(getattr(value, "shape", ())), str(getattr(value, "dtype", "")), meta))
+        leaves.append(
+            (path, tuple(getattr(value, "shape", ())), str(getattr(value, "dtype", "")), meta)
+        )
     return graphdef, tuple(leaves)
 
 

@@ -96,9 +96,15 @@ class Estimate:
         by_axis = {k: s.traffic for k, s in report.by_kind_and_axis.items() if s.count}
         by_kind = {k: s.traffic for k, s in report.by_kind.items() if s.count}
         return cls(
-            argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias,
-            peak_bytes=args + out + temp - alias, wire_bytes=report.total.traffic,
-            wire_by_kind=by_kind, wire_by_axis=by_axis, communication=report,
+            argument_bytes=args,
+            output_bytes=out,
+            temp_bytes=temp,
+            alias_bytes=alias,
+            peak_bytes=args + out + temp - alias,
+            wire_bytes=report.total.traffic,
+            wire_by_kind=by_kind,
+            wire_by_axis=by_axis,
+            communication=report,
         )
 
 
@@ -176,8 +182,10 @@ def train_step(loss_fn: LossFn, *, zero_axis: str | None = None) -> Callable:
       >>> float(train_step(lambda m, x: (m(x) ** 2).mean())(mlp, opt, jax.numpy.ones((2, 16)))) > 0
       True
     """
-    grad_fn = nnx.value_and_grad(loss_fn) if zero_axis is None else zero.value_and_grad(
-        loss_fn, axis=zero_axis
+    grad_fn = (
+        nnx.value_and_grad(loss_fn)
+        if zero_axis is None
+        else zero.value_and_grad(loss_fn, axis=zero_axis)
     )
 
     def step(model, opt, *batch):

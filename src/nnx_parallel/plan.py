@@ -233,7 +233,9 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     resolved: dict[str, ParamEntry] = {}
     hooks: dict[str, ModuleHooks] = {}
     stacks = layer_stacks(params, mesh)
-    owners = list(dict.fromkeys(list(by_owner) + [m for m in chosen if not all(s.subtree for s in entries[chosen[m]])]))
+    # Modules a non-subtree style matches (Remat, TP) are visited even if they own no params.
+    visit = [m for m in chosen if not all(s.subtree for s in entries[chosen[m]])]
+    owners = list(dict.fromkeys(list(by_owner) + visit))
     for owner in owners:
         own = by_owner.get(owner, {})
         module = modules[owner]
