@@ -200,3 +200,14 @@ def test_auto_candidates_on_a_2d_mesh_and_repeated_blocks(mesh2x4):
     )  # TP over 'model', FSDP over 'data'
     nested = nnx.eval_shape(lambda: nnx.List([Net(n=2, rngs=nnx.Rngs(0)) for _ in range(2)]))
     assert repeated_blocks(nested) == ("*",)  # the outer list; its entries' lists are inside
+
+
+def test_estimate_batch_layouts(mesh2x4):
+    from nnx_parallel.memory import _abstract_batch
+
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh2x4, P(None, "model")))
+    assert _abstract_batch(x, mesh2x4, None).sharding.spec == P(None, "model")  # kept
+    sds = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    assert _abstract_batch(sds, mesh2x4, None).sharding.spec == P("data")  # batch_spec(mesh)
+    assert _abstract_batch(sds, mesh2x4, ("data", "model")).sharding.spec == P(("data", "model"))
+    assert _abstract_batch(sds, mesh2x4, ()).sharding.spec == P()
