@@ -133,6 +133,17 @@ def test_remat_composes_with_fsdp(layout, kind):
     assert compiled.memory_analysis().temp_size_in_bytes < 0.8 * base
 
 
+def test_remat_composes_with_fsdp_x_tp_on_explicit_axes():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    tp = {"blocks.*.up": npx.ColumnParallel("model"), "blocks.*.down": npx.RowParallel("model")}
+    plan = npx.plans.combine(tp, npx.FSDP("data", min_size=16)) | {"blocks.*": npx.Remat()}
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    model, _, grads = sharded_grads(plan, mesh, xs)
+    assert model.blocks[0].up.kernel[...].sharding.spec == P("data", "model")
+    assert_grads_equal(grads, reference_grads(x))
+
+
 def test_remat_policies_by_name_and_value():
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     x = jax.random.normal(jax.random.key(1), (8, 32))
