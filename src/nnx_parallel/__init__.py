@@ -20,6 +20,7 @@ from nnx_parallel.core.styles import (
     FSDP,
     ColumnParallel,
     ModuleContext,
+    Remat,
     Replicated,
     RowParallel,
     Shard,
@@ -30,6 +31,7 @@ from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
 from nnx_parallel.errors import CheckpointError, MeshError, ParallelError, PlanError
 from nnx_parallel.losses import cross_entropy
+from nnx_parallel.memory import Estimate, estimate
 from nnx_parallel.mesh import make_mesh
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.reshard import gather, move, reshard
@@ -57,6 +59,7 @@ __all__ = [
     "ParallelError",
     "ParamEntry",
     "PlanError",
+    "Remat",
     "Replicated",
     "Resolution",
     "RowParallel",
@@ -85,6 +88,8 @@ __all__ = [
     "reduce_metrics",
     "shard_batch",
     "parallelize",
+    "Estimate",
+    "estimate",
     "InitMemory",
     "abstract_parallelize",
     "init_memory",

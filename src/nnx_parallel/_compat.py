@@ -183,6 +183,24 @@ def checkpoint_name(x, name: str):
     return _name(x, name)
 
 
+# Policy names that are policies themselves, and those that build one from names.
+_CHECKPOINT_POLICIES = (
+    "everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+)
+CHECKPOINT_POLICY_FACTORIES = (
+    "save_anything_except_these_names", "save_any_names_but_these", "save_only_these_names",
+    "save_from_both_policies", "save_and_offload_only_these_names",
+    "offload_dot_with_no_batch_dims",
+)
+
+
+def checkpoint_policies() -> dict[str, Any]:
+    """Name -> policy, for the `jax.checkpoint_policies` that take no arguments."""
+    ns = jax.checkpoint_policies
+    return {name: getattr(ns, name) for name in _CHECKPOINT_POLICIES if hasattr(ns, name)}
+
+
 def device_put(value: Any, sharding: NamedSharding) -> Any:
     return jax.device_put(value, sharding)
 

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from jax.sharding import Mesh
@@ -53,6 +54,15 @@ class Gather:
 
 
 @dataclasses.dataclass(frozen=True)
+class Recompute:
+    """What a module's backward recomputes: all of it (`policy` None) or
+    what `policy` (a `jax.checkpoint_policies` policy) does not save."""
+
+    policy: Callable[..., bool] | None = None
+    name: str = "full"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModuleHooks:
     """Everything a module does at call time, merged from all its styles."""
 
@@ -60,6 +70,8 @@ class ModuleHooks:
     gather: Gather | None = None
     methods: tuple[str, ...] = ("__call__",)
     mesh: Mesh | None = None
+    # Recompute `__call__` in the backward pass (from the `Remat` style).
+    remat: Recompute | None = None
 
     def merge(self, other: ModuleHooks | None) -> ModuleHooks:
         """These hooks with `other`'s fields taking precedence where set."""
@@ -70,13 +82,16 @@ class ModuleHooks:
             gather=other.gather or self.gather,
             methods=tuple(dict.fromkeys(self.methods + other.methods)),
             mesh=other.mesh or self.mesh,
+            remat=other.remat or self.remat,
         )
 
     @property
     def kind(self) -> str:
         """The prefix of the hooked class's name: `FSDP` where parameters are
-        gathered per call, else `Parallel` (activation layouts only)."""
-        return "FSDP" if self.gather is not None else "Parallel"
+        gathered per call, `Parallel` with activation layouts, else `Remat`."""
+        if self.gather is not None:
+            return "FSDP"
+        return "Parallel" if self.layout is not None or self.remat is None else "Remat"
 
 
 # Reading installed hooks: the runtime swaps a module's class for a subclass

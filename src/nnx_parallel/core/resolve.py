@@ -178,7 +178,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     by_owner: dict[str, dict[str, tuple[str, nnx.Variable]]] = {}
     for path, (owner, name, var) in params.items():
         by_owner.setdefault(owner, {})[name] = (path, var)
-    styled = [m for m in chosen if not entries[chosen[m]][0].subtree]
+    styled = [m for m in chosen if not all(s.subtree for s in entries[chosen[m]])]
     resolved: dict[str, ParamEntry] = {}
     hooks: dict[str, ModuleHooks] = {}
     for owner in dict.fromkeys(list(by_owner) + styled):

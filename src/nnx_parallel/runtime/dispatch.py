@@ -8,6 +8,9 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
 
 - `plain`: probing output shapes, or hooks with nothing to do for this
   method: the method as written.
+- `remat` (`Remat` style): not a route but a wrapper: the call, on its
+  own route, runs inside a `custom_vjp` that recomputes it in backward
+  (`runtime/remat.py`); recorded before the route it wraps.
 - `layout.*`: activation layouts only (no FSDP gather); see below.
 - `fsdp.tp-manual`: FSDP x TP on a local-safe layer (`layers.local_safe`):
   one fully manual shard_map that gathers only the FSDP axis and sums the
@@ -36,9 +39,10 @@ import dataclasses
 import functools
 
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import fsdp, layout
+from nnx_parallel.runtime import fsdp, layout, remat
 
 PLAIN = "plain"
+REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
 FSDP_NESTED = "fsdp.nested"
 FSDP_TP_MANUAL = "fsdp.tp-manual"
 FSDP_AUTO_AXES = "fsdp.auto-axes"
@@ -46,7 +50,7 @@ FSDP_SHARD_MAP = "fsdp.shard-map"
 FSDP_GSPMD = "fsdp.gspmd"
 
 ROUTES = (
-    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
+    PLAIN, REMAT, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
     layout.CALLER, layout.AS_WRITTEN, layout.CONSTRAIN, layout.OUT_SHARDING, layout.AUTO_AXES,
 )
 
@@ -86,6 +90,13 @@ def wrap(method, name: str):
             _note(self, name, PLAIN)
             return method(self, *args, **kwargs)
         hooks: ModuleHooks = getattr(type(self), HOOKS_ATTR)
+        if hooks.remat is not None and name == "__call__":
+            _note(self, name, REMAT)
+
+            def call(m, *a, **kw):
+                return run(m, method, name, hooks, a, kw)
+
+            return remat.recompute_call(self, call, hooks.remat, args, kwargs)
         return run(self, method, name, hooks, args, kwargs)
 
     return hooked

@@ -272,7 +272,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         lines.append(f"call-time hooks ({_text.plural(len(res.hooks), 'module')}):")
         width = max(len(p or "<root>") for p in res.hooks)
         for path, h in res.hooks.items():
-            kinds = [k for k in ("layout", "gather") if getattr(h, k, None) is not None]
+            kinds = [k for k in ("layout", "gather", "remat") if getattr(h, k, None) is not None]
             lines.append(f"  {(path or '<root>').ljust(width)}  {', '.join(kinds) or 'none'}")
     if res.notes:
         lines.append("notes:")

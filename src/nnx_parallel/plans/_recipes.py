@@ -1,13 +1,5 @@
-"""Ready-made plans: FSDP for any model, tensor parallelism for transformers.
-
-`tensor_parallel(model)` reads a model's module tree (types, names, weight
-shapes) and writes the Megatron plan a person would write by hand: the
-in-projections of attention and MLP (q/k/v, up/gate) column-parallel, the
-out-projections (o, down) row-parallel, the token embedding and LM head
-vocab-parallel. What it cannot classify it lists in the report instead of
-guessing. The plan is a plain dict: print it, edit it, pass it to
-`parallelize`.
-"""
+"""The hand-written plans: FSDP for any model, FSDP around a TP plan, and the
+tensor-parallel auto-plan for transformers."""
 
 from __future__ import annotations
 

@@ -1,0 +1,21 @@
+"""Ready-made plans: FSDP for any model, tensor parallelism for transformers,
+and the layout that fits a memory budget.
+
+`tensor_parallel(model)` reads a model's module tree (types, names, weight
+shapes) and writes the Megatron plan a person would write by hand: the
+in-projections of attention and MLP (q/k/v, up/gate) column-parallel, the
+out-projections (o, down) row-parallel, the token embedding and LM head
+vocab-parallel. What it cannot classify it lists in the report instead of
+guessing. The plan is a plain dict: print it, edit it, pass it to
+`parallelize`.
+
+`auto(model, mesh, batch, budget_bytes=...)` compiles each candidate layout
+ahead of time (data parallel, FSDP, tensor parallel, ZeRO, each with and
+without `Remat` on repeated blocks) and picks the one that fits with the
+fewest wire bytes.
+"""
+
+from nnx_parallel.plans._auto import AutoReport, Candidate, auto
+from nnx_parallel.plans._recipes import PlanReport, combine, fsdp, tensor_parallel
+
+__all__ = ["AutoReport", "Candidate", "PlanReport", "auto", "combine", "fsdp", "tensor_parallel"]
