@@ -212,3 +212,24 @@ def fully_addressable(tree: Any) -> bool:
     values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
     return all(x.is_fully_addressable for x in jax.tree.leaves(values) if isinstance(x, jax.Array))
 
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+    """Manual axes `x` varies over inside `shard_map` (its type's vma)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def pcast_varying(x: Any, axes: tuple[str, ...]) -> Any:
+    """`x` typed as varying over `axes` (no data movement)."""
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def trace_state() -> Any:
+    """A comparable handle on the current JAX trace (equal within one trace)."""
+    import jax.extend.core  # noqa: F401 - not imported by `import jax`
+
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
