@@ -4,24 +4,28 @@
 manual region (`shard_map` over the batch axes) on parameters all-gathered
 from their local shards, under a `jax.custom_vjp`:
 
-- forward: each shard goes through an `optimization_barrier` together with a
-  *dependency* (the call's inputs, or an earlier layer's for prefetch), then
-  is cast to the compute dtype and all-gathered. Only the shards and the
-  inputs are saved for backward, never the gathered copy.
-- backward: the shards go through a barrier with the incoming cotangent and
-  are gathered again, the call's vjp runs on that copy, and the parameter
-  gradients are cast to the reduce dtype and reduce-scattered (then summed
-  over the batch axes the parameter is replicated on).
+- forward: each shard is *tied* to a dependency (the call's inputs, or with
+  prefetch the previous call's token), cast to the compute dtype and
+  all-gathered. Only the shards and the inputs are saved for backward,
+  never the gathered copy.
+- backward: the shards are tied to the incoming cotangent (prefetch: to
+  the next call's token cotangent) and gathered again, the call's vjp runs
+  on that copy, and the parameter gradients are cast to the reduce dtype
+  and reduce-scattered (then summed over the batch axes the parameter is
+  replicated on).
 
-Why the barrier: a plain `all_gather` in forward and again in backward
-(what `jax.checkpoint` asks for) lowers to two identical instructions, which
-XLA's CSE merges into one, whose result then lives from forward to backward
-on every layer: step memory O(depth). The barrier's outputs are distinct
-values that become available only once the dependency is, so the two gathers
-cannot merge, and neither can be hoisted ahead of the layer that needs it.
+Why the tie: a plain `all_gather` in forward and again in backward (what
+`jax.checkpoint` asks for) lowers to two identical instructions, which XLA's
+CSE merges into one, whose result then lives from forward to backward on
+every layer: step memory O(depth). `tie` adds to each shard an exact zero
+computed from the dependency; no XLA pass can prove it zero, so the two
+gathers are different values, and neither can run before its dependency is
+ready. An `optimization_barrier` does not do this: XLA:CPU expands barriers
+before CSE, and the gathers merge again.
 
 `GatherPlan.keep` (FSDP's `reshard_after_forward=False`) saves the gathered
-copy instead: one all-gather per parameter per step, memory O(depth).
+copy for backward instead: one all-gather per parameter per step, memory
+O(depth).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def tie(leaves: list, dep) -> list:
+def tie(leaves: list, dep, batch_axes: tuple[str, ...] = ()) -> list:
     """`leaves`, made to depend on `dep` through a data dependency XLA keeps.
 
     Each floating leaf gets a zero added that is computed from one element
@@ -88,7 +92,13 @@ def tie(leaves: list, dep) -> list:
     zero = _zero(dep)
     if zero is None:
         return list(leaves)
-    return [x + zero.astype(x.dtype) if _is_float(x) else x for x in leaves]
+    # Never make a leaf vary over a manual axis other than the batch axes (a
+    # tensor-parallel axis): a bias replicated over 'model' must stay so.
+    extra = _compat.varying_axes(zero) - set(batch_axes)
+    return [
+        x + zero.astype(x.dtype) if _is_float(x) and extra <= _compat.varying_axes(x) else x
+        for x in leaves
+    ]
 
 
 def _cast(x, dtype):
@@ -101,9 +111,20 @@ def gather_leaves(shards: list, plan: GatherPlan) -> list:
     for x, dim in zip(shards, plan.dims):
         x = _cast(x, plan.param_dtype)
         if dim is not _NO_DIM:
-            x = jax.lax.all_gather(x, _axis(plan.axes), axis=dim, tiled=True)
+            x = _bits_gather(x, _axis(plan.axes), dim)
         out.append(x)
     return out
+
+
+def _bits_gather(x, axis, dim: int):
+    """`all_gather(x)`; a sub-32-bit float is gathered as same-width unsigned
+    ints, so the wire carries its own bytes (XLA:CPU otherwise widens a bf16
+    all-gather to f32). Not differentiable: only `gathered_call` uses it."""
+    if not _is_float(x) or x.dtype.itemsize >= 4:
+        return jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+    uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+    bits = jax.lax.all_gather(jax.lax.bitcast_convert_type(x, uint), axis, axis=dim, tiled=True)
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
 
 
 def _varying(x, axes: tuple[str, ...]):
@@ -144,9 +165,6 @@ def gathered_call(fn: Callable, shards: list, inputs: Any, plan: GatherPlan, pre
       `(fn's output, token)`: the token is a (1,) float32 array computed
       from `inputs`, to pass as `prev` to the next call.
     """
-    if plan.keep:
-        full = gather_leaves(tie(shards, inputs if prev is None else prev), plan)
-        return fn(full, _cast_inputs(inputs, plan)), _token(inputs)
     return _custom(fn, plan, prev is not None)(shards, inputs, () if prev is None else prev)
 
 
@@ -172,17 +190,22 @@ def _cast_inputs(inputs, plan: GatherPlan):
 def _custom(fn: Callable, plan: GatherPlan, chained: bool):
     @jax.custom_vjp
     def run(shards, inputs, prev):
-        full = gather_leaves(tie(shards, prev if chained else inputs), plan)
+        full = gather_leaves(tie(shards, prev if chained else inputs, plan.batch_axes), plan)
         return fn(full, _cast_inputs(inputs, plan)), _token(inputs)
 
     def fwd(shards, inputs, prev):
-        return run(shards, inputs, prev), (shards, inputs, prev)
+        if not plan.keep:
+            return run(shards, inputs, prev), (shards, inputs, prev, None)
+        full = gather_leaves(tie(shards, prev if chained else inputs, plan.batch_axes), plan)
+        out = fn(full, _cast_inputs(inputs, plan)), _token(inputs)
+        return out, (shards, inputs, prev, full)  # keep: the gathered copy lives on
 
     def bwd(res, cts):
-        shards, inputs, prev = res
+        shards, inputs, prev, full = res
         g, g_token = cts
-        # prefetch: the next call's backward sends g_token as soon as it starts.
-        full = gather_leaves(tie(shards, g_token if plan.prefetch else g), plan)
+        if full is None:
+            # prefetch: the next call's backward sends g_token as soon as it starts.
+            full = gather_leaves(tie(shards, g_token if plan.prefetch else g, plan.batch_axes), plan)
         full = [_varying(x, plan.batch_axes) if _is_float(x) else x for x in full]
         _, vjp = jax.vjp(lambda p, i: fn(p, _cast_inputs(i, plan)), full, inputs)
         g_full, g_inputs = vjp(g)
