@@ -370,3 +370,24 @@ class TPBlocks(nnx.Module):
         for block in self.blocks:
             x = x + block["down"](jax.nn.relu(block["up"](x)))
         return x
+
+
+class Gated(nnx.Module):
+    """A module holding a param and a child that holds its own and takes a
+    keyword flag: under FSDP the child gathers inside the parent's region."""
+
+    def __init__(self, d=64, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((d,)))
+        self.child = _Negatable(d, rngs=rngs)
+
+    def __call__(self, x):
+        return self.child(x * self.scale[...][None], negate=True)
+
+
+class _Negatable(nnx.Module):
+    def __init__(self, d, *, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (d, d)) * 0.1)
+
+    def __call__(self, x, *, negate: bool = False):
+        y = jnp.tanh(x @ self.w[...])
+        return -y if negate else y

@@ -208,3 +208,16 @@ def test_bad_prefetch_and_dtype_raise():
         npx.FSDP("fsdp", param_dtype=jnp.int32)
     with pytest.raises(npx.PlanError, match=r"reduce_dtype=.*not a floating dtype"):
         npx.FSDP("fsdp", reduce_dtype="int8")
+
+
+def test_nested_gathers_inside_the_parents_region(kind):
+    """A hooked child called by a hooked parent gathers in the parent's
+    shard_map (keyword flags pass through); numerics match unsharded.
+    Gradients agree to 2e-9; Adam at lr 1e-3, as some |g| are ~eps (5.6e-9)
+    where the first Adam step amplifies any difference (see the TP test)."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
+    model, ref = rm.Gated(rngs=nnx.Rngs(0)), rm.Gated(rngs=nnx.Rngs(0))
+    npx.parallelize(model, mesh, npx.FSDP("fsdp", min_size=1))
+    assert "fsdp" in model.child.w[...].sharding.spec
+    x, xs = _x(mesh, d=64, batch=16)
+    helpers.check_equivalence(model, ref, mesh, xs, x, lr=1e-3)

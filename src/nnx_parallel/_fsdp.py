@@ -50,8 +50,17 @@ def gather_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
     if set(gather.axes) <= manual:
         # Already inside an enclosing module's shard_map: gather our own params.
-        return _gathered(lambda ps, r, a, kw: call(nnx.merge(graphdef, ps, r), *a, **kw),
-                         gather, pstate, rest, args, kwargs)
+        flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_stateful)
+        where = [i for i, x in enumerate(flat) if _is_array(x)]
+
+        def run(ps, r, arrays):  # only arrays go through the custom_vjp
+            leaves = list(flat)
+            for i, a in zip(where, arrays):
+                leaves[i] = a
+            a, kw = jax.tree.unflatten(treedef, leaves)
+            return call(nnx.merge(graphdef, ps, r), *a, **kw)
+
+        return _gathered(run, gather, pstate, rest, [flat[i] for i in where])
     batch_axes = tuple(a for a in gather.batch_axes if a not in manual)
     n_batch = math.prod(mesh.shape[a] for a in batch_axes)
     reason, split = _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch)
