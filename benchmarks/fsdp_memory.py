@@ -56,13 +56,9 @@ def make(stack: str, depth: int, width: int):
 def build(setup: str, stack: str, depth: int, width: int, mesh):
     model = make(stack, depth, width)
     scan = int(stack == "scanned")
-    styles = {
-        "fsdp": npx.FSDP("fsdp", min_size=1, scan_axes=scan),
-        "fsdp-p1": npx.FSDP("fsdp", min_size=1, scan_axes=scan, prefetch=1),
-        "keep": npx.FSDP("fsdp", min_size=1, scan_axes=scan, reshard_after_forward=False),
-    }
-    if setup in styles:
-        npx.parallelize(model, mesh, styles[setup])
+    options = {"fsdp": {}, "fsdp-p1": {"prefetch": 1}, "keep": {"reshard_after_forward": False}}
+    if setup in options:
+        npx.parallelize(model, mesh, npx.FSDP("fsdp", min_size=1, scan_axes=scan, **options[setup]))
     elif setup == "naive":  # annotate like FSDP, no hooks: GSPMD propagates
         res = npx.resolve(model, mesh, npx.FSDP("fsdp", min_size=1, scan_axes=scan))
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

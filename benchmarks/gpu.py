@@ -54,7 +54,8 @@ def run(setup: str, depth: int, width: int, batch: int, mesh, steps: int) -> dic
             times.append(time.perf_counter() - t0)
     footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                  - mem.alias_size_in_bytes)
-    return {"temp": mem.temp_size_in_bytes, "footprint": footprint, "ms": 1e3 * statistics.median(times),
+    return {"temp": mem.temp_size_in_bytes, "footprint": footprint,
+            "ms": 1e3 * statistics.median(times),
             "peak": _peak(jax.local_devices()[0]), **ops}
 
 
@@ -82,7 +83,8 @@ def main(argv=None) -> list[dict]:
         print(f"no GPU found: running on {platform} at tiny sizes; step times and peaks below are "
               "not GPU figures")
     if args.only is None:
-        print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, L={depth} x Linear({width},{width}), "
+        print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
+              f"L={depth} x Linear({width},{width}), "
               f"batch {batch}, f32 Adam; memory per device in MiB, collective bytes / psi")
     psi = depth * (width * width + width) * 4
     if args.only is None:

@@ -139,7 +139,8 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False, param_dtype=No
         auto = (jax.sharding.AxisType.Auto,)
         return jax.make_mesh((n,), ("data",), axis_types=auto), "data", npx.Replicated(), False
     if kind == "fsdp":
-        return jax.make_mesh((n,), ("fsdp",)), "fsdp", {"": npx.FSDP("fsdp", min_size=512, **mixed)}, False
+        plan = {"": npx.FSDP("fsdp", min_size=512, **mixed)}
+        return jax.make_mesh((n,), ("fsdp",)), "fsdp", plan, False
     tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
     if report.unclassified:
         log(f"auto-plan left these replicated:\n{report}")
@@ -246,7 +247,8 @@ def main(argv=None):
         log(f"--param-dtype {args.param_dtype}: loss curves, float32 vs {args.param_dtype}")
         for s in sorted({*range(0, args.steps, args.log_every), args.steps - 1}):
             rel = abs(mixed[s] - losses[s]) / abs(losses[s])
-            log(f"  step {s:4d}: float32 {losses[s]:.4f}  {args.param_dtype} {mixed[s]:.4f}  rel diff {rel:.2%}")
+            log(f"  step {s:4d}: float32 {losses[s]:.4f}  {args.param_dtype} {mixed[s]:.4f}  "
+                f"rel diff {rel:.2%}")
         return losses, reference_losses, mixed
     return losses, reference_losses
 

@@ -317,8 +317,8 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
     prev = _prefetch_token(gather, math.prod(mesh.shape[a] for a in batch_axes))
 
     def body(pstate, rest, arrays, prev):
-        return _gathered(run, gather, pstate, rest, arrays, prev=None if isinstance(prev, tuple) else prev,
-                         token=True)
+        prev = None if isinstance(prev, tuple) else prev  # () : nothing to wait for
+        return _gathered(run, gather, pstate, rest, arrays, prev=prev, token=True)
 
     out_specs = jax.tree.map(lambda d: P() if d < 0 else P(*([None] * d), batch_entry), split.outputs)
     mapped = _compat.shard_map(

@@ -205,7 +205,8 @@ def _custom(fn: Callable, plan: GatherPlan, chained: bool):
         g, g_token = cts
         if full is None:
             # prefetch: the next call's backward sends g_token as soon as it starts.
-            full = gather_leaves(tie(shards, g_token if plan.prefetch else g, plan.batch_axes), plan)
+            when = g_token if plan.prefetch else g
+            full = gather_leaves(tie(shards, when, plan.batch_axes), plan)
         full = [_varying(x, plan.batch_axes) if _is_float(x) else x for x in full]
         _, vjp = jax.vjp(lambda p, i: fn(p, _cast_inputs(i, plan)), full, inputs)
         g_full, g_inputs = vjp(g)
