@@ -56,6 +56,13 @@ def _temp(stack, depth, mesh, **kw):
 AUTO, EXPLICIT = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
 
 
+@pytest.fixture
+def auto8():
+    """Auto axes only: Explicit runs the same gather code (the tests above
+    and the numerics tests cover it), and each compile costs seconds."""
+    return jax.make_mesh((8,), ("fsdp",), axis_types=(AUTO,))
+
+
 @pytest.mark.parametrize("stack,kind", [
     ("list", AUTO), ("list", EXPLICIT), ("scan", AUTO), ("tagged", AUTO), ("tagged", EXPLICIT),
     ("tagged_own", AUTO),
@@ -76,7 +83,10 @@ def test_step_temp_memory_is_independent_of_depth(stack, kind):
     assert all(c.size <= 4 for c in collectives(compiled, mesh) if c.kind == "all-reduce")
 
 
-@pytest.mark.parametrize("stack", ["list", "attrs", "scan", "tagged", "tagged_own"])
+@pytest.mark.parametrize("stack,kind", [
+    ("list", AUTO), ("list", EXPLICIT), ("attrs", AUTO), ("scan", AUTO), ("scan", EXPLICIT),
+    ("tagged", AUTO), ("tagged", EXPLICIT), ("tagged_own", EXPLICIT),
+])
 def test_fsdp_stack_matches_unsharded(stack, kind):
     """Forward, gradients and one Adam step within 1e-5 of the unsharded model."""
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
@@ -88,13 +98,13 @@ def test_fsdp_stack_matches_unsharded(stack, kind):
     helpers.check_equivalence(model, ref, mesh, xs, x)
 
 
-def test_communication_is_at_most_2psi_gathered_psi_scattered(fsdp8):
+def test_communication_is_at_most_2psi_gathered_psi_scattered(auto8):
     """Unrolled stack: every param is all-gathered in forward and again in
     backward where backward reads it (not layer 0's kernel, whose input needs
     no gradient; no bias): <= 2 psi. Gradients: psi reduce-scattered."""
     model = _make("list", 4)
-    npx.parallelize(model, fsdp8, _fsdp("list"))
-    ops = collectives(_compile(model, fsdp8, _x(fsdp8)[1]), fsdp8)
+    npx.parallelize(model, auto8, _fsdp("list"))
+    ops = collectives(_compile(model, auto8, _x(auto8)[1]), auto8)
     psi = 4 * (D * D + D) * 4
     totals = bytes_by_kind(ops)
     assert totals["reduce-scatter"] == psi
@@ -102,12 +112,12 @@ def test_communication_is_at_most_2psi_gathered_psi_scattered(fsdp8):
     assert totals["all-reduce"] == 4  # the loss
 
 
-def test_scanned_step_gathers_each_layer_twice(fsdp8):
+def test_scanned_step_gathers_each_layer_twice(auto8):
     """Inside the scans (one while body each for forward and backward), one
     layer's slice is gathered in forward and again in backward, and its
     gradient reduce-scattered once; nothing is all-reduced but the loss."""
-    _, compiled = _temp("tagged", 4, fsdp8)
-    ops = collectives(compiled, fsdp8)
+    _, compiled = _temp("tagged", 4, auto8)
+    ops = collectives(compiled, auto8)
     layer = (D * D + D) * 4
     totals = bytes_by_kind(ops)
     assert totals["all-gather"] == layer + D * D * 4  # forward: all; backward: the kernel
@@ -115,15 +125,15 @@ def test_scanned_step_gathers_each_layer_twice(fsdp8):
     assert totals["all-reduce"] == 4
 
 
-def test_reshard_after_forward_false_keeps_gathered_params(fsdp8):
+def test_reshard_after_forward_false_keeps_gathered_params(auto8):
     """The FSDP2 trade-off: psi all-gathered (no backward re-gather), and
     temp memory grows by one gathered layer per layer (4.00, 8.00), where
     resharding holds 2.00 at any depth."""
-    t4, c4 = _temp("list", 4, fsdp8, reshard_after_forward=False)
-    t8, _ = _temp("list", 8, fsdp8, reshard_after_forward=False)
-    reshard, _ = _temp("list", 8, fsdp8)
+    t4, c4 = _temp("list", 4, auto8, reshard_after_forward=False)
+    t8, _ = _temp("list", 8, auto8, reshard_after_forward=False)
+    reshard, _ = _temp("list", 8, auto8)
     assert t8 - t4 >= 3.9 and reshard <= 0.3 * t8, (t4, t8, reshard)
-    totals = bytes_by_kind(collectives(c4, fsdp8))
+    totals = bytes_by_kind(collectives(c4, auto8))
     assert totals["all-gather"] == totals["reduce-scatter"] == 4 * (D * D + D) * 4
     assert totals["all-reduce"] == 4
 
@@ -142,30 +152,30 @@ def _schedule(compiled) -> list[str]:
     return out
 
 
-def test_prefetch_overlaps_the_next_gather_with_compute(fsdp8):
+def test_prefetch_overlaps_the_next_gather_with_compute(auto8):
     """prefetch=0: gathers and matmuls alternate (one module at a time,
     2 layers of temp). prefetch=1: XLA issues the next module's gather
     before this module's matmul, holding one more gathered layer (3)."""
-    t0, c0 = _temp("list", 8, fsdp8, prefetch=0)
-    t1, c1 = _temp("list", 8, fsdp8, prefetch=1)
+    t0, c0 = _temp("list", 8, auto8, prefetch=0)
+    t1, c1 = _temp("list", 8, auto8, prefetch=1)
     s0, s1 = "".join(_schedule(c0)), "".join(_schedule(c1))
     assert "gg" not in s0 and "gg" in s1, (s0, s1)
     assert t0 <= 2.05 and 2.9 <= t1 <= 3.05, (t0, t1)
 
 
-def test_mixed_precision_gathers_bf16_scatters_f32(fsdp8):
+def test_mixed_precision_gathers_bf16_scatters_f32(auto8):
     """param_dtype=bf16: shards are cast before the all-gather (half the
     bytes); reduce_dtype=f32: gradients reduce-scattered in f32; master
     params, gradients and Adam state stay f32; loss close to f32's."""
     results = {}
     for dtype in (None, jnp.bfloat16):
         model = _make("list", 4)
-        npx.parallelize(model, fsdp8, _fsdp("list", param_dtype=dtype, reduce_dtype=jnp.float32))
-        xs = _x(fsdp8)[1]
-        with jax.set_mesh(fsdp8):
+        npx.parallelize(model, auto8, _fsdp("list", param_dtype=dtype, reduce_dtype=jnp.float32))
+        xs = _x(auto8)[1]
+        with jax.set_mesh(auto8):
             opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
             step = helpers.make_step()
-            totals = bytes_by_kind(collectives(step.lower(model, opt, xs).compile(), fsdp8))
+            totals = bytes_by_kind(collectives(step.lower(model, opt, xs).compile(), auto8))
             loss, grads = step(model, opt, xs)
         results[dtype] = totals, float(loss)
         leaves = jax.tree.leaves((nnx.state(model, nnx.Param), grads, nnx.state(opt, nnx.OptState)))
@@ -177,25 +187,34 @@ def test_mixed_precision_gathers_bf16_scatters_f32(fsdp8):
     assert abs(loss16 - loss32) <= 2e-2 * abs(loss32)
 
 
-def test_fsdp_x_tp_memory_independent_of_depth(kind):
+def _tp_plan():
+    fsdp = npx.FSDP("fsdp", min_size=1)
+    return {"blocks.*.up": (npx.ColumnParallel(), fsdp), "blocks.*.down": (npx.RowParallel(), fsdp)}
+
+
+def test_fsdp_x_tp_memory_independent_of_depth():
     """2D ('fsdp', 'model'): Column/Row blocks plus FSDP; temp memory of 6
     blocks <= 3 blocks' worth of per-device gathered weights, <= 1 more
-    than 2 blocks; gradients equal the unsharded model's (Adam at lr 1e-3:
-    at 1e-2 its first step, lr * g / (|g| + eps), amplifies 1e-12 gradient
-    differences on entries with |g| near eps past 1e-5)."""
-    mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(kind, kind))
-    fsdp = npx.FSDP("fsdp", min_size=1)
-    plan = {"blocks.*.up": (npx.ColumnParallel(), fsdp), "blocks.*.down": (npx.RowParallel(), fsdp)}
-    block = 2 * 256 * 512 * 4 // 2  # up + down kernels, per 'model' shard
+    than 2 blocks."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(AUTO, AUTO))
+    d = 128
+    block = 2 * d * 2 * d * 4 // 2  # up + down kernels, per 'model' shard
     temps = {}
     for depth in (2, 6):
-        model = rm.TPBlocks(256, depth, rngs=nnx.Rngs(0))
-        npx.parallelize(model, mesh, plan)
-        xs = jax.device_put(jnp.ones((32, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
+        model = rm.TPBlocks(d, depth, rngs=nnx.Rngs(0))
+        npx.parallelize(model, mesh, _tp_plan())
+        xs = jax.device_put(jnp.ones((32, d)), jax.NamedSharding(mesh, jax.P("fsdp")))
         temps[depth] = _compile(model, mesh, xs).memory_analysis().temp_size_in_bytes / block
     assert temps[6] <= 3.0 and temps[6] - temps[2] <= 1.0, temps
+
+
+def test_fsdp_x_tp_matches_unsharded(kind):
+    """Gradients and one Adam step equal the unsharded model's (Adam at lr
+    1e-3: at 1e-2 its first step, lr * g / (|g| + eps), amplifies 1e-12
+    gradient differences on entries with |g| near eps past 1e-5)."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(kind, kind))
     model, ref = rm.TPBlocks(32, 2, rngs=nnx.Rngs(0)), rm.TPBlocks(32, 2, rngs=nnx.Rngs(0))
-    npx.parallelize(model, mesh, plan)
+    npx.parallelize(model, mesh, _tp_plan())
     x = jax.random.normal(jax.random.key(3), (8, 32))
     xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp")))
     helpers.check_equivalence(model, ref, mesh, xs, x, lr=1e-3)
