@@ -4,6 +4,9 @@
     python examples/train_gpt.py --parallel dp   # data parallel
     python examples/train_gpt.py --parallel fsdp # fully sharded (ZeRO-3)
     python examples/train_gpt.py --parallel 2d   # FSDP x tensor parallel
+    python examples/train_gpt.py --parallel fsdp --param-dtype bfloat16 --steps 51
+        # FSDP mixed precision (bf16 gathers and compute, f32 gradients and
+        # master params), trained next to the f32 run: both loss curves
 
 The same flags work in several processes (here 2 x 4 CPU devices on one
 machine; on a cluster, one process per host with the host of process 0 as
@@ -124,8 +127,11 @@ def log(*args):
         print(*args, flush=True)
 
 
-def setup(kind: str, model: GPT, sequence_parallel: bool = False):
-    """(mesh, batch axis, plan, vocab-parallel logits?) for each --parallel choice."""
+def setup(kind: str, model: GPT, sequence_parallel: bool = False, param_dtype=None):
+    """(mesh, batch axis, plan, vocab-parallel logits?) for each --parallel choice.
+
+    `param_dtype` (fsdp and 2d): FSDP's mixed precision, gradients reduced in f32."""
+    mixed = {} if param_dtype is None else {"param_dtype": param_dtype, "reduce_dtype": jnp.float32}
     n = jax.device_count()  # every process's devices
     if kind == "dp":
         # Auto axes: with Explicit axes, nnx.Embed's lookup of batch-sharded ids
@@ -133,18 +139,19 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False):
         auto = (jax.sharding.AxisType.Auto,)
         return jax.make_mesh((n,), ("data",), axis_types=auto), "data", npx.Replicated(), False
     if kind == "fsdp":
-        return jax.make_mesh((n,), ("fsdp",)), "fsdp", npx.plans.fsdp(min_size=512), False
+        plan = {"": npx.FSDP("fsdp", min_size=512, **mixed)}
+        return jax.make_mesh((n,), ("fsdp",)), "fsdp", plan, False
     tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
     if report.unclassified:
         log(f"auto-plan left these replicated:\n{report}")
     if kind == "tp":
         return jax.make_mesh((n,), ("model",)), None, tp_plan, True
     mesh = jax.make_mesh((2, n // 2), ("fsdp", "model"))
-    return mesh, "fsdp", npx.plans.combine(tp_plan, npx.FSDP("fsdp", min_size=512)), True
+    return mesh, "fsdp", npx.plans.combine(tp_plan, npx.FSDP("fsdp", min_size=512, **mixed)), True
 
 
 def reference_loss(model, batch):
-    logits = model(batch[:, :-1])
+    logits = model(batch[:, :-1]).astype(jnp.float32)  # bf16 logits (--param-dtype): loss in f32
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
@@ -179,8 +186,12 @@ def main(argv=None):
     parser.add_argument("--compare", type=int, default=5, help="steps to also run unsharded")
     parser.add_argument("--accumulate", type=int, default=1, help="microbatches per step")
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron-SP (tp only)")
+    parser.add_argument("--param-dtype", choices=["bfloat16"], default=None,
+                        help="fsdp/2d: also train with FSDP mixed precision and print both curves")
     npx.add_distributed_flags(parser)  # --coordinator, --num-processes, --process-id, --local-devices
     args = parser.parse_args(argv)
+    if args.param_dtype and args.parallel not in ("fsdp", "2d"):
+        parser.error("--param-dtype needs --parallel fsdp or 2d (it is FSDP's mixed precision)")
     if args.num_processes > 1 and args.local_devices is None:
         args.local_devices = max(1, 8 // args.num_processes)  # 8 simulated CPU devices in all
     npx.initialize_from_args(args)  # before any JAX computation; a no-op in one process
@@ -234,7 +245,31 @@ def main(argv=None):
                 log(progress(step + 1, args.steps, loss, ms))
     marks = sorted({0, min(50, args.steps - 1), min(100, args.steps - 1), args.steps - 1})
     log("loss at steps " + ", ".join(f"{s}: {losses[s]:.4f}" for s in marks))
+    if args.param_dtype:
+        mixed = train_mixed(args, data, make_model, rows, loss_fn)
+        log(f"--param-dtype {args.param_dtype}: loss curves, float32 vs {args.param_dtype}")
+        for s in sorted({*range(0, args.steps, args.log_every), args.steps - 1}):
+            rel = abs(mixed[s] - losses[s]) / abs(losses[s])
+            log(f"  step {s:4d}: float32 {losses[s]:.4f}  {args.param_dtype} {mixed[s]:.4f}  "
+                f"rel diff {rel:.2%}")
+        return losses, reference_losses, mixed
     return losses, reference_losses
+
+
+def train_mixed(args, data, make_model, rows, loss_fn):
+    """The same run with FSDP mixed precision, on the same batches."""
+    data.rng = np.random.default_rng(1)  # replay the f32 run's batches
+    model = make_model()
+    mesh, batch_axis, plan, _ = setup(args.parallel, model, param_dtype=jnp.dtype(args.param_dtype))
+    npx.parallelize(model, mesh, plan)
+    step_fn = make_train_step(loss_fn)
+    losses = []
+    with jax.set_mesh(mesh):
+        optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
+        for _ in range(args.steps):
+            batch = npx.shard_batch(data.batch(args.batch, args.seq)[rows], mesh, jax.P(batch_axis))
+            losses.append(npx.reduce_metrics(step_fn(model, optimizer, batch)))
+    return losses
 
 
 if __name__ == "__main__":

@@ -297,3 +297,97 @@ class DecoderMHA(nnx.Module):
 
     def __call__(self, x):
         return self.out(self.attn(x))
+
+
+# Deep stacks of one layer kind, for FSDP step memory vs depth -----------------------
+
+
+class LinearList(nnx.Module):
+    """`depth` Linear(d, d) in an `nnx.List`, ReLU between them (unrolled)."""
+
+    def __init__(self, d=512, depth=4, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(depth)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jax.nn.relu(layer(x))
+        return x
+
+
+class LinearAttrs(nnx.Module):
+    """The same stack with each layer an attribute (`layer0`, `layer1`, ...)."""
+
+    def __init__(self, d=512, depth=4, *, rngs: nnx.Rngs):
+        self.depth = depth
+        for i in range(depth):
+            setattr(self, f"layer{i}", nnx.Linear(d, d, rngs=rngs))
+
+    def __call__(self, x):
+        for i in range(self.depth):
+            x = jax.nn.relu(getattr(self, f"layer{i}")(x))
+        return x
+
+
+class ScannedLinears(nnx.Module):
+    """`depth` Linear(d, d) stacked by `nnx.vmap` and run by `nnx.scan`.
+
+    `partition_name` tags the stack through `transform_metadata` (the Flax
+    scan-over-layers pattern); `own_sharding` gives each kernel its own
+    `out_sharding` (replicated), which the vmap extends with the name.
+    """
+
+    def __init__(self, d=512, depth=4, *, partition_name=None, own_sharding=False, rngs: nnx.Rngs):
+        self.meta = {} if partition_name is None else {nnx.PARTITION_NAME: partition_name}
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=self.meta)
+        def make(rngs):
+            layer = nnx.Linear(d, d, rngs=rngs)
+            if own_sharding:
+                layer.kernel.set_metadata(out_sharding=(None, None))
+            return layer
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=self.meta)
+        def run(x, layer):
+            return jax.nn.relu(layer(x))
+
+        return run(x, self.layers)
+
+
+class TPBlocks(nnx.Module):
+    """`depth` (up: Linear(d, 2d), down: Linear(2d, d)) blocks, for FSDP x TP."""
+
+    def __init__(self, d=256, depth=4, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([
+            nnx.Dict(up=nnx.Linear(d, 2 * d, rngs=rngs), down=nnx.Linear(2 * d, d, rngs=rngs))
+            for _ in range(depth)
+        ])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = x + block["down"](jax.nn.relu(block["up"](x)))
+        return x
+
+
+class Gated(nnx.Module):
+    """A module holding a param and a child that holds its own and takes a
+    keyword flag: under FSDP the child gathers inside the parent's region."""
+
+    def __init__(self, d=64, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((d,)))
+        self.child = _Negatable(d, rngs=rngs)
+
+    def __call__(self, x):
+        return self.child(x * self.scale[...][None], negate=True)
+
+
+class _Negatable(nnx.Module):
+    def __init__(self, d, *, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (d, d)) * 0.1)
+
+    def __call__(self, x, *, negate: bool = False):
+        y = jnp.tanh(x @ self.w[...])
+        return -y if negate else y

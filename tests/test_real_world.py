@@ -65,7 +65,8 @@ def _tokens(batch=8, seq=8, seed=1):
 
 def test_llm_fsdp_gathers_each_param_once(fsdp8):
     """encode/decode hooked; the compiled forward all-gathers module by module:
-    one gather per sharded param, each no bigger than that param."""
+    one gather per sharded param and call, each no bigger than that param
+    (the tied embedding is read by encode and by decode: gathered by each)."""
     tok = _tokens()
     ref, model = rm.TinyLLM(layers=1, rngs=nnx.Rngs(0)), rm.TinyLLM(layers=1, rngs=nnx.Rngs(0))
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64, methods=LLM_METHODS))
@@ -81,7 +82,8 @@ def test_llm_fsdp_gathers_each_param_once(fsdp8):
     _close(out, ref(tok))
     gathers = [c for c in collectives(compiled, fsdp8) if c.kind == "all-gather"]
     assert {c.axes for c in gathers} == {("fsdp",)}
-    assert sorted(c.size for c in gathers) == sorted(v[...].nbytes for v in sharded)
+    per_call = [v[...].nbytes for v in sharded] + [model.embedder.input_embedding[...].nbytes]
+    assert sorted(c.size for c in gathers) == sorted(per_call)
     assert not [c for c in collectives(compiled, fsdp8) if c.kind == "all-reduce"]
 
 

@@ -168,9 +168,10 @@ def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     return with_sharding_constraint(x, mesh, spec)
 
 
-def pcast_varying(x: Any, axis: Any) -> Any:
-    """Marks `x` as varying over `axis` inside a shard_map (`jax.lax.pcast`)."""
-    return jax.lax.pcast(x, axis, to="varying")
+def pcast_varying(x: Any, axes: Any) -> Any:
+    """`x` typed as varying over `axes` inside a shard_map (`jax.lax.pcast`; no
+    data moves). An empty `axes` returns `x` as it is."""
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def auto_axes(f, *, mesh: Mesh, out_sharding):
@@ -262,3 +263,10 @@ def fully_addressable(tree: Any) -> bool:
     values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
     return all(x.is_fully_addressable for x in jax.tree.leaves(values) if isinstance(x, jax.Array))
 
+
+
+def trace_state() -> Any:
+    """A comparable handle on the current JAX trace (equal within one trace)."""
+    import jax.extend.core  # noqa: F401 - not imported by `import jax`
+
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")

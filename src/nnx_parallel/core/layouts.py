@@ -51,6 +51,10 @@ class Gather:
     batch_axes: tuple[str, ...]
     params: tuple[tuple[str, int], ...]
     remat: bool = True
+    # See FSDP: prefetch depth, and the mixed-precision policy.
+    prefetch: int = 0
+    param_dtype: Any = None
+    reduce_dtype: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -395,8 +395,9 @@ class FSDP:
       batch_axes: Mesh axes the batch (dim 0 of every input) is sharded over;
         default: `axis` plus a `'data'` axis if the mesh has one.
       reshard_after_forward: True (ZeRO-3 memory): free the gathered copy
-        after forward and gather again in backward. False: keep it (one
-        all-gather less per step, more memory).
+        after forward and gather again in backward (2 psi all-gathered per
+        step, step memory independent of depth). False: keep it (psi
+        all-gathered, memory grows with depth by one gathered layer each).
       methods: Methods that read the parameters and get the gather hook.
         Add yours (e.g. `("__call__", "encode", "decode")` for an embedder):
         a parameter read by another method is gathered by GSPMD instead, and
@@ -404,7 +405,22 @@ class FSDP:
       scan_axes: Leading dims that stack layers (`nnx.vmap` + `nnx.scan`)
         and are never sharded. Stacks tagged through `transform_metadata=
         {nnx.PARTITION_NAME: ...}` are found without it (see
-        `ModuleContext.stacked`).
+        `ModuleContext.stacked`). Params of such a stack that declare no
+        `out_sharding` get none (see `param_metadata`).
+      prefetch: 0: each module's gather waits for its own input (forward) or
+        output cotangent (backward): strictly one module at a time, least
+        memory. 1: it waits for the previous hooked call's input (backward:
+        for the next one's cotangent), so XLA may run it while that module
+        computes, holding one more gathered module.
+      param_dtype: Mixed precision (FSDP2's `MixedPrecisionPolicy`): cast
+        floating shards to this dtype *before* the all-gather and floating
+        inputs before the call, so the module computes in it. Master params
+        and optimizer state keep their dtype. None: no cast.
+      reduce_dtype: Dtype gradients are reduce-scattered in (then cast back
+        to the parameter's dtype). None: the gradient's own dtype.
+
+    Raises:
+      PlanError: `prefetch` is not 0 or 1, or a dtype is not floating.
 
     Example:
       >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
@@ -419,7 +435,24 @@ class FSDP:
     reshard_after_forward: bool = True
     methods: tuple[str, ...] = ("__call__", "attend")
     scan_axes: int = 0
+    prefetch: int = 0
+    param_dtype: Any = None
+    reduce_dtype: Any = None
     subtree = True
+
+    def __post_init__(self):
+        if self.prefetch not in (0, 1):
+            raise PlanError(
+                f"FSDP(prefetch={self.prefetch!r}): prefetch must be 0 (one module at a time) "
+                "or 1 (the next module's gather may overlap this module's compute)."
+            )
+        for field in ("param_dtype", "reduce_dtype"):
+            dtype = getattr(self, field)
+            if dtype is not None and not _is_float_dtype(dtype):
+                raise PlanError(
+                    f"FSDP({field}={dtype!r}): not a floating dtype. Use e.g. jnp.bfloat16 "
+                    "or jnp.float32, or None to keep each parameter's dtype."
+                )
 
     def _stacked(self, ctx: ModuleContext, name: str) -> int:
         """How many leading dims of `name` stack layers."""
@@ -447,6 +480,21 @@ class FSDP:
                 out[name] = _specs.with_dim(current, len(shape), best, self.axis)
         return out
 
+    def param_metadata(self, ctx: ModuleContext, specs: Mapping[str, P]) -> dict[str, dict]:
+        """No `out_sharding` on untagged params of a `scan_axes` stack.
+
+        `nnx.scan(transform_metadata={nnx.PARTITION_NAME: name})` removes
+        `name` from every `out_sharding` it finds and fails where it is
+        missing; a param that had none cannot tell us the name. Such params
+        keep none: the value's sharding and the FSDP hook carry the layout.
+        """
+        if not self.scan_axes:
+            return {}
+        return {
+            n: {_compat.SHARDING_KEY: None} for n in ctx.shapes
+            if n not in ctx.declared and n not in ctx.stacked and n in specs
+        }
+
     def batch_axes_for(self, mesh: Mesh) -> tuple[str, ...]:
         if self.batch_axes is not None:
             return tuple(self.batch_axes)
@@ -469,9 +517,21 @@ class FSDP:
                 batch_axes=self.batch_axes_for(ctx.mesh),
                 params=tuple(gathered),
                 remat=self.reshard_after_forward,
+                prefetch=self.prefetch,
+                param_dtype=self.param_dtype,
+                reduce_dtype=self.reduce_dtype,
             ),
             methods=methods,
         )
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    import jax.numpy as jnp
+
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
 
 
 def as_styles(entry: Any) -> tuple[Style, ...]:

@@ -24,22 +24,12 @@ from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import join, keys
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks, base_class
+from nnx_parallel.runtime import gather as _gather
 from nnx_parallel.runtime.layout import context_mesh as _context_mesh
 from nnx_parallel.runtime.layout import explicit_here as _explicit_here
 from nnx_parallel.runtime.layout import is_array as _is_array
 from nnx_parallel.runtime.layout import probe as _probe
 from nnx_parallel.runtime.layout import warn_once as _warn_once
-
-# The name of every gathered parameter in the jaxpr: `jax.checkpoint` with
-# `save_anything_except_these_names` drops exactly these after forward.
-GATHERED_NAME = "nnx_parallel_gathered"
-
-
-def _gather_param(value, dim: int, axes: tuple[str, ...], remat: bool):
-    out = jax.lax.all_gather(value, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
-    if remat:
-        out = _compat.checkpoint_name(out, GATHERED_NAME)
-    return out
 
 
 def _map_state(fn, state):
@@ -58,8 +48,17 @@ def nested(gather: Gather) -> bool:
 def nested_call(module, call, gather: Gather, args, kwargs):
     """Already inside an enclosing module's shard_map: gather our own params."""
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
-    gathered = _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate)
-    return call(nnx.merge(graphdef, gathered, rest), *args, **kwargs)
+    flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_stateful)
+    where = [i for i, x in enumerate(flat) if _is_array(x)]
+
+    def run(ps, r, arrays):  # only arrays go through the custom_vjp
+        leaves = list(flat)
+        for i, a in zip(where, arrays):
+            leaves[i] = a
+        a, kw = jax.tree.unflatten(treedef, leaves)
+        return call(nnx.merge(graphdef, ps, r), *a, **kw)
+
+    return _gathered(run, gather, pstate, rest, [flat[i] for i in where])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +231,9 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
         x = _compat.reshard(x, mesh, in_spec)
 
     def body(pstate, x):
-        gathered = _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate)
+        return _gathered(compute, gather, pstate, x)
+
+    def compute(gathered, x):
         post = {}
         if layout.reduce:
             def zero_post(path, v):
@@ -254,10 +255,7 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
                 y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
 
-    if gather.remat:
-        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED_NAME)
-        body = jax.checkpoint(body, policy=policy)
-    param_in = _param_specs(pstate)
+    param_in = _param_specs(pstate, gather)
     mapped = _compat.shard_map(
         body, mesh=_context_mesh(mesh), in_specs=(param_in, in_spec), out_specs=out_spec, axis_names=manual
     )
@@ -269,27 +267,37 @@ def base_name(module) -> str:
     return base_class(module).__name__
 
 
-def _param_specs(pstate):
+def _param_specs(pstate, gather: Gather | None = None):
     """Each parameter's resolved spec, read from its `out_sharding` metadata.
 
     Inside `nnx.scan`/`nnx.vmap` over a layer stack a parameter can have
     fewer dims than its metadata (a scan without `transform_metadata` leaves
-    the stacked spec): the leading, scanned entries are dropped.
+    the stacked spec): the leading, scanned entries are dropped. A parameter
+    without metadata (FSDP leaves none on untagged stacks, see
+    `FSDP.param_metadata`) is sharded where `gather` says.
     """
+    dims = dict(gather.params) if gather is not None else {}
+    axes = None if gather is None else _specs.entry_of(gather.axes)
 
-    def spec(var):
+    def spec(path, var):
         declared = _compat.get_declared_spec(var)
+        ndim = var.get_value().ndim
         if declared is None:
-            return P()
-        return P(*declared[max(len(declared) - var.get_value().ndim, 0):])
+            dim = dims.get(join(_strip(path)))
+            if dim is None or dim < -ndim:
+                return P()
+            return P(*[axes if d == dim % ndim else None for d in range(ndim)])
+        return P(*declared[max(len(declared) - ndim, 0):])
 
-    return jax.tree.map(spec, pstate, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        spec, pstate, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split):
     manual = set(batch_axes) | set(gather.axes)
     batch_entry = batch_axes[0] if len(batch_axes) == 1 else batch_axes
-    param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), _param_specs(pstate))
+    param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), _param_specs(pstate, gather))
     flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_stateful)
     where = [i for i, x in enumerate(flat) if _is_array(x)]
     arrays = [flat[i] for i in where]
@@ -302,28 +310,42 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
             restore = lead[0]  # e.g. a replicated input: give the layout back
         arrays = [_to_manual(x, batch_entry if split.inputs[i] else None, manual, mesh) for i, x in zip(where, arrays)]
 
-    def body(pstate, rest, arrays):
+    def run(params, rest, arrays):
         leaves = list(flat)
         for i, a in zip(where, arrays):
             leaves[i] = a
         a, kw = jax.tree.unflatten(treedef, leaves)
-        inner = nnx.merge(graphdef, _map_state(lambda p, v: _maybe_gather(p, v, gather), pstate), rest)
-        return call(inner, *a, **kw)
+        return call(nnx.merge(graphdef, params, rest), *a, **kw)
 
-    if gather.remat:
-        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED_NAME)
-        body = jax.checkpoint(body, policy=policy)
+    prev = _prefetch_token(gather, math.prod(mesh.shape[a] for a in batch_axes))
+
+    def body(pstate, rest, arrays, prev):
+        prev = None if isinstance(prev, tuple) else prev  # () : nothing to wait for
+        return _gathered(run, gather, pstate, rest, arrays, prev=prev, token=True)
+
     out_specs = jax.tree.map(lambda d: P() if d < 0 else P(*([None] * d), batch_entry), split.outputs)
     mapped = _compat.shard_map(
-        body, mesh=_context_mesh(mesh), in_specs=(param_in, rest_in, arg_in), out_specs=out_specs,
-        axis_names=manual,
+        body, mesh=_context_mesh(mesh), in_specs=(param_in, rest_in, arg_in, P(batch_entry)),
+        out_specs=(out_specs, P(batch_entry)), axis_names=manual,
     )
-    out = mapped(pstate, rest, arrays)
+    out, token = mapped(pstate, rest, arrays, prev)
+    if gather.prefetch:
+        _gather.set_last_token(token)
     if restore is not _MISSING and _explicit_here(mesh) and restore != batch_entry:
         out = jax.tree.map(
             lambda y, d: _set_dim(y, d, restore, mesh) if d >= 0 else y, out, split.outputs
         )
     return out
+
+
+def _prefetch_token(gather: Gather, n_batch: int):
+    """The previous gathered call's token when prefetching (else an empty tuple)."""
+    if not gather.prefetch:
+        return ()
+    token = _gather.last_token()
+    if token is None or token.shape != (n_batch,):
+        return ()
+    return token
 
 
 def _to_manual(x, lead, manual: set[str], mesh: Mesh):
@@ -346,18 +368,9 @@ def _set_dim(y, dim: int, entry, mesh: Mesh):
 _MISSING = object()
 
 
-def _maybe_gather(path, value, gather: Gather):
-    dim = dict(gather.params).get(join(path))
-    # Dims count from the end (see FSDP.hooks), so they hold inside a scan too;
-    # a dim the scan sliced away arrives whole already.
-    if dim is None or dim < -value.ndim:
-        return value
-    return _gather_param(value, dim % value.ndim, gather.axes, gather.remat)
-
-
 def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
     axes = set(gather.axes)
-    specs = _param_specs(pstate)
+    specs = _param_specs(pstate, gather)
 
     def strip(path, value):
         name = join(path)
@@ -371,3 +384,35 @@ def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, res
     out = call(inner, *args, **kwargs)
     nnx.update(module, nnx.state(inner, nnx.Not(nnx.Param)))
     return out
+
+
+def _gather_plan(gather: Gather, pstate) -> tuple[list, Any, _gather.GatherPlan]:
+    """The leaves of `pstate`, its treedef, and how `gathered_call` treats each."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pstate)
+    dims = dict(gather.params)
+    out = []
+    for path, value in flat:
+        dim = dims.get(join(_strip(path)))
+        # Dims count from the end (see FSDP.hooks), so they hold inside a scan too;
+        # a dim the scan sliced away arrives whole already.
+        out.append(None if dim is None or dim < -value.ndim else dim % value.ndim)
+    manual = _compat.manual_axes()
+    plan = _gather.GatherPlan(
+        dims=tuple(out), axes=gather.axes,
+        batch_axes=tuple(a for a in dict.fromkeys(gather.batch_axes + gather.axes) if a in manual),
+        keep=not gather.remat, prefetch=gather.prefetch,
+        param_dtype=gather.param_dtype, reduce_dtype=gather.reduce_dtype,
+    )
+    return [v for _, v in flat], treedef, plan
+
+
+def _gathered(run, gather: Gather, pstate, *operands, prev=None, token=False):
+    """`run(gathered pstate, *operands)` through `_gather.gathered_call`;
+    with `token`, `(output, token)` for the next call's prefetch."""
+    leaves, treedef, plan = _gather_plan(gather, pstate)
+
+    def fn(full, ops):
+        return run(jax.tree_util.tree_unflatten(treedef, full), *ops)
+
+    out, tok = _gather.gathered_call(fn, leaves, operands, plan, prev)
+    return (out, tok) if token else out
