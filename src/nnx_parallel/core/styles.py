@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _specs
 from nnx_parallel._specs import AxisNames
-from nnx_parallel.core import layers
+from nnx_parallel.core import checks, layers
 from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks
 from nnx_parallel.errors import PlanError, did_you_mean
 
@@ -140,6 +140,9 @@ class _TensorParallel:
 
     subtree = False
     _column: bool
+
+    def __post_init__(self) -> None:
+        checks.validate(self)
 
     def _weight_dim(self, ctx: ModuleContext, weight: str) -> int:
         ndim = len(ctx.shapes[weight])
@@ -327,6 +330,7 @@ class Shard:
         object.__setattr__(self, "specs", tuple(sorted(param_specs.items())))
         object.__setattr__(self, "input_spec", None if input_spec is None else tuple(input_spec))
         object.__setattr__(self, "output_spec", None if output_spec is None else tuple(output_spec))
+        checks.validate(self)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.specs)
@@ -420,6 +424,9 @@ class FSDP:
     scan_axes: int = 0
     subtree = True
 
+    def __post_init__(self) -> None:
+        checks.validate(self)  # one rule per field name: see checks.RULES
+
     def _stacked(self, ctx: ModuleContext, name: str) -> int:
         """How many leading dims of `name` stack layers."""
         return max(self.scan_axes, len(ctx.stacked.get(name, ())))
@@ -440,6 +447,12 @@ class FSDP:
             if set(self._axes()) & _specs.spec_axes(used):
                 continue  # already sharded over this axis (parallelize called twice)
             stacked = self._stacked(ctx, name)
+            if stacked > len(shape):
+                raise ctx.fail(
+                    self, name, f"scan_axes={stacked} stacks more dims than its shape {shape} has",
+                    "scan_axes counts the leading layer-stack dims (1 for one nnx.scan): pass a "
+                    "smaller value, or 0 when the stack is tagged with nnx.PARTITION_NAME",
+                )
             free = [d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0]
             if free:
                 best = max(free, key=lambda d: (shape[d], -d))
@@ -477,6 +490,11 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
     """A plan value (a style or a tuple of styles) as a tuple of styles."""
     items = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
     for item in items:
+        if isinstance(item, type):
+            raise PlanError(
+                f"plan value {item.__name__} is a class, not a style: write {item.__name__}() "
+                f"(with its arguments, e.g. {item.__name__}('model'))."
+            )
         if not isinstance(item, Style):
             raise PlanError(
                 f"plan value {item!r} is not a style. Use ColumnParallel(), RowParallel(), "
