@@ -165,7 +165,7 @@ def reshard(
     refuse_under_trace(model, "reshard")
     resolution = resolve(abstract_copy(model, fresh=True), mesh, plan, strict=strict)
     with transaction() as undo:
-        for _, node in nnx.iter_graph(model):
+        for _, node in [*nnx.iter_graph(model), *nnx.iter_graph(optimizer or [])]:
             if isinstance(node, nnx.Module):
                 undo.save_class(node)
             elif isinstance(node, nnx.Variable):
