@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nnx_parallel import _compat
-from nnx_parallel import FSDP, ColumnParallel, RowParallel, parallelize, reshard
+from nnx_parallel import FSDP, ColumnParallel, RowParallel, _compat, parallelize, reshard
 from nnx_parallel.runtime import install, sharded_init
 from tests import models
 

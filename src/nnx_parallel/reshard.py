@@ -63,10 +63,12 @@ def move(x: Any, sharding: Sharding) -> jax.Array:
       (P('data', 'model'), [4, 5, 6, 7], True)
     """
     if not isinstance(sharding, Sharding):
-        hint = " Wrap it: jax.NamedSharding(mesh, spec)." if isinstance(sharding, P) else ""
+        spec = isinstance(sharding, P)
         raise ParallelError(
-            f"move: expected a jax.sharding.Sharding, got {type(sharding).__name__} "
-            f"{sharding!r:.60}. A PartitionSpec needs its mesh.{hint}"
+            "move: expected a jax.sharding.Sharding, got "
+            f"{'a PartitionSpec' if spec else type(sharding).__name__} {sharding!r:.60}. "
+            + ("A spec needs its mesh: pass jax.NamedSharding(mesh, spec)." if spec else
+               "Pass e.g. jax.NamedSharding(mesh, P(...)).")
         )
     if not isinstance(x, jax.Array) or not x.is_fully_addressable or x.size == 0:
         return jax.device_put(x, sharding)

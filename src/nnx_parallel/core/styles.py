@@ -328,9 +328,9 @@ class Shard:
                     f"Write Shard({name}=P(...))."
                 )
         object.__setattr__(self, "specs", tuple(sorted(param_specs.items())))
-        object.__setattr__(self, "input_spec", None if input_spec is None else tuple(input_spec))
-        object.__setattr__(self, "output_spec", None if output_spec is None else tuple(output_spec))
-        checks.validate(self)
+        object.__setattr__(self, "input_spec", input_spec)
+        object.__setattr__(self, "output_spec", output_spec)
+        checks.validate(self)  # makes the layouts tuples
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.specs)
