@@ -201,6 +201,19 @@ def test_a_shared_module_matches_at_either_path(alias):
         assert getattr(model, alias) is model.up
 
 
+def test_a_shared_module_styled_differently_at_its_two_paths_raises():
+    model = models.MLP(rngs=nnx.Rngs(0))
+    model.upper = model.up
+    before = snapshot(model)
+    match = (r"'up' and 'upper' are one shared module, and pattern 'up' \(via 'up'\) and pattern "
+             r"'upper' \(via 'upper'\) give it different styles.*keep one of the two entries")
+    with pytest.raises(PlanError, match=match):
+        parallelize(model, MESH8, {"up": ColumnParallel("model"), "upper": RowParallel("model")})
+    assert snapshot(model) == before
+    plan = {"up": ColumnParallel("model"), "upper": ColumnParallel("model")}  # agreeing: fine
+    assert parallelize(model, MESH8, plan).up.kernel[...].sharding.spec == P(None, "model")
+
+
 class Tied(nnx.Module):
     def __init__(self, rngs):
         self.enc = nnx.Linear(16, 16, rngs=rngs)

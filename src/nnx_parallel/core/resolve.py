@@ -141,6 +141,8 @@ def _matches(entries, modules, strict: bool, alias: Mapping[str, str]) -> dict[s
     (`alias`: path -> `walk`'s path) matches as that module."""
     every = {**{m: m for m in modules}, **alias}
     matches = {p: tuple(dict.fromkeys(every[m] for m in every if match(p, m))) for p in entries}
+    if alias:
+        _check_shared(entries, every)
     for pattern, hits in matches.items():
         if strict and not hits:
             raise PlanError(
@@ -212,6 +214,24 @@ def _entries(scope: _Scope, owner: str, own, result: _Module) -> dict[str, Param
             tuple(sorted(meta.items())),
         )
     return out
+
+
+def _check_shared(entries, every: Mapping[str, str]) -> None:
+    """Raises if two patterns give one shared module different styles through
+    two of its paths (which one should win is not the plan's to guess)."""
+    seen: dict[str, tuple[str, str]] = {}  # module -> (path, pattern) that first selected it
+    for pattern, styles in entries.items():
+        for path, module in every.items():
+            if not match(pattern, path):
+                continue
+            first = seen.setdefault(module, (path, pattern))
+            if first[0] != path and entries[first[1]] != styles:
+                raise PlanError(
+                    f"{first[0]!r} and {path!r} are one shared module, and pattern {first[1]!r} "
+                    f"(via {first[0]!r}) and pattern {pattern!r} (via {path!r}) give it different "
+                    "styles. A module has one layout: keep one of the two entries (the model's "
+                    f"first path to it is {module!r})."
+                )
 
 
 # Steps -------------------------------------------------------------------------------
