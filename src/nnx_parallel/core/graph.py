@@ -77,11 +77,12 @@ def all_paths(model) -> list[tuple[tuple, Any, Any]]:
         if isinstance(node, nnx.Param):
             out.append((path, node, owner))
             continue
-        children = _compat.graph_children(node) if _is_module(node) else None
+        children = _compat.graph_children(node)
         if children is None or id(node) in above:
             continue
-        out.append((path, node, owner))
-        inner = node if not _is_container(node) else owner
+        if _is_module(node):
+            out.append((path, node, owner))
+        inner = node if _is_module(node) and not _is_container(node) else owner
         for key, child in reversed(children.items()):
             if not (isinstance(key, str) and key.startswith("_pytree__")):
                 stack.append(((*path, key), child, inner, above | {id(node)}))

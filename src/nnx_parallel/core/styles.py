@@ -212,7 +212,7 @@ class ColumnParallel(_TensorParallel):
     layer. Forward needs no communication.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard over.
       param: Name of the weight; default: `kernel`, `embedding`, `weight`,
         `w`, or the module's only matrix.
       dim: Weight dim to shard; default: the output-feature dim (last for
@@ -222,6 +222,9 @@ class ColumnParallel(_TensorParallel):
       input_spec: Layout to put the input in, aligned to trailing dims.
       output_spec: Layout of the output, aligned to trailing dims; default:
         the feature dim sharded over `axis`.
+
+    Every field is checked when the style is built (see `core/checks.py`):
+    a bad value raises `PlanError` there, naming the field.
 
     Example:
       >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
@@ -262,7 +265,7 @@ class RowParallel(_TensorParallel):
     replicated so they are added once.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard over.
       param: Name of the weight (see `ColumnParallel`).
       dim: Weight dim to shard; default: the input-feature dim.
       input_spec: Layout of the input, aligned to trailing dims; default:
@@ -393,7 +396,8 @@ class FSDP:
     optimum, on every backend.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard parameters over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard
+        parameters over.
       min_size: Parameters with fewer elements stay replicated.
       batch_axes: Mesh axes the batch (dim 0 of every input) is sharded over;
         default: `axis` plus a `'data'` axis if the mesh has one.
