@@ -24,7 +24,8 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
     Patterns match one dotted segment per `*`; the most specific pattern wins,
     the first on ties; `""` is the root. Subtree styles (`FSDP`, `Replicated`)
     of the nearest ancestor fill in around tensor-parallel styles. `@sharded`
-    declarations apply unless a pattern matches the same module. Everything
+    declarations apply unless a pattern matches the same module. A module
+    reachable at several paths (shared) matches at any of them. Everything
     is validated before anything changes: on error the model is untouched.
 
     Calling it again composes: a second plan may add axes to dims that are

@@ -167,7 +167,9 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
 
     Raises:
       PlanError: a pattern matches nothing (strict), a style cannot handle a
-        module, or a spec does not fit its parameter.
+        module (a parameter tied to another module is named as such), a
+        spec does not fit its parameter, or two paths of one shared module
+        get different styles.
       MeshError: `mesh` is not a Mesh.
 
     Example:
