@@ -38,7 +38,8 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[An
 
     def rule(value):
         bad = isinstance(value, bool) or not isinstance(value, int)
-        if bad or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bad = bad or (minimum is not None and value < minimum)
+        if bad or (maximum is not None and value > maximum):
             raise _Bad(f"expected an int{lo}{hi}", "Pass a plain Python int.")
         return value
 
