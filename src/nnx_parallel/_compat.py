@@ -270,3 +270,35 @@ def trace_state() -> Any:
     import jax.extend.core  # noqa: F401 - not imported by `import jax`
 
     return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
+# Tracing and graph traversal ------------------------------------------------------
+
+
+def tracing() -> bool:
+    """True while JAX traces a function (`jit`, `grad`, `vmap`, `eval_shape`, ...)."""
+    try:
+        from jax._src import core as jax_core
+    except ImportError:  # pragma: no cover - a JAX without the private module
+        return False
+    clean = getattr(jax_core, "trace_state_clean", None)
+    return clean is not None and not clean()
+
+
+def is_tracer(value: Any) -> bool:
+    """True for a value JAX is tracing (an abstract stand-in, not an array)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def graph_children(node: Any) -> dict | None:
+    """A graph node's children by key (attributes of a Module), or None for a leaf.
+
+    Unlike `nnx.iter_graph`, this does not skip nodes already seen, so a
+    caller can find every path to a shared module or Variable.
+    """
+    from flax.nnx import graphlib
+
+    if isinstance(node, nnx.Variable) or not graphlib.is_node(node):
+        return None
+    impl = graphlib.get_node_impl(node)
+    return None if impl is None else dict(impl.node_dict(node))

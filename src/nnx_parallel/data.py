@@ -173,7 +173,9 @@ def reduce_metrics(metrics: Any, *, op: str = "mean") -> Any:
       The same pytree with a Python float per leaf.
 
     Raises:
-      ParallelError: an unknown `op`.
+      ParallelError: an unknown `op`, or a leaf that is not a real number
+        (a string, an object, a complex value: a float cannot hold its
+        imaginary part, so pass `x.real` and `x.imag`, or `abs(x)`).
 
     Example:
       >>> loss = jax.device_put(jax.numpy.arange(8.0), jax.NamedSharding(mesh8, P("model")))
@@ -184,6 +186,8 @@ def reduce_metrics(metrics: Any, *, op: str = "mean") -> Any:
     """
     if op not in OPS:
         raise ParallelError(f"reduce_metrics: op must be one of {OPS}, got {op!r}.")
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(metrics)[0]:
+        _check_metric(keypath, leaf)
     leaves, treedef = jax.tree_util.tree_flatten(metrics)
     values: list[float | None] = [None] * len(leaves)
     local: dict[int, float] = {}
@@ -201,6 +205,22 @@ def reduce_metrics(metrics: Any, *, op: str = "mean") -> Any:
 
 
 # Helpers -------------------------------------------------------------------------
+
+
+def _check_metric(keypath, leaf) -> None:
+    """Raises `ParallelError` unless `leaf` holds real numbers (bool, int or float)."""
+    dtype = leaf.dtype if isinstance(leaf, jax.Array) else np.asarray(leaf).dtype
+    where = jax.tree_util.keystr(keypath) or "<root>"
+    if dtype.kind == "c":
+        raise ParallelError(
+            f"reduce_metrics: metric {where} is complex ({dtype}); the result is a Python float, "
+            "which would drop the imaginary part. Pass x.real and x.imag as two metrics, or abs(x)."
+        )
+    if dtype.kind not in "biuf":
+        raise ParallelError(
+            f"reduce_metrics: metric {where} is {type(leaf).__name__} {leaf!r:.40}, not a number. "
+            "Only numbers are reduced: log strings and other values separately."
+        )
 
 
 def _read_global(x: jax.Array, op: str) -> float:

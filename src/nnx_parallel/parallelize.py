@@ -7,7 +7,9 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
+from nnx_parallel import _compat
 from nnx_parallel.core.resolve import resolve
+from nnx_parallel.errors import PlanError
 from nnx_parallel.runtime.apply import apply
 from nnx_parallel.runtime.sharded_init import sharded_init
 
@@ -22,7 +24,8 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
     Patterns match one dotted segment per `*`; the most specific pattern wins,
     the first on ties; `""` is the root. Subtree styles (`FSDP`, `Replicated`)
     of the nearest ancestor fill in around tensor-parallel styles. `@sharded`
-    declarations apply unless a pattern matches the same module. Everything
+    declarations apply unless a pattern matches the same module. A module
+    reachable at several paths (shared) matches at any of them. Everything
     is validated before anything changes: on error the model is untouched.
 
     Calling it again composes: a second plan may add axes to dims that are
@@ -39,7 +42,8 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
       The same `model`, for chaining.
 
     Raises:
-      PlanError: see `resolve`; also for a non-NNX `model`.
+      PlanError: see `resolve`; also for a non-NNX `model`, or a call while
+        JAX traces (inside `nnx.jit`, `nnx.grad`, ...).
       MeshError: an unknown mesh axis, or `mesh` is not a Mesh.
 
     Example:
@@ -50,8 +54,32 @@ def parallelize(model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True
       >>> mlp.up.kernel.get_metadata("out_sharding")
       (None, 'model')
     """
+    refuse_under_trace(model, "parallelize")
     if not isinstance(model, nnx.Module) and callable(model):
         return sharded_init(model, mesh, plan, strict=strict)  # a factory: create it sharded
     resolution = resolve(model, mesh, plan, strict=strict)
     apply(model, resolution)
     return model
+
+
+def refuse_under_trace(model: Any, what: str) -> None:
+    """Raises `PlanError` if JAX is tracing or `model` holds traced values.
+
+    In-place sharding cannot happen inside a trace: `device_put` and the
+    class swap would act on the transform's copy of the model (Flax then
+    finds the graph changed) or on tracers. Nothing has changed yet when
+    this raises.
+    """
+    traced = _compat.tracing()
+    if not traced and isinstance(model, nnx.Module):
+        traced = any(
+            isinstance(node, nnx.Variable) and _compat.is_tracer(node.get_value())
+            for _, node in nnx.iter_graph(model)
+        )
+    if traced:
+        raise PlanError(
+            f"{what} was called while JAX is tracing (inside nnx.jit, nnx.grad, jax.vmap or "
+            f"similar): it changes the model in place and places arrays on devices, which a "
+            f"trace cannot do. Call {what}(model, mesh, plan) outside jit/grad, before the "
+            "training step; the jitted step then reads the sharded model."
+        )

@@ -25,6 +25,8 @@ from nnx_parallel import _specs
 from nnx_parallel._compat import host_copy
 from nnx_parallel._paths import leaf_path
 from nnx_parallel.core.resolve import resolve
+from nnx_parallel.errors import ParallelError
+from nnx_parallel.parallelize import refuse_under_trace
 from nnx_parallel.runtime.apply import apply, transaction
 from nnx_parallel.runtime.sharded_init import abstract_copy, forget
 from nnx_parallel.zero import OPT_KEY
@@ -49,6 +51,10 @@ def move(x: Any, sharding: Sharding) -> jax.Array:
     Returns:
       `x` laid out as `sharding`, bit-identical.
 
+    Raises:
+      ParallelError: `sharding` is not a `jax.sharding.Sharding` (e.g. a bare
+        PartitionSpec, which has no mesh).
+
     Example:
       >>> x = jax.device_put(jax.numpy.arange(16.0).reshape(8, 2), jax.NamedSharding(fsdp8, P("fsdp")))
       >>> mesh4 = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[4:])
@@ -56,6 +62,14 @@ def move(x: Any, sharding: Sharding) -> jax.Array:
       >>> y.sharding.spec, sorted(d.id for d in y.devices()), bool((jax.device_get(y) == jax.device_get(x)).all())
       (P('data', 'model'), [4, 5, 6, 7], True)
     """
+    if not isinstance(sharding, Sharding):
+        spec = isinstance(sharding, P)
+        raise ParallelError(
+            "move: expected a jax.sharding.Sharding, got "
+            f"{'a PartitionSpec' if spec else type(sharding).__name__} {sharding!r:.60}. "
+            + ("A spec needs its mesh: pass jax.NamedSharding(mesh, spec)." if spec else
+               "Pass e.g. jax.NamedSharding(mesh, P(...)).")
+        )
     if not isinstance(x, jax.Array) or not x.is_fully_addressable or x.size == 0:
         return jax.device_put(x, sharding)
     if x.sharding.is_equivalent_to(sharding, x.ndim) and x.sharding.device_set == sharding.device_set:
@@ -150,9 +164,10 @@ def reshard(
       >>> mlp.up.kernel[...].sharding.spec, mlp.down.kernel[...].sharding.mesh.shape["data"]
       (P(None, 'model'), 2)
     """
+    refuse_under_trace(model, "reshard")
     resolution = resolve(abstract_copy(model, fresh=True), mesh, plan, strict=strict)
     with transaction() as undo:
-        for _, node in nnx.iter_graph(model):
+        for _, node in [*nnx.iter_graph(model), *nnx.iter_graph(optimizer or [])]:
             if isinstance(node, nnx.Module):
                 undo.save_class(node)
             elif isinstance(node, nnx.Variable):

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
+from nnx_parallel.core import checks
 from nnx_parallel.core.styles import ModuleContext
 from nnx_parallel.errors import PlanError
 
@@ -60,6 +61,7 @@ class ZeRO:
     subtree = True
 
     def __post_init__(self):
+        checks.validate(self, {"axis": checks.one_axis, "min_size": checks.RULES["min_size"]})
         if self.stage not in (1, 2):
             raise PlanError(f"ZeRO(stage={self.stage!r}): stage must be 1 or 2. For stage 3 use FSDP().")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from flax import nnx
 
+from nnx_parallel import _compat
 from nnx_parallel._paths import generalize, join
 from nnx_parallel.core.styles import Style, as_styles
 from nnx_parallel.errors import PlanError, did_you_mean
@@ -60,6 +61,63 @@ def _owner(path: tuple, modules: Mapping[str, Any]) -> tuple:
         if isinstance(node, nnx.Module) and not _is_container(node):
             return prefix
     return ()
+
+
+def all_paths(model) -> list[tuple[tuple, Any, Any]]:
+    """(path, node, owner) for every module and Param, at every path that reaches it.
+
+    `nnx.iter_graph` (so `walk`) visits a shared node once, at its first
+    path; this also yields the others. The owner is the nearest module
+    (not a List/Dict container) above the node, or `model`. Cycles are cut.
+    """
+    out = []
+    stack: list[tuple[tuple, Any, Any, frozenset]] = [((), model, model, frozenset())]
+    while stack:
+        path, node, owner, above = stack.pop()
+        if isinstance(node, nnx.Param):
+            out.append((path, node, owner))
+            continue
+        children = _compat.graph_children(node)
+        if children is None or id(node) in above:
+            continue
+        if _is_module(node):
+            out.append((path, node, owner))
+        inner = node if _is_module(node) and not _is_container(node) else owner
+        for key, child in reversed(children.items()):
+            if not (isinstance(key, str) and key.startswith("_pytree__")):
+                stack.append(((*path, key), child, inner, above | {id(node)}))
+    return out
+
+
+def aliases(model, modules, params) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """Second paths of shared nodes, given `walk(model)`'s `modules` and `params`.
+
+    Returns:
+      module alias path -> the module's path in `walk`; and, for a Param
+      tied between two different modules, alias param path -> (its path in
+      `walk`, the alias owner's path in `walk`).
+
+    Example:
+      >>> mlp = TinyMLP(rngs=nnx.Rngs(0))
+      >>> mlp.upper = mlp.up  # the same Linear, reachable at two paths
+      >>> modules, params = walk(mlp)
+      >>> aliases(mlp, modules, params)[0]
+      {'upper': 'up'}
+    """
+    module_at = {id(m): p for p, m in modules.items()}
+    param_at = {id(v): (p, owner) for p, (owner, _, v) in params.items()}
+    mod_alias: dict[str, str] = {}
+    tied: dict[str, tuple[str, str]] = {}
+    for path, node, owner in all_paths(model):
+        dotted = join(path)
+        if isinstance(node, nnx.Param):
+            first, first_owner = param_at.get(id(node), (dotted, ""))
+            alias_owner = module_at.get(id(owner), "")
+            if first != dotted and alias_owner != first_owner:
+                tied[dotted] = (first, alias_owner)
+        elif module_at.get(id(node), dotted) != dotted:
+            mod_alias[dotted] = module_at[id(node)]
+    return mod_alias, tied
 
 
 # Patterns -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ The steps, each a function below:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
 from nnx_parallel.core import layers
-from nnx_parallel.core.graph import choose, match, normalize_plan, suggest, walk
+from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
 from nnx_parallel.core.layouts import Layout, ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
 from nnx_parallel.core.styles import ModuleContext, Shard, Style
@@ -109,6 +110,7 @@ class _Scope:
     modules: dict[str, Any]
     stacks: dict[str, tuple[str, ...]]
     notes: list[str]
+    tied: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +136,13 @@ def _validate_inputs(model: Any, mesh: Any) -> None:
         )
 
 
-def _matches(entries, modules, strict: bool) -> dict[str, tuple[str, ...]]:
-    matches = {p: tuple(m for m in modules if match(p, m)) for p in entries}
+def _matches(entries, modules, strict: bool, alias: Mapping[str, str]) -> dict[str, tuple]:
+    """Pattern -> the modules it matches; a second path of a shared module
+    (`alias`: path -> `walk`'s path) matches as that module."""
+    every = {**{m: m for m in modules}, **alias}
+    matches = {p: tuple(dict.fromkeys(every[m] for m in every if match(p, m))) for p in entries}
+    if alias:
+        _check_shared(entries, every)
     for pattern, hits in matches.items():
         if strict and not hits:
             raise PlanError(
@@ -160,7 +167,9 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
 
     Raises:
       PlanError: a pattern matches nothing (strict), a style cannot handle a
-        module, or a spec does not fit its parameter.
+        module (a parameter tied to another module is named as such), a
+        spec does not fit its parameter, or two paths of one shared module
+        get different styles.
       MeshError: `mesh` is not a Mesh.
 
     Example:
@@ -172,9 +181,10 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     _validate_inputs(model, mesh)
     entries = normalize_plan(plan)
     modules, params = walk(model)
-    matches = _matches(entries, modules, strict)
+    alias, tied = aliases(model, modules, params)
+    matches = _matches(entries, modules, strict, alias)
     chosen = choose(entries, matches)
-    scope = _Scope(mesh, entries, chosen, modules, layer_stacks(params, mesh), [])
+    scope = _Scope(mesh, entries, chosen, modules, layer_stacks(params, mesh), [], tied)
     by_owner: dict[str, dict[str, tuple[str, nnx.Variable]]] = {}
     for path, (owner, name, var) in params.items():
         by_owner.setdefault(owner, {})[name] = (path, var)
@@ -206,6 +216,24 @@ def _entries(scope: _Scope, owner: str, own, result: _Module) -> dict[str, Param
             tuple(sorted(meta.items())),
         )
     return out
+
+
+def _check_shared(entries, every: Mapping[str, str]) -> None:
+    """Raises if two patterns give one shared module different styles through
+    two of its paths (which one should win is not the plan's to guess)."""
+    seen: dict[str, tuple[str, str]] = {}  # module -> (path, pattern) that first selected it
+    for pattern, styles in entries.items():
+        for path, module in every.items():
+            if not match(pattern, path):
+                continue
+            first = seen.setdefault(module, (path, pattern))
+            if first[0] != path and entries[first[1]] != styles:
+                raise PlanError(
+                    f"{first[0]!r} and {path!r} are one shared module, and pattern {first[1]!r} "
+                    f"(via {first[0]!r}) and pattern {pattern!r} (via {path!r}) give it different "
+                    "styles. A module has one layout: keep one of the two entries (the model's "
+                    f"first path to it is {module!r})."
+                )
 
 
 # Steps -------------------------------------------------------------------------------
@@ -243,7 +271,7 @@ def _styles_for(scope: _Scope, owner: str, module, shapes) -> list[tuple[str, St
     if owner in scope.chosen:
         styles = [(scope.chosen[owner], s) for s in scope.entries[scope.chosen[owner]]]
     elif declared:
-        styles = [(DECORATOR_SOURCE, Shard(**_align(dict(declared), shapes)))]
+        styles = [(DECORATOR_SOURCE, Shard(**_align(dict(declared), shapes, owner, module)))]
     if not any(s.subtree for _, s in styles):
         # Subtree styles (FSDP, Replicated) of the nearest ancestor fill in
         # around tensor-parallel styles and declarations.
@@ -269,7 +297,8 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     for pattern, style in styles:
         ctx = ModuleContext(owner, pattern, module, shapes, dict(current), scope.mesh, declared,
                             stacked)
-        new = style.param_specs(ctx)
+        with _explain_tied(scope, owner):
+            new = style.param_specs(ctx)
         for name, spec in new.items():
             if spec != current.get(name):
                 sources[name] = pattern
@@ -294,11 +323,26 @@ def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks |
     return (hooks or ModuleHooks()).merge(ModuleHooks(layout=Layout(input=(None,))))
 
 
-def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, P]:
-    """Expands a positional `@sharded(spec)` ("*") onto each param's trailing dims."""
+def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple], owner: str = "",
+           module: Any = None) -> dict[str, P]:
+    """Expands a positional `@sharded(spec)` ("*") onto each param's trailing dims.
+
+    A spec longer than every parameter's rank would lose leading entries
+    everywhere: that raises `PlanError` instead of truncating.
+    """
     if "*" not in declared:
         return dict(declared)
     spec = tuple(declared["*"])
+    rank = max((len(s) for s in shapes.values()), default=len(spec))
+    if len(spec) > rank:
+        name = max(shapes, key=lambda n: len(shapes[n]))
+        path = f"{owner}.{name}" if owner else name
+        raise PlanError(
+            f"@sharded({P(*spec)}) on {type(module).__name__} {owner or '<root>'!r} has "
+            f"{len(spec)} entries, but its largest parameter {path!r} has shape {shapes[name]} "
+            f"({rank} dims). A positional spec aligns to trailing dims: give at most {rank} "
+            f"entries, or name the parameter: @sharded({name}=P(...))."
+        )
     out = {}
     for name, shape in shapes.items():
         tail = spec[-len(shape):] if shape else ()
@@ -308,6 +352,25 @@ def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, 
 
 
 # Checks ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _explain_tied(scope: _Scope, owner: str):
+    """Re-raises a style's `PlanError` on `owner` saying which of its
+    parameters are tied to another module (they are not `owner`'s own)."""
+    try:
+        yield
+    except PlanError as err:
+        tied = [(a, first) for a, (first, o) in scope.tied.items() if o == owner]
+        if not tied:
+            raise
+        names = "; ".join(f"{a!r} is the same nnx.Param as {first!r}" for a, first in tied)
+        home = tied[0][1].rpartition(".")[0]
+        raise PlanError(
+            f"{err} Note: {names} (a shared, tied parameter). A shared parameter has one "
+            f"layout and belongs to its first path: plan it there ({home!r}), leave "
+            f"{owner!r} out of the plan, or untie the weights."
+        ) from err
 
 
 def _check_conflicts(own, previous, current, sources) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel._specs import AxisNames
+from nnx_parallel.core import checks
 from nnx_parallel.core.layouts import Layout, ModuleHooks
 from nnx_parallel.core.styles import ColumnParallel, ModuleContext, RowParallel
 from nnx_parallel.errors import PlanError
@@ -74,6 +75,9 @@ class SequenceParallel:
     axis: AxisNames = "model"
     seq_dim: int = -2
     subtree = False
+
+    def __post_init__(self) -> None:
+        checks.validate(self)
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
         ctx.check_axes(self, self.axis)

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel._specs import AxisNames
-from nnx_parallel.core import layers
+from nnx_parallel.core import checks, layers
 from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks, Recompute
 from nnx_parallel.errors import PlanError, did_you_mean
 
@@ -142,6 +142,9 @@ class _TensorParallel:
     subtree = False
     _column: bool
 
+    def __post_init__(self) -> None:
+        checks.validate(self)
+
     def _weight_dim(self, ctx: ModuleContext, weight: str) -> int:
         ndim = len(ctx.shapes[weight])
         if self.dim is not None:
@@ -210,7 +213,7 @@ class ColumnParallel(_TensorParallel):
     layer. Forward needs no communication.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard over.
       param: Name of the weight; default: `kernel`, `embedding`, `weight`,
         `w`, or the module's only matrix.
       dim: Weight dim to shard; default: the output-feature dim (last for
@@ -220,6 +223,9 @@ class ColumnParallel(_TensorParallel):
       input_spec: Layout to put the input in, aligned to trailing dims.
       output_spec: Layout of the output, aligned to trailing dims; default:
         the feature dim sharded over `axis`.
+
+    Every field is checked when the style is built (see `core/checks.py`):
+    a bad value raises `PlanError` there, naming the field.
 
     Example:
       >>> layer = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
@@ -260,7 +266,7 @@ class RowParallel(_TensorParallel):
     replicated so they are added once.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard over.
       param: Name of the weight (see `ColumnParallel`).
       dim: Weight dim to shard; default: the input-feature dim.
       input_spec: Layout of the input, aligned to trailing dims; default:
@@ -326,8 +332,9 @@ class Shard:
                     f"Write Shard({name}=P(...))."
                 )
         object.__setattr__(self, "specs", tuple(sorted(param_specs.items())))
-        object.__setattr__(self, "input_spec", None if input_spec is None else tuple(input_spec))
-        object.__setattr__(self, "output_spec", None if output_spec is None else tuple(output_spec))
+        object.__setattr__(self, "input_spec", input_spec)
+        object.__setattr__(self, "output_spec", output_spec)
+        checks.validate(self)  # makes the layouts tuples
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.specs)
@@ -390,7 +397,8 @@ class FSDP:
     optimum, on every backend.
 
     Args:
-      axis: Mesh axis (or tuple of axes) to shard parameters over.
+      axis: Mesh axis (or tuple of axes; a list becomes a tuple) to shard
+        parameters over.
       min_size: Parameters with fewer elements stay replicated.
       batch_axes: Mesh axes the batch (dim 0 of every input) is sharded over;
         default: `axis` plus a `'data'` axis if the mesh has one.
@@ -440,7 +448,8 @@ class FSDP:
     reduce_dtype: Any = None
     subtree = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        checks.validate(self)  # one rule per field name: see checks.RULES
         if self.prefetch not in (0, 1):
             raise PlanError(
                 f"FSDP(prefetch={self.prefetch!r}): prefetch must be 0 (one module at a time) "
@@ -474,6 +483,12 @@ class FSDP:
             if set(self._axes()) & _specs.spec_axes(used):
                 continue  # already sharded over this axis (parallelize called twice)
             stacked = self._stacked(ctx, name)
+            if stacked > len(shape):
+                raise ctx.fail(
+                    self, name, f"scan_axes={stacked} stacks more dims than its shape {shape} has",
+                    "scan_axes counts the leading layer-stack dims (1 for one nnx.scan): pass a "
+                    "smaller value, or 0 when the stack is tagged with nnx.PARTITION_NAME",
+                )
             free = [d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0]
             if free:
                 best = max(free, key=lambda d: (shape[d], -d))
@@ -538,6 +553,11 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
     """A plan value (a style or a tuple of styles) as a tuple of styles."""
     items = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
     for item in items:
+        if isinstance(item, type):
+            raise PlanError(
+                f"plan value {item.__name__} is a class, not a style: write {item.__name__}() "
+                f"(with its arguments, e.g. {item.__name__}('model'))."
+            )
         if not isinstance(item, Style):
             raise PlanError(
                 f"plan value {item!r} is not a style. Use ColumnParallel(), RowParallel(), "

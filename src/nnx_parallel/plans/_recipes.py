@@ -110,6 +110,10 @@ def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, A
     Returns:
       A new plan dict; `tp_plan` is not changed.
 
+    Raises:
+      PlanError: `tp_plan` is not a dict, `fsdp` is not a subtree style
+        (such as `FSDP`), or a plan value is not a style.
+
     Sequence-parallel plans compose too: a row layer's fused FSDP + TP call
     reduce-scatters its output onto the sequence dim.
 
@@ -121,6 +125,17 @@ def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, A
       >>> mlp.up.kernel[...].sharding.spec
       P('fsdp', 'model')
     """
+    if not isinstance(tp_plan, Mapping):
+        raise PlanError(
+            f"plans.combine: tp_plan must be a dict pattern -> style, got {type(tp_plan).__name__} "
+            f"{tp_plan!r:.60}. Pass e.g. plans.tensor_parallel(model) or "
+            "{'layers.*.mlp.up': ColumnParallel('model')}."
+        )
+    if fsdp is not None and not (isinstance(fsdp, FSDP) or getattr(fsdp, "subtree", False)):
+        raise PlanError(
+            "plans.combine: fsdp must be an FSDP style (or another subtree style), got "
+            f"{fsdp!r:.60}. Pass e.g. FSDP('fsdp')."
+        )
     fsdp = FSDP("fsdp") if fsdp is None else fsdp
     out: dict[str, Any] = {"": fsdp}
     for pattern, entry in tp_plan.items():
