@@ -99,8 +99,12 @@ def measure(setup, stack, depth, width, mesh):
     compiled, _ = compile_step(model, mesh, batch(mesh, width))
     mem = compiled.memory_analysis()
     ops = bytes_by_kind(collectives(compiled, mesh))
-    footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                 - mem.alias_size_in_bytes)
+    footprint = (
+        mem.argument_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
     return {"temp": mem.temp_size_in_bytes, "footprint": footprint, **ops}
 
 
@@ -115,8 +119,10 @@ def main(argv=None):
     unit = width * width * 4
     n = 8
     mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-    print(f"{n} devices ({jax.devices()[0].platform}), L x Linear({width},{width}) + ReLU, "
-          f"batch 64, f32 Adam; temp memory per device in units of one {unit >> 20} MiB kernel\n")
+    print(
+        f"{n} devices ({jax.devices()[0].platform}), L x Linear({width},{width}) + ReLU, "
+        f"batch 64, f32 Adam; temp memory per device in units of one {unit >> 20} MiB kernel\n"
+    )
     header = f"{'stack':9} {'setup':8}" + "".join(f" {'L=' + str(d):>8}" for d in depths)
     print(header + "   all-gather / psi  reduce-scatter / psi  all-reduce / psi (deepest L)")
     for stack in ("unrolled", "scanned"):
@@ -125,19 +131,27 @@ def main(argv=None):
             psi = depths[-1] * (width * width + width) * 4
             last = row[-1]
             note = "   (per scan iteration)" if stack == "scanned" else ""
-            print(f"{stack:9} {setup:8}" + "".join(f" {r['temp'] / unit:8.2f}" for r in row)
-                  + f"   {last['all-gather'] / psi:16.3f}  {last['reduce-scatter'] / psi:20.3f}"
-                  f"  {last['all-reduce'] / psi:16.3f}{note}", flush=True)
+            print(
+                f"{stack:9} {setup:8}"
+                + "".join(f" {r['temp'] / unit:8.2f}" for r in row)
+                + f"   {last['all-gather'] / psi:16.3f}  {last['reduce-scatter'] / psi:20.3f}"
+                f"  {last['all-reduce'] / psi:16.3f}{note}",
+                flush=True,
+            )
     deepest = depths[-1]
     fsdp = measure("fsdp", "unrolled", deepest, width, mesh)["footprint"]
     single = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
     one = measure("dp", "unrolled", deepest, width, single)["footprint"]
     target = 1 / n + 3 / deepest
-    print(f"\nfootprint (args + temp + outputs - aliases), FSDP unrolled L={deepest}: "
-          f"{fsdp / one:.3f} of one device's ({fsdp} / {one} B); target <= 1/{n} + 3/{deepest} "
-          f"= {target:.3f}")
-    print("scanned rows: the HLO parser counts a while body once, so their collective bytes are"
-          " one layer's (x L per step).")
+    print(
+        f"\nfootprint (args + temp + outputs - aliases), FSDP unrolled L={deepest}: "
+        f"{fsdp / one:.3f} of one device's ({fsdp} / {one} B); target <= 1/{n} + 3/{deepest} "
+        f"= {target:.3f}"
+    )
+    print(
+        "scanned rows: the HLO parser counts a while body once, so their collective bytes are"
+        " one layer's (x L per step)."
+    )
 
 
 if __name__ == "__main__":

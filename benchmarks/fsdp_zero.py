@@ -7,7 +7,9 @@ annotation of the same model, and the ZeRO paper's formulas in f32).
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import statistics  # noqa: E402
@@ -63,7 +65,9 @@ def measure(kind, mesh, x, make=None, loss=None):
     model = build(kind, mesh, make)
     with jax.set_mesh(mesh):
         opt = npx.ShardedOptimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-        grad_fn = npx.zero.value_and_grad(loss_fn_) if kind == "zero2" else nnx.value_and_grad(loss_fn_)
+        grad_fn = (
+            npx.zero.value_and_grad(loss_fn_) if kind == "zero2" else nnx.value_and_grad(loss_fn_)
+        )
 
         @nnx.jit
         def step(model, opt, x):
@@ -82,31 +86,51 @@ def measure(kind, mesh, x, make=None, loss=None):
     mem["optimizer"] -= 4  # the int32 step counter
     ops = collectives(compiled, mesh)
     mem["wire"] = sum(c.traffic for c in ops)
-    return mem, bytes_by_kind(ops), compiled.memory_analysis().temp_size_in_bytes, statistics.median(times)
+    return (
+        mem,
+        bytes_by_kind(ops),
+        compiled.memory_analysis().temp_size_in_bytes,
+        statistics.median(times),
+    )
 
 
 def main():
     mesh = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    x = jax.device_put(jax.random.normal(jax.random.key(1), (BATCH, WIDTH)), NamedSharding(mesh, P("data")))
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(1), (BATCH, WIDTH)), NamedSharding(mesh, P("data"))
+    )
     psi = DEPTH * (WIDTH * WIDTH + WIDTH)  # parameter count
-    formulas = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / N, "zero2": 4 * psi + 12 * psi / N, "fsdp": 16 * psi / N}
+    formulas = {
+        "dp": 16 * psi,
+        "zero1": 8 * psi + 8 * psi / N,
+        "zero2": 4 * psi + 12 * psi / N,
+        "fsdp": 16 * psi / N,
+    }
     results = {k: measure(k, mesh, x) for k in ("dp", "zero1", "zero2", "fsdp", "naive")}
 
     print(f"model: {DEPTH} x Linear({WIDTH},{WIDTH}), psi = {psi} params, f32 Adam, {N} devices\n")
-    print("1. per-device param + grad + optimizer bytes vs ZeRO formulas (f32: 4 param + 4 grad + 8 Adam)")
+    print(
+        "1. per-device param + grad + optimizer bytes vs ZeRO formulas (f32: 4 param + 4 grad + 8 Adam)"
+    )
     print(f"   {'setup':7} {'measured':>10} {'formula':>10} {'ratio':>6}")
     for k, f in formulas.items():
         total = sum(v for n, v in results[k][0].items() if n != "wire")
         print(f"   {k:7} {total:>10} {int(f):>10} {total / f:6.3f}")
 
     optimum = 2 * psi * 4 * (N - 1) / N  # psi gathered + psi scattered, ring wire bytes per device
-    print("\n2. collective bytes of one train step (full-tensor bytes by kind; wire bytes/device vs optimum")
+    print(
+        "\n2. collective bytes of one train step (full-tensor bytes by kind; wire bytes/device vs optimum"
+    )
     print("   2*psi*4*(N-1)/N; ring all-reduce costs twice an all-gather)")
-    print(f"   {'setup':7} {'all-gather':>11} {'red-scatter':>11} {'all-reduce':>11} {'wire/opt':>10}")
+    print(
+        f"   {'setup':7} {'all-gather':>11} {'red-scatter':>11} {'all-reduce':>11} {'wire/opt':>10}"
+    )
     for k in ("dp", "zero1", "zero2", "fsdp", "naive"):
         b = results[k][1]
         wire = results[k][0]["wire"]
-        print(f"   {k:7} {b['all-gather']:>11} {b['reduce-scatter']:>11} {b['all-reduce']:>11} {wire / optimum:10.3f}")
+        print(
+            f"   {k:7} {b['all-gather']:>11} {b['reduce-scatter']:>11} {b['all-reduce']:>11} {wire / optimum:10.3f}"
+        )
 
     print("\n3. compiled temp memory, FSDP vs naive annotation")
     t_fsdp, t_naive = results["fsdp"][2], results["naive"][2]
@@ -137,8 +161,10 @@ def transformer(mesh):
     print(f"\n5. small GPT (psi = {psi}): FSDP vs naive annotation, min_size=1")
     for k in ("fsdp", "naive"):
         b = res[k][1]
-        print(f"   {k:6} all-gather {b['all-gather']:>9} reduce-scatter {b['reduce-scatter']:>9} "
-              f"all-reduce {b['all-reduce']:>9}  wire/optimum {res[k][0]['wire'] / optimum:.3f}  temp {res[k][2]}")
+        print(
+            f"   {k:6} all-gather {b['all-gather']:>9} reduce-scatter {b['reduce-scatter']:>9} "
+            f"all-reduce {b['all-reduce']:>9}  wire/optimum {res[k][0]['wire'] / optimum:.3f}  temp {res[k][2]}"
+        )
     print(f"   temp memory ratio fsdp/naive: {res['fsdp'][2] / res['naive'][2]:.3f}")
 
 

@@ -52,16 +52,28 @@ def run(setup: str, depth: int, width: int, batch: int, mesh, steps: int) -> dic
             t0 = time.perf_counter()
             jax.block_until_ready(fm.train_step(model, opt, x))
             times.append(time.perf_counter() - t0)
-    footprint = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                 - mem.alias_size_in_bytes)
-    return {"temp": mem.temp_size_in_bytes, "footprint": footprint,
-            "ms": 1e3 * statistics.median(times),
-            "peak": _peak(jax.local_devices()[0]), **ops}
+    footprint = (
+        mem.argument_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+    return {
+        "temp": mem.temp_size_in_bytes,
+        "footprint": footprint,
+        "ms": 1e3 * statistics.median(times),
+        "peak": _peak(jax.local_devices()[0]),
+        **ops,
+    }
 
 
 def _in_subprocess(setup: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv, "--only", setup],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--only", setup],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW ")))
 
 
@@ -80,16 +92,22 @@ def main(argv=None) -> list[dict]:
     batch = 8 * jax.device_count()
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     if args.only is None and platform != "gpu":
-        print(f"no GPU found: running on {platform} at tiny sizes; step times and peaks below are "
-              "not GPU figures")
+        print(
+            f"no GPU found: running on {platform} at tiny sizes; step times and peaks below are "
+            "not GPU figures"
+        )
     if args.only is None:
-        print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
-              f"L={depth} x Linear({width},{width}), "
-              f"batch {batch}, f32 Adam; memory per device in MiB, collective bytes / psi")
+        print(
+            f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
+            f"L={depth} x Linear({width},{width}), "
+            f"batch {batch}, f32 Adam; memory per device in MiB, collective bytes / psi"
+        )
     psi = depth * (width * width + width) * 4
     if args.only is None:
-        print(f"{'setup':6} {'temp':>9} {'footprint':>10} {'all-gather':>11} {'red-scat':>9} "
-              f"{'all-reduce':>11} {'step ms':>9} {'peak MiB':>9}")
+        print(
+            f"{'setup':6} {'temp':>9} {'footprint':>10} {'all-gather':>11} {'red-scat':>9} "
+            f"{'all-reduce':>11} {'step ms':>9} {'peak MiB':>9}"
+        )
     rows = []
     for setup in ("fsdp", "naive"):
         if args.only is not None and setup != args.only:
@@ -102,9 +120,12 @@ def main(argv=None) -> list[dict]:
             print("ROW " + json.dumps(r))
             return [r]
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.1f}"
-        print(f"{setup:6} {r['temp'] / 2**20:9.2f} {r['footprint'] / 2**20:10.2f} "
-              f"{r['all-gather'] / psi:11.3f} {r['reduce-scatter'] / psi:9.3f} "
-              f"{r['all-reduce'] / psi:11.3f} {r['ms']:9.2f} {peak:>9}", flush=True)
+        print(
+            f"{setup:6} {r['temp'] / 2**20:9.2f} {r['footprint'] / 2**20:10.2f} "
+            f"{r['all-gather'] / psi:11.3f} {r['reduce-scatter'] / psi:9.3f} "
+            f"{r['all-reduce'] / psi:11.3f} {r['ms']:9.2f} {peak:>9}",
+            flush=True,
+        )
         rows.append({"setup": setup, **r})
     return rows
 

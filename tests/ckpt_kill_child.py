@@ -35,13 +35,13 @@ from tests import models  # noqa: E402
 
 REPORT_TIMEOUT_S = 120
 STAGES = (
-    "tmp_created",       # the new step's temporary directory exists, nothing written yet
-    "model_written",     # the model item's arrays are written, the item is not finalized
-    "model_finalized",   # the model item is finalized; the optimizer maybe not yet
-    "items_finalized",   # every item is finalized; the step is not renamed yet
-    "step_committed",    # the new step is renamed into place; the old one is not deleted
+    "tmp_created",  # the new step's temporary directory exists, nothing written yet
+    "model_written",  # the model item's arrays are written, the item is not finalized
+    "model_finalized",  # the model item is finalized; the optimizer maybe not yet
+    "items_finalized",  # every item is finalized; the step is not renamed yet
+    "step_committed",  # the new step is renamed into place; the old one is not deleted
     "old_half_deleted",  # half of the old step's files are deleted
-    "save_returned",     # npx.save returned
+    "save_returned",  # npx.save returned
 )
 
 
@@ -82,18 +82,21 @@ def install(stage: str, report_fd: int) -> None:
     async def hooked_finalize(self, *a, **k):
         name = item(self)
         if (stage, name) == ("model_written", "model") or (
-                stage == "items_finalized" and name.isdigit()):
+            stage == "items_finalized" and name.isdigit()
+        ):
             block(report_fd, stage)
         out = await finalize(self, *a, **k)
         if (stage, name) == ("model_finalized", "model") or (
-                stage == "step_committed" and name.isdigit()):
+            stage == "step_committed" and name.isdigit()
+        ):
             block(report_fd, stage)
         return out
 
     def hooked_delete(self, step, *a, **k):
         if stage == "old_half_deleted":
-            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(self._directory / str(step))
-                           for f in fs)
+            files = sorted(
+                os.path.join(r, f) for r, _, fs in os.walk(self._directory / str(step)) for f in fs
+            )
             for f in files[: len(files) // 2]:
                 os.remove(f)
             block(report_fd, stage)
@@ -136,8 +139,10 @@ def kill_at(root: str, stage: str) -> dict:
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     os.close(read_fd)
-    return {"reported": reported, "killed": os.WIFSIGNALED(status)
-            and os.WTERMSIG(status) == signal.SIGKILL}
+    return {
+        "reported": reported,
+        "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
+    }
 
 
 def main(root: str, stages: list[str]) -> None:

@@ -49,8 +49,17 @@ def snapshot(*graphs):
                     data = jax.random.key_data(value)
                 host = np.asarray(jax.device_get(data))
                 meta = dict(node.get_metadata())
-                out.append((path, type(node), str(value.dtype), host.shape, host.tobytes(),
-                            getattr(value, "sharding", None), meta))
+                out.append(
+                    (
+                        path,
+                        type(node),
+                        str(value.dtype),
+                        host.shape,
+                        host.tobytes(),
+                        getattr(value, "sharding", None),
+                        meta,
+                    )
+                )
             elif isinstance(node, nnx.Pytree):
                 out.append((path, type(node), sorted(vars(node))))
     return out

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")
 
 def sub_mesh(kind, shape, names, first=0):
     n = int(np.prod(shape))
-    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names), devices=jax.devices()[first : first + n])
+    return jax.make_mesh(
+        shape, names, axis_types=(kind,) * len(names), devices=jax.devices()[first : first + n]
+    )
 
 
 def host(tree):
@@ -93,9 +95,16 @@ def test_round_trip_8_to_4_to_2_across_fsdp_and_tp(kind, tmp_path):
 
 
 def test_restore_arrives_in_planned_layout(mesh8, tmp_path):
-    model = parallelize(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()})
+    model = parallelize(
+        lambda: models.MLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()}
+    )
     save(tmp_path / "c", model)
-    back = restore(tmp_path / "c", nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(5))), mesh8, FSDP("model", min_size=16))
+    back = restore(
+        tmp_path / "c",
+        nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(5))),
+        mesh8,
+        FSDP("model", min_size=16),
+    )
     # Every array arrives in its planned layout: a 1/8 shard per device.
     kernel = back.up.kernel[...]
     assert kernel.sharding.spec == P(None, "model")
@@ -116,7 +125,9 @@ def test_non_param_state_round_trips(fsdp8, tmp_path):
     model = parallelize(lambda: Net(rngs=nnx.Rngs(0, dropout=7)), fsdp8, FSDP(min_size=16))
     model.bn.mean.set_value(jax.device_put(jnp.full((16,), 3.0), model.bn.mean[...].sharding))
     save(tmp_path / "d", model)
-    back = restore(tmp_path / "d", lambda: Net(rngs=nnx.Rngs(1, dropout=1)), fsdp8, FSDP(min_size=16))
+    back = restore(
+        tmp_path / "d", lambda: Net(rngs=nnx.Rngs(1, dropout=1)), fsdp8, FSDP(min_size=16)
+    )
     assert_same(back, model)
     assert back.bn.mean[...].sharding.is_fully_replicated
     with pytest.raises(CheckpointError, match="already holds a checkpoint .*overwrite=True"):
@@ -143,8 +154,13 @@ def test_zero_optimizer_state_restores_in_its_zero_layout(kind, tmp_path):
     save(tmp_path / "z", model, opt)
 
     zero4 = ZeRO(stage=1, axis="data", min_size=32)
-    model4, opt4 = restore(tmp_path / "z", factory, dp4, zero4,
-                           optimizer=lambda m: ShardedOptimizer(m, optax.adam(1e-2), wrt=nnx.Param))
+    model4, opt4 = restore(
+        tmp_path / "z",
+        factory,
+        dp4,
+        zero4,
+        optimizer=lambda m: ShardedOptimizer(m, optax.adam(1e-2), wrt=nnx.Param),
+    )
     assert model4.up.kernel[...].sharding.spec == P(None, None)  # params stay replicated
     mu = opt4.opt_state[0].mu["up"]["kernel"][...]
     assert mu.sharding == NamedSharding(dp4, P(None, "data"))  # moments in ZeRO's layout, 4-way

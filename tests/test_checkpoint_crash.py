@@ -38,8 +38,11 @@ EXPECTED = {
 
 
 def child_env() -> dict:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
@@ -51,12 +54,18 @@ def host(model, opt) -> dict:
 def same(a: dict, b: dict) -> bool:
     la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
     return [p for p, _ in la] == [p for p, _ in lb] and all(
-        x.dtype == y.dtype and np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb))
+        x.dtype == y.dtype and np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb)
+    )
 
 
 def test_sigkill_during_overwrite_leaves_old_or_new(tmp_path):
-    proc = subprocess.run([sys.executable, str(CHILD), str(tmp_path), *EXPECTED],
-                          capture_output=True, text=True, timeout=400, env=child_env())
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), str(tmp_path), *EXPECTED],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=child_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     mesh = jax.make_mesh((8,), ("fsdp",))
@@ -74,8 +83,10 @@ def test_sigkill_during_overwrite_leaves_old_or_new(tmp_path):
 
     # Saving over the debris of a killed save completes and clears it.
     model, opt = read("new")
-    debris = {"model_written": (["0", "1.orbax-checkpoint-tmp"], "1"),
-              "old_half_deleted": (["0", "1"], "2")}
+    debris = {
+        "model_written": (["0", "1.orbax-checkpoint-tmp"], "1"),
+        "old_half_deleted": (["0", "1"], "2"),
+    }
     for stage, (before, after) in debris.items():
         assert sorted(os.listdir(tmp_path / stage)) == before
         npx.save(tmp_path / stage, model, opt, overwrite=True)

@@ -102,8 +102,11 @@ def test_one_step_is_restored_whole_or_not_at_all(tmp_path):
             ckpt.restore(factory, MESH, PLAN, optimizer=adam)
         assert ckpt.restore(factory, MESH, PLAN).optimizer is None  # the model alone is fine
         shutil.rmtree(tmp_path / "0" / "optimizer")  # an item lost after the save
-        with pytest.raises(CheckpointError, match=r"step 0 .* is incomplete: items \['optimizer'\]"
-                           " are missing"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"step 0 .* is incomplete: items \['optimizer'\]"
+            " are missing",
+        ):
             ckpt.restore(factory, MESH, PLAN, step=0, optimizer=adam)
         (tmp_path / "1" / "nnx_parallel" / "metadata").write_text(json.dumps({"format": 99}))
         with pytest.raises(CheckpointError, match="step 1 .* has an unknown format"):

@@ -45,7 +45,9 @@ def test_local_batch_slice(mesh2x4):
 
 
 def test_shard_batch_errors(mesh2x4):
-    with pytest.raises(ParallelError, match=r"leaf \['x'\] has 3 rows on process 0, not divisible by the 2 batch"):
+    with pytest.raises(
+        ParallelError, match=r"leaf \['x'\] has 3 rows on process 0, not divisible by the 2 batch"
+    ):
         shard_batch({"x": np.zeros((3, 2))}, mesh2x4)
     with pytest.raises(ParallelError, match=r"leaf \[1\] has shape \(\), but spec"):
         shard_batch([np.zeros(2), np.float32(1)], mesh2x4)
@@ -54,7 +56,9 @@ def test_shard_batch_errors(mesh2x4):
 
 
 def test_local_batch_slice_errors(mesh2x4, monkeypatch):
-    with pytest.raises(MeshError, match="global batch size 7 does not split into the 2 batch shards"):
+    with pytest.raises(
+        MeshError, match="global batch size 7 does not split into the 2 batch shards"
+    ):
         local_batch_slice(7, mesh2x4)
 
     class Scattered:  # a process holding rows 0-1 and 4-5 of 8
@@ -65,7 +69,9 @@ def test_local_batch_slice_errors(mesh2x4, monkeypatch):
             return {0: (slice(0, 2),), 1: (slice(4, 6),)}
 
     monkeypatch.setattr(data, "NamedSharding", Scattered)
-    with pytest.raises(MeshError, match=r"holds rows \[\(0, 2\), \(4, 6\)\] .* not one contiguous block"):
+    with pytest.raises(
+        MeshError, match=r"holds rows \[\(0, 2\), \(4, 6\)\] .* not one contiguous block"
+    ):
         local_batch_slice(8, mesh2x4)
 
 

@@ -74,8 +74,10 @@ def test_sharded_spec_longer_than_every_param_raises_naming_path_and_decorator()
     model = models.MLP(rngs=nnx.Rngs(0))
     sharded(P("model", None, None))(model.up)
     before = snapshot(model)
-    match = (r"@sharded\(P\('model', None, None\)\) on Linear 'up' has 3 entries, but its "
-             r"largest parameter 'up.kernel' has shape \(16, 64\)")
+    match = (
+        r"@sharded\(P\('model', None, None\)\) on Linear 'up' has 3 entries, but its "
+        r"largest parameter 'up.kernel' has shape \(16, 64\)"
+    )
     with pytest.raises(PlanError, match=match):
         parallelize(model, MESH8, {})
     assert snapshot(model) == before
@@ -153,8 +155,11 @@ def test_fsdp_scan_axes_beyond_the_rank_raises_naming_the_param():
 
 def test_move_with_a_spec_instead_of_a_sharding():
     x = jnp.arange(8.0)
-    with pytest.raises(ParallelError, match=r"move: expected a jax.sharding.Sharding, got "
-                       r"a PartitionSpec P\('model',\).*pass jax.NamedSharding\(mesh, spec\)"):
+    with pytest.raises(
+        ParallelError,
+        match=r"move: expected a jax.sharding.Sharding, got "
+        r"a PartitionSpec P\('model',\).*pass jax.NamedSharding\(mesh, spec\)",
+    ):
         move(x, P("model"))
     assert move(x, NamedSharding(MESH8, P("model"))).sharding.spec == P("model")
 
@@ -182,7 +187,8 @@ def test_reduce_metrics_refuses_complex_values(z):
     with pytest.raises(ParallelError, match=r"metric \['z'\] is complex.*imaginary part.*x.real"):
         reduce_metrics({"loss": 1.0, "z": z})
     assert reduce_metrics({"re": np.real(z), "im": np.imag(z)}, op="sum") == {
-        "re": float(np.sum(np.real(z))), "im": float(np.sum(np.imag(z)))
+        "re": float(np.sum(np.real(z))),
+        "im": float(np.sum(np.imag(z))),
     }
 
 
@@ -205,8 +211,10 @@ def test_a_shared_module_styled_differently_at_its_two_paths_raises():
     model = models.MLP(rngs=nnx.Rngs(0))
     model.upper = model.up
     before = snapshot(model)
-    match = (r"'up' and 'upper' are one shared module, and pattern 'up' \(via 'up'\) and pattern "
-             r"'upper' \(via 'upper'\) give it different styles.*keep one of the two entries")
+    match = (
+        r"'up' and 'upper' are one shared module, and pattern 'up' \(via 'up'\) and pattern "
+        r"'upper' \(via 'upper'\) give it different styles.*keep one of the two entries"
+    )
     with pytest.raises(PlanError, match=match):
         parallelize(model, MESH8, {"up": ColumnParallel("model"), "upper": RowParallel("model")})
     assert snapshot(model) == before
@@ -224,8 +232,11 @@ class Tied(nnx.Module):
 def test_a_tied_kernel_planned_at_both_owners_is_named_as_shared():
     model = Tied(nnx.Rngs(0))
     before = snapshot(model)
-    with pytest.raises(PlanError, match=r"'enc\.kernel' is the same nnx\.Param as 'dec\.kernel' "
-                       r"\(a shared, tied parameter\).*plan it there \('dec'\)"):
+    with pytest.raises(
+        PlanError,
+        match=r"'enc\.kernel' is the same nnx\.Param as 'dec\.kernel' "
+        r"\(a shared, tied parameter\).*plan it there \('dec'\)",
+    ):
         parallelize(model, MESH8, {"dec": ColumnParallel("model"), "enc": RowParallel("model")})
     assert snapshot(model) == before
     parallelize(model, MESH8, {"dec": ColumnParallel("model")})  # planned once: fine

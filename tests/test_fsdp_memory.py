@@ -63,10 +63,17 @@ def auto8():
     return jax.make_mesh((8,), ("fsdp",), axis_types=(AUTO,))
 
 
-@pytest.mark.parametrize("stack,kind", [
-    ("list", AUTO), ("list", EXPLICIT), ("scan", AUTO), ("tagged", AUTO), ("tagged", EXPLICIT),
-    ("tagged_own", AUTO),
-])
+@pytest.mark.parametrize(
+    "stack,kind",
+    [
+        ("list", AUTO),
+        ("list", EXPLICIT),
+        ("scan", AUTO),
+        ("tagged", AUTO),
+        ("tagged", EXPLICIT),
+        ("tagged_own", AUTO),
+    ],
+)
 def test_step_temp_memory_is_independent_of_depth(stack, kind):
     """16 layers: <= 3 layers' worth of temp memory, <= 1 layer more than 4.
 
@@ -83,10 +90,19 @@ def test_step_temp_memory_is_independent_of_depth(stack, kind):
     assert all(c.size <= 4 for c in collectives(compiled, mesh) if c.kind == "all-reduce")
 
 
-@pytest.mark.parametrize("stack,kind", [
-    ("list", AUTO), ("list", EXPLICIT), ("attrs", AUTO), ("scan", AUTO), ("scan", EXPLICIT),
-    ("tagged", AUTO), ("tagged", EXPLICIT), ("tagged_own", EXPLICIT),
-])
+@pytest.mark.parametrize(
+    "stack,kind",
+    [
+        ("list", AUTO),
+        ("list", EXPLICIT),
+        ("attrs", AUTO),
+        ("scan", AUTO),
+        ("scan", EXPLICIT),
+        ("tagged", AUTO),
+        ("tagged", EXPLICIT),
+        ("tagged_own", EXPLICIT),
+    ],
+)
 def test_fsdp_stack_matches_unsharded(stack, kind):
     """Forward, gradients and one Adam step within 1e-5 of the unsharded model."""
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
@@ -142,7 +158,7 @@ def _schedule(compiled) -> list[str]:
     """The entry computation's kernel-sized all-gathers ('g') and matmuls
     ('m'), in the order the compiled (scheduled) program runs them."""
     text = compiled.as_text()
-    entry = text[text.index("\nENTRY"):]
+    entry = text[text.index("\nENTRY") :]
     out = []
     for line in entry.splitlines():
         if "all-gather(" in line and "f32[512,512]" in line.split("all-gather(")[0]:

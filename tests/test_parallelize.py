@@ -24,7 +24,10 @@ def snapshot(model):
     out = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Variable):
-            out[path] = (np.asarray(node.get_value()), repr(sorted(node.get_metadata().items(), key=str)))
+            out[path] = (
+                np.asarray(node.get_value()),
+                repr(sorted(node.get_metadata().items(), key=str)),
+            )
         elif isinstance(node, nnx.Module):
             out[path] = type(node)
     return out
@@ -66,7 +69,10 @@ def test_graph_operations_keep_working(mesh8):
     with jax.set_mesh(mesh8):
         np.testing.assert_allclose(clone(x), model(x), rtol=1e-6)
     assert [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))] == [
-        "down.bias", "down.kernel", "up.bias", "up.kernel"
+        "down.bias",
+        "down.kernel",
+        "up.bias",
+        "up.kernel",
     ]
 
 
@@ -94,16 +100,52 @@ def test_second_call_composes_axes(kind):
 # Errors: each names the path, says why and what to do; model left unchanged.
 
 ERROR_CASES = {
-    "unknown axis in style": ({"up": ColumnParallel("tensor")}, PlanError, r"mesh axis 'tensor' is not in the mesh"),
-    "unknown axis in spec": ({"up": Shard(kernel=P(None, "tensor"))}, MeshError, r"'up.kernel'.*names mesh axis 'tensor'"),
-    "rank mismatch": ({"up": Shard(kernel=P("model"))}, PlanError, r"'up.kernel'.*1 entries but the parameter has shape \(16, 64\)"),
-    "not divisible": ({"down": ColumnParallel()}, PlanError, r"'down.bias' \(pattern 'down'\): dim 0 of shape \(12,\) is not divisible by mesh axis 'model' \(size 8\)"),
-    "unmatched pattern": ({"upp": ColumnParallel()}, PlanError, r"pattern 'upp' matched no module. Did you mean 'up'\?"),
-    "style cannot handle module": ({"": ColumnParallel()}, PlanError, r"has no single weight matrix"),
-    "missing param name": ({"up": ColumnParallel(param="weight")}, PlanError, r"has no parameter 'weight'"),
+    "unknown axis in style": (
+        {"up": ColumnParallel("tensor")},
+        PlanError,
+        r"mesh axis 'tensor' is not in the mesh",
+    ),
+    "unknown axis in spec": (
+        {"up": Shard(kernel=P(None, "tensor"))},
+        MeshError,
+        r"'up.kernel'.*names mesh axis 'tensor'",
+    ),
+    "rank mismatch": (
+        {"up": Shard(kernel=P("model"))},
+        PlanError,
+        r"'up.kernel'.*1 entries but the parameter has shape \(16, 64\)",
+    ),
+    "not divisible": (
+        {"down": ColumnParallel()},
+        PlanError,
+        r"'down.bias' \(pattern 'down'\): dim 0 of shape \(12,\) is not divisible by mesh axis 'model' \(size 8\)",
+    ),
+    "unmatched pattern": (
+        {"upp": ColumnParallel()},
+        PlanError,
+        r"pattern 'upp' matched no module. Did you mean 'up'\?",
+    ),
+    "style cannot handle module": (
+        {"": ColumnParallel()},
+        PlanError,
+        r"has no single weight matrix",
+    ),
+    "missing param name": (
+        {"up": ColumnParallel(param="weight")},
+        PlanError,
+        r"has no parameter 'weight'",
+    ),
     "dim out of range": ({"up": ColumnParallel(dim=5)}, PlanError, r"dim=5 is out of range"),
-    "shard names missing param": ({"up": Shard(kernal=P(None, "model"))}, PlanError, r"Did you mean 'kernel'"),
-    "axis used twice": ({"up": Shard(kernel=P("model", "model"))}, PlanError, r"uses mesh axis 'model' twice"),
+    "shard names missing param": (
+        {"up": Shard(kernal=P(None, "model"))},
+        PlanError,
+        r"Did you mean 'kernel'",
+    ),
+    "axis used twice": (
+        {"up": Shard(kernel=P("model", "model"))},
+        PlanError,
+        r"uses mesh axis 'model' twice",
+    ),
 }
 
 
@@ -112,7 +154,9 @@ def test_errors_leave_model_unchanged(case, mesh8):
     plan, exc, pattern = ERROR_CASES[case]
     model = models.MLP(din=16, dhidden=64, dout=12, rngs=nnx.Rngs(0))
     # A valid entry first: it must not be applied when a later one fails.
-    full_plan = {"up": ColumnParallel(), **plan} if "up" not in plan else {**plan, "down": Replicated()}
+    full_plan = (
+        {"up": ColumnParallel(), **plan} if "up" not in plan else {**plan, "down": Replicated()}
+    )
     before = snapshot(model)
     with pytest.raises(exc, match=pattern):
         parallelize(model, mesh8, full_plan)
@@ -123,7 +167,9 @@ def test_conflicting_second_call(mesh8):
     model = models.MLP(rngs=nnx.Rngs(0))
     parallelize(model, mesh8, helpers.tp_plans()["mlp"])
     before = snapshot(model)
-    with pytest.raises(PlanError, match=r"'up.kernel' is already parallelized.*nnx_parallel.reshard"):
+    with pytest.raises(
+        PlanError, match=r"'up.kernel' is already parallelized.*nnx_parallel.reshard"
+    ):
         parallelize(model, mesh8, {"up": RowParallel()})
     assert_same(before, snapshot(model))
 

@@ -74,7 +74,9 @@ def test_llm_fsdp_gathers_each_param_once(fsdp8):
     assert len(sharded) == 7 and "fsdp" in _spec(model.embedder.input_embedding)
     # Hooked methods keep the original signatures.
     assert inspect.signature(type(model.embedder).decode) == inspect.signature(rm.Embedder.decode)
-    assert inspect.signature(type(model.layers[0].attn.q_einsum).__call__) == inspect.signature(nnx.Einsum.__call__)
+    assert inspect.signature(type(model.layers[0].attn.q_einsum).__call__) == inspect.signature(
+        nnx.Einsum.__call__
+    )
     with jax.set_mesh(fsdp8):
         forward = nnx.jit(lambda m, t: m(t))
         compiled = forward.lower(model, _batch(tok, fsdp8)).compile()
@@ -109,7 +111,9 @@ def test_llm_fsdp_cache_segment_ids_dropout_kwargs(fsdp8):
     expected_step = decode(ref, tok[:, :1], jnp.full((8, 1), 8), expected[1])
     with jax.set_mesh(fsdp8):
         out_packed = nnx.jit(packed)(model, _batch(tok, fsdp8), seg, nnx.Rngs(dropout=3))
-        logits, cache = nnx.jit(prefill)(model, _batch(tok, fsdp8), _batch_tree(model.init_cache(8, 12), fsdp8))
+        logits, cache = nnx.jit(prefill)(
+            model, _batch(tok, fsdp8), _batch_tree(model.init_cache(8, 12), fsdp8)
+        )
         step = nnx.jit(decode)(model, _batch(tok[:, :1], fsdp8), jnp.full((8, 1), 8), cache)
     _close(out_packed, expected_packed)
     _close((logits, cache), expected)
@@ -128,7 +132,9 @@ def test_llm_fsdp_batch_not_divisible(fsdp8):
     with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=fallback) as record:
         out = nnx.jit(lambda m, t: m(t))(model, tok)
     _close(out, ref(tok))
-    assert any("FSDP on Dense" in str(w.message) and "full all-reduce" in str(w.message) for w in record)
+    assert any(
+        "FSDP on Dense" in str(w.message) and "full all-reduce" in str(w.message) for w in record
+    )
 
 
 def test_llm_fsdp_grad_through_remat(fsdp8):
@@ -148,8 +154,14 @@ def test_llm_tp_fused_kv_einsum(mesh8):
     a batch (3) and a sequence (7) no mesh axis divides; nnx.grad through
     nnx.remat around the whole call."""
     tok = _tokens(batch=3, seq=7)
-    plan = {"layers.*.attn.q_einsum": COL, "layers.*.attn.kv_einsum": COL, "layers.*.attn.attn_vec_einsum": ROW,
-            "layers.*.mlp.gate": COL, "layers.*.mlp.up": COL, "layers.*.mlp.down": ROW}
+    plan = {
+        "layers.*.attn.q_einsum": COL,
+        "layers.*.attn.kv_einsum": COL,
+        "layers.*.attn.attn_vec_einsum": ROW,
+        "layers.*.mlp.gate": COL,
+        "layers.*.mlp.up": COL,
+        "layers.*.mlp.down": ROW,
+    }
     ref, model = rm.TinyLLM(layers=1, rngs=nnx.Rngs(0)), rm.TinyLLM(layers=1, rngs=nnx.Rngs(0))
     npl.parallelize(model, mesh8, plan)
     assert _spec(model.layers[0].attn.kv_einsum.kernel) == jax.P(None, "model", None, None)
@@ -216,7 +228,10 @@ def test_vit_fsdp_with_rngs_state(fsdp8):
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
     assert _spec(model.patch_embed.kernel) == jax.P(None, None, None, "fsdp")
     assert "fsdp" in _spec(model.blocks[0].attn.query.kernel)
-    with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match="ViT: it holds or is passed state"):
+    with (
+        jax.set_mesh(fsdp8),
+        pytest.warns(npl.FallbackWarning, match="ViT: it holds or is passed state"),
+    ):
         out = nnx.jit(lambda m, x: m(x))(model, x)
     _close(out, ref(x))
     assert int(model.dropout.rngs.count[...]) == int(ref.dropout.rngs.count[...]) == 1
@@ -227,10 +242,20 @@ def test_vit_tp_attention_mlp_and_conv(mesh8):
     and the patch conv (output gathered, so the cls-token concat sees whole
     features: the conv gets out_sharding= and a reshard after its bias)."""
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-    plan = {"blocks.*.attn.query": COL, "blocks.*.attn.key": COL, "blocks.*.attn.value": COL,
-            "blocks.*.attn.out": ROW, "blocks.*.fc1": COL, "blocks.*.fc2": ROW, "head": COL,
-            "patch_embed": npl.ColumnParallel("model", output_spec=(None,))}
-    ref, model = rm.ViT(heads=8, layers=1, rngs=nnx.Rngs(0)), rm.ViT(heads=8, layers=1, rngs=nnx.Rngs(0))
+    plan = {
+        "blocks.*.attn.query": COL,
+        "blocks.*.attn.key": COL,
+        "blocks.*.attn.value": COL,
+        "blocks.*.attn.out": ROW,
+        "blocks.*.fc1": COL,
+        "blocks.*.fc2": ROW,
+        "head": COL,
+        "patch_embed": npl.ColumnParallel("model", output_spec=(None,)),
+    }
+    ref, model = (
+        rm.ViT(heads=8, layers=1, rngs=nnx.Rngs(0)),
+        rm.ViT(heads=8, layers=1, rngs=nnx.Rngs(0)),
+    )
     npl.parallelize(model, mesh8, plan)
     assert _spec(model.blocks[0].attn.query.kernel) == jax.P(None, "model", None)
     assert _spec(model.blocks[0].attn.out.kernel) == jax.P("model", None, None)
@@ -330,7 +355,9 @@ def test_layer_stacks_found_by_name_and_shape(fsdp8):
     assert "out_sharding" not in meta["embed.embedding"]
     assert res.specs()["embed.embedding"] == jax.P("fsdp", None)
     # The kernels' own 'model' is reported; the stack name is no unknown axis.
-    assert len(res.notes) == 2 and all("(axes ['model'] are not in the mesh)" in n for n in res.notes)
+    assert len(res.notes) == 2 and all(
+        "(axes ['model'] are not in the mesh)" in n for n in res.notes
+    )
 
 
 def test_scanned_tagged_stack_tp_grad(mesh8):
@@ -376,8 +403,12 @@ class ForeignMLP(nnx.Module):
 
     def __init__(self, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.up = nnx.Linear(32, 64, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs)
-        self.down = nnx.Linear(64, 32, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs)
+        self.up = nnx.Linear(
+            32, 64, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs
+        )
+        self.down = nnx.Linear(
+            64, 32, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs
+        )
 
     def __call__(self, x):
         return self.down(jax.nn.relu(self.up(x)))

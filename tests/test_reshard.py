@@ -26,7 +26,9 @@ from tests import helpers, models
 
 def sub_mesh(kind, shape, names, first=0):
     n = int(np.prod(shape))
-    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names), devices=jax.devices()[first : first + n])
+    return jax.make_mesh(
+        shape, names, axis_types=(kind,) * len(names), devices=jax.devices()[first : first + n]
+    )
 
 
 @pytest.fixture
@@ -53,7 +55,9 @@ def test_device_put_goes_through_host_but_move_does_not(kind, host_reads):
     expected = np.arange(48 * 32.0).reshape(48, 32)
     targets = [
         NamedSharding(m24, P(None, "model")),  # same devices, other mesh
-        NamedSharding(sub_mesh(kind, (2, 2), ("data", "model"), 4), P("model", "data")),  # 4 other devices
+        NamedSharding(
+            sub_mesh(kind, (2, 2), ("data", "model"), 4), P("model", "data")
+        ),  # 4 other devices
         NamedSharding(sub_mesh(kind, (3,), ("fsdp",), 1), P("fsdp")),  # 3 devices: no divisibility
         NamedSharding(sub_mesh(kind, (2,), ("fsdp",), 6), P(None, "fsdp")),
         NamedSharding(m8, P(None, "fsdp")),  # grow back to 8
@@ -100,14 +104,18 @@ def test_reshard_fsdp8_to_tp2x4_to_4_devices(kind, host_reads):
     assert up.kernel.get_metadata("out_sharding") == (None, "model")
     assert up.kernel.get_metadata("mesh") == tp2x4
     assert get_hooks(up).gather is None  # FSDP hooks gone, TP layout hooks in
-    assert model.pos.embedding[...].sharding == NamedSharding(tp2x4, P(None, None))  # untouched: replicated
+    assert model.pos.embedding[...].sharding == NamedSharding(
+        tp2x4, P(None, None)
+    )  # untouched: replicated
     for path, value in helpers.params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg=path)
     with jax.set_mesh(tp2x4):
         helpers.assert_close(model(x), y0, helpers.FWD_TOL, "forward after FSDP -> TP")
 
     host_reads.clear()
-    reshard(model, mesh4, {"": FSDP("fsdp", min_size=64), "blocks.*.mlp.up": ColumnParallel("model")})
+    reshard(
+        model, mesh4, {"": FSDP("fsdp", min_size=64), "blocks.*.mlp.up": ColumnParallel("model")}
+    )
     assert host_reads == []
     assert up.kernel[...].sharding.spec == P("fsdp", "model")
     assert {d.id for d in up.kernel[...].devices()} == {4, 5, 6, 7}
@@ -149,7 +157,9 @@ def test_reshard_moves_optimizer_state_with_its_params(kind):
 
 
 def test_second_parallelize_refuses_and_reshard_accepts(mesh8):
-    model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()})
+    model = parallelize(
+        models.MLP(rngs=nnx.Rngs(0)), mesh8, {"up": ColumnParallel(), "down": RowParallel()}
+    )
     swapped = {"up": RowParallel(), "down": ColumnParallel()}
     with pytest.raises(PlanError, match="nnx_parallel.reshard"):
         parallelize(model, mesh8, swapped)

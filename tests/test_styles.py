@@ -32,7 +32,10 @@ STYLES = {
     "fsdp": npx.FSDP("model", min_size=16),
     "zero": npx.ZeRO(stage=1, axis="data", min_size=16),
     "remat": {"": npx.Replicated(), "up": npx.Remat()},
-    "sequence": {"up": npx.SequenceColumnParallel("model"), "down": npx.SequenceRowParallel("model")},
+    "sequence": {
+        "up": npx.SequenceColumnParallel("model"),
+        "down": npx.SequenceRowParallel("model"),
+    },
 }
 
 

@@ -39,7 +39,11 @@ def reference_steps(steps=3):
     ref = models.MLP(rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 16))
     opt = nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param)
-    step = nnx.jit(lambda m, o, x: (lambda lg: (o.update(m, lg[1]), lg[0])[1])(nnx.value_and_grad(loss_fn)(m, x)))
+    step = nnx.jit(
+        lambda m, o, x: (lambda lg: (o.update(m, lg[1]), lg[0])[1])(
+            nnx.value_and_grad(loss_fn)(m, x)
+        )
+    )
     losses = [float(step(ref, opt, x)) for _ in range(steps)]
     return ref, x, losses
 

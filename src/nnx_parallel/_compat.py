@@ -186,12 +186,19 @@ def checkpoint_name(x, name: str):
 
 # Policy names that are policies themselves, and those that build one from names.
 _CHECKPOINT_POLICIES = (
-    "everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
-    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+    "everything_saveable",
+    "nothing_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
 )
 CHECKPOINT_POLICY_FACTORIES = (
-    "save_anything_except_these_names", "save_any_names_but_these", "save_only_these_names",
-    "save_from_both_policies", "save_and_offload_only_these_names",
+    "save_anything_except_these_names",
+    "save_any_names_but_these",
+    "save_only_these_names",
+    "save_from_both_policies",
+    "save_and_offload_only_these_names",
     "offload_dot_with_no_batch_dims",
 )
 
@@ -225,8 +232,12 @@ def set_cpu_device_count(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-def distributed_initialize(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, **kwargs: Any) -> None:
+def distributed_initialize(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    **kwargs: Any,
+) -> None:
     """`jax.distributed.initialize`; CPU collectives default to gloo in JAX >= 0.5."""
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -262,7 +273,6 @@ def fully_addressable(tree: Any) -> bool:
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
     values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
     return all(x.is_fully_addressable for x in jax.tree.leaves(values) if isinstance(x, jax.Array))
-
 
 
 def trace_state() -> Any:

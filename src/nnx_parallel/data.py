@@ -85,8 +85,12 @@ def local_batch_slice(global_batch_size: int, mesh: Mesh, spec: P | None = None)
             f"Use a batch size that is a multiple of {shards}."
         )
     sharding = NamedSharding(mesh, spec)
-    rows = sorted({_bounds(i[0], global_batch_size) for i in
-                   sharding.addressable_devices_indices_map((global_batch_size,)).values()})
+    rows = sorted(
+        {
+            _bounds(i[0], global_batch_size)
+            for i in sharding.addressable_devices_indices_map((global_batch_size,)).values()
+        }
+    )
     for (_, stop), (start, _) in zip(rows, rows[1:]):
         if stop != start:
             raise MeshError(
@@ -257,7 +261,12 @@ def _local_batch_shards(mesh: Mesh, spec: P) -> int:
     """Distinct dim-0 blocks among this process's devices."""
     shards = _batch_shards(mesh, spec)
     sharding = NamedSharding(mesh, P(spec[0] if len(spec) else None))
-    return len({_bounds(i[0], shards) for i in sharding.addressable_devices_indices_map((shards,)).values()})
+    return len(
+        {
+            _bounds(i[0], shards)
+            for i in sharding.addressable_devices_indices_map((shards,)).values()
+        }
+    )
 
 
 def _bounds(index: slice, size: int) -> tuple[int, int]:

@@ -43,11 +43,15 @@ def sharded(spec: P | None = None, /, **param_specs: P):
       (P(None, 'model'), P('model',))
     """
     if spec is None and not param_specs:
-        raise PlanError("sharded() needs a spec: @sharded(P(None, 'model')) or @sharded(kernel=P(...)).")
+        raise PlanError(
+            "sharded() needs a spec: @sharded(P(None, 'model')) or @sharded(kernel=P(...))."
+        )
     named = ({"<positional>": spec} if spec is not None else {}) | param_specs
     for name, value in named.items():
         if not isinstance(value, P):
-            raise PlanError(f"sharded({name}={value!r}): expected a PartitionSpec such as P(None, 'model').")
+            raise PlanError(
+                f"sharded({name}={value!r}): expected a PartitionSpec such as P(None, 'model')."
+            )
     declared = tuple(sorted((({"*": spec} if spec is not None else {}) | param_specs).items()))
 
     def apply(target: T) -> T:

@@ -67,12 +67,18 @@ def move(x: Any, sharding: Sharding) -> jax.Array:
         raise ParallelError(
             "move: expected a jax.sharding.Sharding, got "
             f"{'a PartitionSpec' if spec else type(sharding).__name__} {sharding!r:.60}. "
-            + ("A spec needs its mesh: pass jax.NamedSharding(mesh, spec)." if spec else
-               "Pass e.g. jax.NamedSharding(mesh, P(...)).")
+            + (
+                "A spec needs its mesh: pass jax.NamedSharding(mesh, spec)."
+                if spec
+                else "Pass e.g. jax.NamedSharding(mesh, P(...))."
+            )
         )
     if not isinstance(x, jax.Array) or not x.is_fully_addressable or x.size == 0:
         return jax.device_put(x, sharding)
-    if x.sharding.is_equivalent_to(sharding, x.ndim) and x.sharding.device_set == sharding.device_set:
+    if (
+        x.sharding.is_equivalent_to(sharding, x.ndim)
+        and x.sharding.device_set == sharding.device_set
+    ):
         return jax.device_put(x, sharding)  # same blocks on the same devices: no data moves
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         impl = jax.random.key_impl(x)
@@ -127,7 +133,9 @@ def _assemble(x, target, device, sources) -> jax.Array:
             return pieces[-1][1]
     out = jnp.zeros(shape, x.dtype, device=device)
     for overlap, piece in pieces:
-        out = jax.lax.dynamic_update_slice(out, piece, [a - t for (a, _), (t, _) in zip(overlap, target)])
+        out = jax.lax.dynamic_update_slice(
+            out, piece, [a - t for (a, _), (t, _) in zip(overlap, target)]
+        )
     return out
 
 
@@ -135,7 +143,12 @@ def _assemble(x, target, device, sources) -> jax.Array:
 
 
 def reshard(
-    model: nnx.Module, mesh: Mesh, plan: Any, *, strict: bool = True, optimizer: nnx.Pytree | None = None
+    model: nnx.Module,
+    mesh: Mesh,
+    plan: Any,
+    *,
+    strict: bool = True,
+    optimizer: nnx.Pytree | None = None,
 ) -> nnx.Module:
     """Moves a model to another plan and/or mesh, in place.
 
@@ -198,7 +211,8 @@ def _move_state(model: nnx.Module, resolution) -> None:
 def _move_optimizer(optimizer: nnx.Pytree, resolution) -> None:
     state = nnx.state(optimizer)
     moved = jax.tree_util.tree_map_with_path(
-        lambda keypath, x: move(x, mirror_sharding(keypath, x.shape, resolution)), nnx.to_pure_dict(state)
+        lambda keypath, x: move(x, mirror_sharding(keypath, x.shape, resolution)),
+        nnx.to_pure_dict(state),
     )
     nnx.replace_by_pure_dict(state, moved)
     nnx.update(optimizer, state)

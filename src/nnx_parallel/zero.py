@@ -63,7 +63,9 @@ class ZeRO:
     def __post_init__(self):
         checks.validate(self, {"axis": checks.one_axis, "min_size": checks.RULES["min_size"]})
         if self.stage not in (1, 2):
-            raise PlanError(f"ZeRO(stage={self.stage!r}): stage must be 1 or 2. For stage 3 use FSDP().")
+            raise PlanError(
+                f"ZeRO(stage={self.stage!r}): stage must be 1 or 2. For stage 3 use FSDP()."
+            )
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
         ctx.check_axes(self, self.axis)
@@ -146,7 +148,9 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
     def run(model, *batch):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        mesh = next((v.get_metadata().get("mesh") for v in variables if v.get_metadata().get("mesh")), None)
+        mesh = next(
+            (v.get_metadata().get("mesh") for v in variables if v.get_metadata().get("mesh")), None
+        )
         if mesh is None or axis not in mesh.axis_names:
             raise PlanError(
                 f"zero.value_and_grad(axis={axis!r}): the model's parameters carry no mesh with axis "
@@ -164,19 +168,24 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], *, axis: str = "data") -> 
 
             loss, grads = jax.value_and_grad(f)(varying)
             reduced = [
-                jax.lax.psum(g, axis) / n if d < 0 else
-                jax.lax.psum_scatter(g, axis, scatter_dimension=d, tiled=True) / n
+                jax.lax.psum(g, axis) / n
+                if d < 0
+                else jax.lax.psum_scatter(g, axis, scatter_dimension=d, tiled=True) / n
                 for g, d in zip(jax.tree.leaves(grads), dims)
             ]
             grads = jax.tree.unflatten(jax.tree.structure(grads), reduced)
             return jax.lax.pmean(loss, axis), grads
 
         grad_specs = jax.tree.unflatten(
-            treedef, [P(*[axis if i == d else None for i in range(x.ndim)]) for x, d in zip(leaves, dims)]
+            treedef,
+            [P(*[axis if i == d else None for i in range(x.ndim)]) for x, d in zip(leaves, dims)],
         )
         batch_specs = jax.tree.map(lambda x: P(axis) if hasattr(x, "ndim") else None, batch)
         mapped = _compat.shard_map(
-            local, mesh=mesh, in_specs=(P(), P(), batch_specs), out_specs=(P(), grad_specs),
+            local,
+            mesh=mesh,
+            in_specs=(P(), P(), batch_specs),
+            out_specs=(P(), grad_specs),
             axis_names={axis},
         )
         return mapped(params, rest, batch)
@@ -216,6 +225,3 @@ def memory_per_device(model, optimizer=None, grads=None) -> dict[str, int]:
     if optimizer is not None:
         out["optimizer"] = size(optimizer.opt_state)
     return out
-
-
-

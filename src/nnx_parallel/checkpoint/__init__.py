@@ -169,8 +169,13 @@ class CheckpointManager:
         """Waits for a background save, then releases orbax's threads."""
         self._manager.close()
 
-    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
-             metadata: dict | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer | None = None,
+        metadata: dict | None = None,
+    ) -> None:
         """Saves model, optimizer and metadata as one step, shard by shard.
 
         The values saved are those at the call, even with `async_save` and a
@@ -210,8 +215,11 @@ class CheckpointManager:
                 f"{self.directory}. Save with a step above {newest}, or use a new directory."
             )
         ocp = _ocp()
-        manifest = {"format": FORMAT, "metadata": metadata is not None,
-                    "items": {name: _manifest_entry(tree) for name, tree in trees.items()}}
+        manifest = {
+            "format": FORMAT,
+            "metadata": metadata is not None,
+            "items": {name: _manifest_entry(tree) for name, tree in trees.items()},
+        }
         args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         args[MANIFEST_ITEM] = ocp.args.JsonSave(manifest)
         if metadata is not None:
@@ -219,9 +227,17 @@ class CheckpointManager:
         self._manager.save(step, args=ocp.args.Composite(**args))
         self._last_saved = step
 
-    def restore(self, model: nnx.Module | Callable[[], nnx.Module], mesh: Mesh, plan: Any,
-                step: int | None = None, optimizer: OptimizerArg = None, *,
-                strict: bool = True, cast: bool = False) -> Restored:
+    def restore(
+        self,
+        model: nnx.Module | Callable[[], nnx.Module],
+        mesh: Mesh,
+        plan: Any,
+        step: int | None = None,
+        optimizer: OptimizerArg = None,
+        *,
+        strict: bool = True,
+        cast: bool = False,
+    ) -> Restored:
         """Restores one step, whole, directly into the layout `plan` gives on `mesh`.
 
         Args:
@@ -275,8 +291,14 @@ class CheckpointManager:
                 )
             opt_graphdef, opt_state = nnx.split(opt)
             targets[OPTIMIZER_ITEM] = _optimizer_target(opt_state, resolution)
-        _raise_mismatches([line for item, target in targets.items() for line in _mismatches(
-            item, _flat(target), manifest["items"][item], cast)], where)
+        _raise_mismatches(
+            [
+                line
+                for item, target in targets.items()
+                for line in _mismatches(item, _flat(target), manifest["items"][item], cast)
+            ],
+            where,
+        )
         values, metadata = self._read(step, targets, manifest, cast, where)
         nnx.replace_by_pure_dict(state, values[MODEL_ITEM])
         restored, restored_opt = nnx.merge(graphdef, state), None
@@ -295,10 +317,13 @@ class CheckpointManager:
             legacy = os.path.isdir(os.path.join(self.directory, MODEL_ITEM))
             raise CheckpointError(
                 f"No checkpoint in {self.directory}: it holds no completed step. "
-                + ("It holds a 'model' folder: the layout of checkpoints written before "
-                   "step directories; read it with orbax's StandardCheckpointer and save "
-                   "it again." if legacy else
-                   "Check the path; a save that was interrupted leaves no step.")
+                + (
+                    "It holds a 'model' folder: the layout of checkpoints written before "
+                    "step directories; read it with orbax's StandardCheckpointer and save "
+                    "it again."
+                    if legacy
+                    else "Check the path; a save that was interrupted leaves no step."
+                )
             )
         if step is None:
             return steps[-1]
@@ -350,8 +375,13 @@ class CheckpointManager:
         return values, out[METADATA_ITEM] if manifest["metadata"] else None
 
 
-def save(path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
-         overwrite: bool = False) -> None:
+def save(
+    path: str | os.PathLike,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Saves a (parallelized) model, and optionally its optimizer, shard by shard.
 
     Crash-safe: `path` is a `CheckpointManager` directory keeping one step.

@@ -99,8 +99,10 @@ def _dtype_name(x: Any) -> str:
 def _manifest_entry(tree: dict) -> dict:
     flat = _flat(tree)
     sums = _checksums(flat)
-    return {p: {"shape": list(np.shape(x)), "dtype": _dtype_name(x), "checksum": sums[p]}
-            for p, x in flat.items()}
+    return {
+        p: {"shape": list(np.shape(x)), "dtype": _dtype_name(x), "checksum": sums[p]}
+        for p, x in flat.items()
+    }
 
 
 def _check_metadata(metadata: Any) -> None:
@@ -130,11 +132,15 @@ def _mismatches(item: str, target: dict[str, Any], saved: dict[str, dict], cast:
     for p in sorted(saved.keys() & target.keys()):
         want, have = saved[p], target[p]
         if tuple(want["shape"]) != tuple(have.shape):
-            lines.append(f"{item}.{p}: shape {tuple(want['shape'])} in the checkpoint, "
-                         f"{tuple(have.shape)} in the model")
+            lines.append(
+                f"{item}.{p}: shape {tuple(want['shape'])} in the checkpoint, "
+                f"{tuple(have.shape)} in the model"
+            )
         elif want["dtype"] != _dtype_name(have) and (not cast or "key<" in want["dtype"]):
-            lines.append(f"{item}.{p}: dtype {want['dtype']} in the checkpoint, "
-                         f"{_dtype_name(have)} in the model")
+            lines.append(
+                f"{item}.{p}: dtype {want['dtype']} in the checkpoint, "
+                f"{_dtype_name(have)} in the model"
+            )
     return lines
 
 
@@ -246,7 +252,9 @@ def _check_step(step: Any) -> int:
 def _orbax_manager(directory: str, keep: int | None, async_save: bool, create: bool):
     ocp = _ocp()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=create,
         cleanup_tmp_directories=create,
     )
     return ocp.CheckpointManager(directory, options=options)

@@ -48,7 +48,7 @@ def walk(model) -> tuple[dict[str, Any], dict[str, tuple[str, str, nnx.Variable]
     params = {}
     for path, var in variables:
         owner = _owner(path, modules)
-        name = join(path[len(owner):]) if owner else join(path)
+        name = join(path[len(owner) :]) if owner else join(path)
         params[join(path)] = (join(owner), name, var)
     return modules, params
 

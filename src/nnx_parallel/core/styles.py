@@ -68,7 +68,9 @@ class ModuleContext:
         for a in _specs.axes_of(axes):
             if a not in names:
                 raise self.fail(
-                    style, None, f"mesh axis {a!r} is not in the mesh {names}",
+                    style,
+                    None,
+                    f"mesh axis {a!r} is not in the mesh {names}",
                     f"Use one of {names}.{did_you_mean(a, names)}",
                 )
 
@@ -108,11 +110,14 @@ class Style(Protocol):
 
 # Tensor parallel ----------------------------------------------------------
 
+
 def _find_weight(style, ctx: ModuleContext) -> str:
     if style.param is not None:
         if style.param not in ctx.shapes:
             raise ctx.fail(
-                style, None, f"it has no parameter {style.param!r} (it has {sorted(ctx.shapes)})",
+                style,
+                None,
+                f"it has no parameter {style.param!r} (it has {sorted(ctx.shapes)})",
                 f"Pass param= one of {sorted(ctx.shapes)}.{did_you_mean(style.param, ctx.shapes)}",
             )
         return style.param
@@ -121,7 +126,8 @@ def _find_weight(style, ctx: ModuleContext) -> str:
         return found
     kind = type(ctx.module).__name__
     raise ctx.fail(
-        style, None,
+        style,
+        None,
         f"a {kind} with parameters {sorted(ctx.shapes) or 'none'} has no single weight matrix",
         "Point the pattern at the layer that owns the weight, or pass "
         f"param='<name>' (and dim=) to {type(style).__name__}.",
@@ -150,7 +156,9 @@ class _TensorParallel:
         if self.dim is not None:
             if not -ndim <= self.dim < ndim:
                 raise ctx.fail(
-                    self, weight, f"dim={self.dim} is out of range for shape {ctx.shapes[weight]}",
+                    self,
+                    weight,
+                    f"dim={self.dim} is out of range for shape {ctx.shapes[weight]}",
                     f"Pass a dim in [{-ndim}, {ndim - 1}].",
                 )
             return self.dim % ndim
@@ -158,7 +166,9 @@ class _TensorParallel:
 
     def _dims(self, ctx: ModuleContext, weight: str) -> tuple[int, int | None, int]:
         shape = ctx.shapes[weight]
-        return layers.tp_dims(ctx.module, len(shape), self._column, shape, _specs.size(ctx.mesh, self.axis))
+        return layers.tp_dims(
+            ctx.module, len(shape), self._column, shape, _specs.size(ctx.mesh, self.axis)
+        )
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
         ctx.check_axes(self, self.axis)
@@ -251,7 +261,11 @@ class ColumnParallel(_TensorParallel):
                 # axes need that said, as the lookup's out_sharding).
                 return Layout(output=(None,), rank_delta=delta)
             out_pos = None  # a custom dim: we cannot know where it lands, unless an einsum says
-            if parts is not None and len(parts[1]) == len(ctx.shapes[weight]) and parts[1][dim] in parts[2]:
+            if (
+                parts is not None
+                and len(parts[1]) == len(ctx.shapes[weight])
+                and parts[1][dim] in parts[2]
+            ):
                 out_pos = len(parts[2]) - parts[2].index(parts[1][dim])
         return Layout(output=_trailing(out_pos, self.axis), rank_delta=delta)
 
@@ -296,7 +310,11 @@ class RowParallel(_TensorParallel):
         axes = _specs.axes_of(self.axis)
         post = tuple(n for n in ctx.shapes if n != weight)
         return Layout(
-            input=_trailing(in_pos, self.axis), output=(None,), rank_delta=delta, reduce=axes, post=post
+            input=_trailing(in_pos, self.axis),
+            output=(None,),
+            rank_delta=delta,
+            reduce=axes,
+            post=post,
         )
 
 
@@ -328,8 +346,7 @@ class Shard:
         for name, spec in param_specs.items():
             if not isinstance(spec, P):
                 raise PlanError(
-                    f"Shard({name}={spec!r}): expected a PartitionSpec. "
-                    f"Write Shard({name}=P(...))."
+                    f"Shard({name}={spec!r}): expected a PartitionSpec. Write Shard({name}=P(...))."
                 )
         object.__setattr__(self, "specs", tuple(sorted(param_specs.items())))
         object.__setattr__(self, "input_spec", input_spec)
@@ -345,7 +362,9 @@ class Shard:
         for name, spec in self.specs:
             if name not in ctx.shapes:
                 raise ctx.fail(
-                    self, name, f"the module has no parameter {name!r} (it has {sorted(ctx.shapes)})",
+                    self,
+                    name,
+                    f"the module has no parameter {name!r} (it has {sorted(ctx.shapes)})",
                     f"Name one of {sorted(ctx.shapes)}.{did_you_mean(name, ctx.shapes)}",
                 )
             out[name] = spec
@@ -485,11 +504,15 @@ class FSDP:
             stacked = self._stacked(ctx, name)
             if stacked > len(shape):
                 raise ctx.fail(
-                    self, name, f"scan_axes={stacked} stacks more dims than its shape {shape} has",
+                    self,
+                    name,
+                    f"scan_axes={stacked} stacks more dims than its shape {shape} has",
                     "scan_axes counts the leading layer-stack dims (1 for one nnx.scan): pass a "
                     "smaller value, or 0 when the stack is tagged with nnx.PARTITION_NAME",
                 )
-            free = [d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0]
+            free = [
+                d for d in range(stacked, len(shape)) if used[d] is None and shape[d] % size == 0
+            ]
             if free:
                 best = max(free, key=lambda d: (shape[d], -d))
                 out[name] = _specs.with_dim(current, len(shape), best, self.axis)
@@ -506,7 +529,8 @@ class FSDP:
         if not self.scan_axes:
             return {}
         return {
-            n: {_compat.SHARDING_KEY: None} for n in ctx.shapes
+            n: {_compat.SHARDING_KEY: None}
+            for n in ctx.shapes
             if n not in ctx.declared and n not in ctx.stacked and n in specs
         }
 
@@ -568,8 +592,6 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
 
 
 # Activation recompute ---------------------------------------------------------
-
-
 
 
 def resolve_policy(policy: Any) -> Recompute:

@@ -19,19 +19,81 @@ from nnx_parallel.core.styles import FSDP, ColumnParallel, Replicated, RowParall
 from nnx_parallel.errors import ParallelError, PlanError
 
 # Names public transformer code gives its layers (last path segment, lower case).
-COLUMN_NAMES = frozenset({
-    "q", "k", "v", "q_proj", "k_proj", "v_proj", "wq", "wk", "wv", "query", "key", "value",
-    "q_einsum", "kv_einsum", "qkv_einsum", "qkv", "qkv_proj", "wqkv", "c_attn", "in_proj",
-    "query_key_value", "to_q", "to_k", "to_v", "to_qkv",
-    "up", "up_proj", "gate", "gate_proj", "w1", "w3", "fc1", "linear1", "c_fc", "wi", "wi_0",
-    "wi_1", "fc_in", "dense_h_to_4h", "gating_einsum", "w_in", "w_up", "w_gate",
-})
-ROW_NAMES = frozenset({
-    "o", "o_proj", "wo", "out", "out_proj", "proj", "attn_out", "c_proj", "attn_vec_einsum",
-    "to_out", "dense", "down", "down_proj", "w2", "fc2", "linear2", "fc_out", "dense_4h_to_h",
-    "w_out", "w_down", "linear_einsum",
-})
-FUSED_QKV_NAMES = frozenset({"qkv", "qkv_proj", "wqkv", "c_attn", "in_proj", "query_key_value", "to_qkv"})
+COLUMN_NAMES = frozenset(
+    {
+        "q",
+        "k",
+        "v",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "wq",
+        "wk",
+        "wv",
+        "query",
+        "key",
+        "value",
+        "q_einsum",
+        "kv_einsum",
+        "qkv_einsum",
+        "qkv",
+        "qkv_proj",
+        "wqkv",
+        "c_attn",
+        "in_proj",
+        "query_key_value",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_qkv",
+        "up",
+        "up_proj",
+        "gate",
+        "gate_proj",
+        "w1",
+        "w3",
+        "fc1",
+        "linear1",
+        "c_fc",
+        "wi",
+        "wi_0",
+        "wi_1",
+        "fc_in",
+        "dense_h_to_4h",
+        "gating_einsum",
+        "w_in",
+        "w_up",
+        "w_gate",
+    }
+)
+ROW_NAMES = frozenset(
+    {
+        "o",
+        "o_proj",
+        "wo",
+        "out",
+        "out_proj",
+        "proj",
+        "attn_out",
+        "c_proj",
+        "attn_vec_einsum",
+        "to_out",
+        "dense",
+        "down",
+        "down_proj",
+        "w2",
+        "fc2",
+        "linear2",
+        "fc_out",
+        "dense_4h_to_h",
+        "w_out",
+        "w_down",
+        "linear_einsum",
+    }
+)
+FUSED_QKV_NAMES = frozenset(
+    {"qkv", "qkv_proj", "wqkv", "c_attn", "in_proj", "query_key_value", "to_qkv"}
+)
 POSITION_NAMES = ("pos", "wpe", "position")
 HEAD_NAMES = frozenset({"head", "lm_head", "unembed", "output", "logits", "out_head", "decoder"})
 
@@ -91,7 +153,14 @@ def fsdp(
       >>> mlp.up.kernel[...].sharding.spec
       P(None, 'fsdp')
     """
-    return {"": FSDP(axis, min_size=min_size, batch_axes=batch_axes, reshard_after_forward=reshard_after_forward)}
+    return {
+        "": FSDP(
+            axis,
+            min_size=min_size,
+            batch_axes=batch_axes,
+            reshard_after_forward=reshard_after_forward,
+        )
+    }
 
 
 def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, Any]:
@@ -140,7 +209,11 @@ def combine(tp_plan: Mapping[str, Any], fsdp: FSDP | None = None) -> dict[str, A
     out: dict[str, Any] = {"": fsdp}
     for pattern, entry in tp_plan.items():
         styles = as_styles(entry)
-        if all(isinstance(s, Replicated) for s in styles) or pattern == "" and all(s.subtree for s in styles):
+        if (
+            all(isinstance(s, Replicated) for s in styles)
+            or pattern == ""
+            and all(s.subtree for s in styles)
+        ):
             out[pattern] = fsdp
         else:
             out[pattern] = entry
@@ -206,7 +279,8 @@ def tensor_parallel(
     draft = _Draft(
         column=SequenceColumnParallel if sequence_parallel else ColumnParallel,
         row=SequenceRowParallel if sequence_parallel else RowParallel,
-        axis=axis, vocab_parallel=vocab_parallel,
+        axis=axis,
+        vocab_parallel=vocab_parallel,
     )
     embeds = {p: own[p] for p, m in modules.items() if isinstance(m, nnx.Embed) and p in own}
     token = _place_embeddings(draft, embeds)
@@ -267,7 +341,9 @@ def _place_projection(draft: _Draft, path: str, module, shapes, role: str, why: 
             draft.roles[path] = "replicated: LM head (vocab_parallel=False)"
         return
     dim = _column_dim(module, shapes[weight_name(shapes)]) if role == "column" else None
-    draft.styles[path] = draft.column(draft.axis, dim=dim) if role == "column" else draft.row(draft.axis)
+    draft.styles[path] = (
+        draft.column(draft.axis, dim=dim) if role == "column" else draft.row(draft.axis)
+    )
     draft.roles[path] = f"{role}: {why}" + (f" (dim {dim}: heads)" if dim is not None else "")
     fused = path.split(".")[-1].lower() in FUSED_QKV_NAMES
     if role == "column" and fused and not einsum_parts(module):
@@ -289,8 +365,10 @@ def _sequence_norms(draft: _Draft, modules, own, d_model) -> None:
             continue
         widths = {shape[-1] for shape in own.get(path, {}).values() if shape}
         if d_model is not None and widths and widths != {d_model}:
-            draft.notes.append(f"{path}: a norm over {sorted(widths)} features, not the model "
-                               f"width {d_model}; not sequence-parallel")
+            draft.notes.append(
+                f"{path}: a norm over {sorted(widths)} features, not the model "
+                f"width {d_model}; not sequence-parallel"
+            )
             continue
         draft.styles[path] = SequenceParallel(draft.axis)
         draft.roles[path] = "sequence-parallel norm"
@@ -374,7 +452,9 @@ def _column_dim(module, kernel_shape: tuple) -> int | None:
     if len(candidates) < 2:
         return None
     shared = [out_sub.index(c) for c in out_sub if c in x_sub]
-    after = [c for c in candidates if out_sub.index(c) > max(shared, default=-1)]  # not a q/k/v stack
+    after = [
+        c for c in candidates if out_sub.index(c) > max(shared, default=-1)
+    ]  # not a q/k/v stack
     after = [c for c in after if c != out_sub[-1]] or after  # not the head size
     chosen = (after or candidates)[0]
     dim = k_sub.index(chosen)
