@@ -297,3 +297,152 @@ class DecoderMHA(nnx.Module):
 
     def __call__(self, x):
         return self.out(self.attn(x))
+
+
+# Issue 14: one tiny model per pattern that Explicit axes used to refuse ----------------
+#
+# Each is written the way public NNX code writes it; none knows about nnx_parallel.
+
+
+class MiniGPT(nnx.Module):
+    """GPT-2 style: `nnx.Embed` token table, q/k/v/o and up/down `nnx.Linear`,
+    LayerNorm, an untied `lm_head` (patterns 1, 5, 6)."""
+
+    def __init__(self, vocab=64, d=32, heads=4, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.wte = nnx.Embed(vocab, d, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.q = nnx.Linear(d, d, rngs=rngs)
+        self.k = nnx.Linear(d, d, rngs=rngs)
+        self.v = nnx.Linear(d, d, rngs=rngs)
+        self.o = nnx.Linear(d, d, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+        self.lm_head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.wte(tokens)
+        h = self.ln1(x)
+        b, t, d = h.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(d // self.heads)
+        att = jax.nn.softmax(logits, axis=-1)
+        x = x + self.o(jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d))
+        x = x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+        return self.lm_head(x)
+
+
+class TableEmbedder(nnx.Module):
+    def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)) * 0.1)
+
+
+class TableReader(nnx.Module):
+    """Pattern 2: the parent reads its child's table with `.at[].get(out_sharding=)`,
+    the sharding coming from a config field that is `None` by default."""
+
+    def __init__(self, vocab=64, d=32, *, emb_shd=None, rngs: nnx.Rngs):
+        self.emb_shd = emb_shd
+        self.embedder = TableEmbedder(vocab, d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+        self.lm_head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embedder.embedding[...].at[(tokens,)].get(out_sharding=self.emb_shd)
+        x = x + self.down(jax.nn.gelu(self.up(x)))
+        return self.lm_head(x)
+
+
+class EncodeLM(nnx.Module):
+    """Pattern 3: a custom embedder method (`Embedder.encode`, param
+    `input_embedding`) and a tied `decode` head."""
+
+    def __init__(self, vocab=64, d=32, *, rngs: nnx.Rngs):
+        self.embedder = Embedder(vocab, d, rngs=rngs)
+        self.mlp = GatedMLP(d, 2 * d, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embedder.encode(tokens)
+        return self.embedder.decode(x + self.mlp(x))
+
+
+class CachedAttention(nnx.Module):
+    """Pattern 4: a model-owned KV cache (`nnx.Cache`, created replicated)
+    written with `dynamic_update_slice` from the projected keys and values."""
+
+    def __init__(self, d=32, heads=4, batch=8, max_len=8, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj = nnx.Linear(d, d, rngs=rngs)
+        self.k_proj = nnx.Linear(d, d, rngs=rngs)
+        self.v_proj = nnx.Linear(d, d, rngs=rngs)
+        self.o_proj = nnx.Linear(d, d, rngs=rngs)
+        shape = (batch, max_len, heads, d // heads)
+        self.cache_k = nnx.Cache(jnp.zeros(shape))
+        self.cache_v = nnx.Cache(jnp.zeros(shape))
+        self.index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        i = self.index[...]
+        self.cache_k[...] = jax.lax.dynamic_update_slice(self.cache_k[...], k, (0, i, 0, 0))
+        self.cache_v[...] = jax.lax.dynamic_update_slice(self.cache_v[...], v, (0, i, 0, 0))
+        self.index[...] = i + t
+        keys, values = self.cache_k[...], self.cache_v[...]
+        valid = jnp.arange(keys.shape[1]) < i + t
+        logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(d // self.heads)
+        att = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
+        return self.o_proj(jnp.einsum("bhts,bshd->bthd", att, values).reshape(b, t, d))
+
+
+class GuideBlock(nnx.Module):
+    """Pattern 7, as Flax's GSPMD guide writes it: params annotated with
+    `nnx.with_partitioning`, and the layer's own `with_sharding_constraint`
+    on its activation (batch axis, model axis); `reshard=True` writes it as
+    `jax.sharding.reshard`, as code for Explicit axes does."""
+
+    def __init__(self, d: int, hidden: int, *, axes=("data", "model"), reshard=False,
+                 rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.axes, self.reshard = axes, reshard
+        col = nnx.with_partitioning(init, (None, axes[1]))
+        row = nnx.with_partitioning(init, (axes[1], None))
+        self.w1 = nnx.Param(col(rngs.params(), (d, hidden)))
+        self.b1 = nnx.Param(jnp.zeros((hidden,)))
+        self.w2 = nnx.Param(row(rngs.params(), (hidden, d)))
+
+    def __call__(self, x):
+        y = jnp.dot(x, self.w1[...]) + self.b1[...]
+        spec = jax.P(self.axes[0], None, self.axes[1])
+        if self.reshard:
+            y = jax.sharding.reshard(y, spec)
+        else:
+            y = jax.lax.with_sharding_constraint(y, spec)
+        y = jax.nn.relu(y)
+        return x + jnp.dot(y, self.w2[...])
+
+
+class GuideStack(nnx.Module):
+    """Pattern 7: GuideBlocks stacked by `nnx.vmap(transform_metadata=
+    {PARTITION_NAME: None})`, run by a raw `jax.lax.scan` over the module."""
+
+    def __init__(self, d=32, hidden=64, layers=2, *, axes=("data", "model"), reshard=False,
+                 rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def make(rngs):
+            return GuideBlock(d, hidden, axes=axes, reshard=reshard, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        graphdef, state = nnx.split(self.layers)
+
+        def step(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x), None
+
+        return jax.lax.scan(step, x, state)[0]

@@ -89,6 +89,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh, axis: str = 
     manual = {axis} | _specs.spec_axes(lead)
     if len(manual) > 1:  # Explicit axes: keep the batch layout the logits carry
         labels = _compat.reshard(labels, mesh, P(*lead))
+    logits = _vocab_sharded(logits, P(*lead, axis), mesh, axis)
     mapped = _compat.shard_map(
         body, mesh=_abstract_or(mesh), in_specs=(P(*lead, axis), P(*lead)), out_specs=P(*lead),
         axis_names=manual,
@@ -104,6 +105,16 @@ def _batch_layout(logits: jax.Array, n_lead: int, axis: str) -> tuple:
     """
     spec = _specs.pad(_compat.spec_of(logits), n_lead + 1)[:n_lead]
     return tuple(_specs.drop_axes(spec, {axis}))
+
+
+def _vocab_sharded(logits: jax.Array, spec: P, mesh: Mesh, axis: str) -> jax.Array:
+    """Explicit axes: `logits` resharded onto `spec` if their type says otherwise
+    (e.g. replicated over `axis`: each device then keeps its vocab slice)."""
+    if not _compat.is_explicit(mesh, (axis,)):
+        return logits  # Auto axes: shard_map slices the input itself
+    if _specs.pad(_compat.spec_of(logits), logits.ndim) == _specs.pad(spec, logits.ndim):
+        return logits
+    return _compat.reshard(logits, _abstract_or(mesh), spec)
 
 
 def _abstract_or(mesh: Mesh):

@@ -30,7 +30,7 @@ from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
 from nnx_parallel.core import layers
 from nnx_parallel.core.graph import choose, match, normalize_plan, suggest, walk
-from nnx_parallel.core.layouts import Layout, ModuleHooks, get_hooks
+from nnx_parallel.core.layouts import ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
 from nnx_parallel.core.styles import ModuleContext, Shard, Style
 from nnx_parallel.errors import MeshError, PlanError, did_you_mean
@@ -286,12 +286,13 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
 
 def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:
     """Hooks the layer table asks for where no style gave any (see
-    `layers.needs_whole_features`: BatchNorm on Explicit axes)."""
+    `layers.explicit_layout`: BatchNorm and Embed on Explicit axes)."""
     if hooks is not None and (hooks.layout is not None or hooks.gather is not None):
         return hooks
-    if not layers.needs_whole_features(module, _compat.is_explicit(mesh)):
+    layout = layers.explicit_layout(module, _compat.is_explicit(mesh))
+    if layout is None:
         return hooks
-    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=Layout(input=(None,))))
+    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=layout))
 
 
 def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple]) -> dict[str, P]:

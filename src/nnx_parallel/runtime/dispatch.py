@@ -15,6 +15,7 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
 | `fsdp.nested`      | FSDP, inside an enclosing module's shard_map over its axes | all-gather own params there |
 | `fsdp.shard-map`   | FSDP, the batch splits over the batch axes                 | shard_map over the batch axes, all-gather params, reduce-scatter grads |
 | `fsdp.gspmd`       | FSDP, but state or an indivisible batch (FallbackWarning)  | sharding constraints; GSPMD all-reduces the gradients |
+| `fsdp.own-sharding` | FSDP; own sharding code names a batch axis | as `fsdp.gspmd` (`runtime/explicit.py`) |
 
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
@@ -30,7 +31,7 @@ import dataclasses
 import functools
 
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import fsdp, layout
+from nnx_parallel.runtime import explicit, fsdp, layout
 
 PLAIN = "plain"
 FSDP_NESTED = "fsdp.nested"
@@ -38,9 +39,10 @@ FSDP_TP_MANUAL = "fsdp.tp-manual"
 FSDP_AUTO_AXES = "fsdp.auto-axes"
 FSDP_SHARD_MAP = "fsdp.shard-map"
 FSDP_GSPMD = "fsdp.gspmd"
+FSDP_OWN_SHARDING = "fsdp.own-sharding"
 
 ROUTES = (
-    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
+    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD, FSDP_OWN_SHARDING,
     layout.CALLER, layout.AS_WRITTEN, layout.CONSTRAIN, layout.OUT_SHARDING, layout.AUTO_AXES,
 )
 
@@ -118,9 +120,15 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     if route == FSDP_NESTED:
         record(route)
         return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
-    used = fsdp.batch_call(module, call, hooks.gather, mesh, args, kwargs)
-    record(FSDP_GSPMD if used.fallback else FSDP_SHARD_MAP)
-    return used.out
+    return _over_batch(module, call, hooks.gather, mesh, args, kwargs, record)
+
+
+def _over_batch(module, call, gather, mesh, args, kwargs, record=None):
+    """The shard_map route, or a GSPMD one (`fsdp.batch_call`, `explicit.call_or_gspmd`)."""
+    out, fallback, own = explicit.call_or_gspmd(module, call, gather, mesh, args, kwargs)
+    if record is not None:
+        record(FSDP_OWN_SHARDING if own else FSDP_GSPMD if fallback else FSDP_SHARD_MAP)
+    return out
 
 
 def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kwargs):
@@ -133,6 +141,8 @@ def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kw
     inner = layout.with_layout(method, dataclasses.replace(lay, force_auto=True), mesh)
 
     def call(clone, *a, **kw):
-        return fsdp.gather_call(clone, inner, hooks.gather, mesh, a, kw)
+        if fsdp.nested(hooks.gather):
+            return fsdp.nested_call(clone, inner, hooks.gather, a, kw)
+        return _over_batch(clone, inner, hooks.gather, mesh, a, kw)
 
     return layout.run_in_auto_axes(module, call, layout.drop_manual(full), mesh, args, kwargs)

@@ -355,6 +355,13 @@ def _maybe_gather(path, value, gather: Gather):
     return _gather_param(value, dim % value.ndim, gather.axes, gather.remat)
 
 
+def gspmd_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
+    """`call(module, ...)` with `gather`'s params gathered by sharding
+    constraints (the GSPMD route: no shard_map, the batch stays global)."""
+    graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
+    return _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
+
+
 def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
     axes = set(gather.axes)
     specs = _param_specs(pstate)
@@ -363,7 +370,7 @@ def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, res
         name = join(path)
         if name not in dict(gather.params):
             return value
-        return _compat.constrain(value, mesh, _specs.drop_axes(specs_by_name[name], axes))
+        return _compat.constrain(value, _context_mesh(mesh), _specs.drop_axes(specs_by_name[name], axes))
 
     flat = jax.tree_util.tree_flatten_with_path(specs)[0]
     specs_by_name = {join(keys(p)): s for p, s in flat}
