@@ -416,7 +416,7 @@ class GuideBlock(nnx.Module):
         self.w2 = nnx.Param(row(rngs.params(), (hidden, d)))
 
     def __call__(self, x):
-        y = jnp.dot(x, self.w1[...]) + self.b1[...]
+        y = jnp.dot(x, self.w1[...]) + self.b1[...].reshape((1,) * (x.ndim - 1) + (-1,))
         spec = jax.P(self.axes[0], None, self.axes[1])
         if self.reshard:
             y = jax.sharding.reshard(y, spec)
