@@ -128,10 +128,7 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False):
     """(mesh, batch axis, plan, vocab-parallel logits?) for each --parallel choice."""
     n = jax.device_count()  # every process's devices
     if kind == "dp":
-        # Auto axes: with Explicit axes, nnx.Embed's lookup of batch-sharded ids
-        # in a replicated table asks for an out_sharding (see docs/faq.md).
-        auto = (jax.sharding.AxisType.Auto,)
-        return jax.make_mesh((n,), ("data",), axis_types=auto), "data", npx.Replicated(), False
+        return jax.make_mesh((n,), ("data",)), "data", npx.Replicated(), False
     if kind == "fsdp":
         return jax.make_mesh((n,), ("fsdp",)), "fsdp", npx.plans.fsdp(min_size=512), False
     tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
