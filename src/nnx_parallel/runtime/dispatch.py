@@ -29,7 +29,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 
+import jax
+from flax import nnx
+
+from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
 from nnx_parallel.runtime import explicit, fsdp, layout
 
@@ -85,6 +90,34 @@ def wrap(method, name: str):
         return run(self, method, name, hooks, args, kwargs)
 
     return hooked
+
+
+def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
+    """The route a hooked module's `__call__` takes, as far as it is known
+    before any input is seen (for `explain`); what depends on the inputs is
+    named with the alternatives.
+
+    Example:
+      >>> from nnx_parallel.core.layouts import get_hooks
+      >>> layer = parallelize(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), mesh8, ColumnParallel())
+      >>> static_route(layer, get_hooks(layer), explicit=False)
+      'layout.constrain'
+    """
+    lay, gather = hooks.layout, hooks.gather
+    if gather is None:
+        if lay is None or lay.output is None:
+            return PLAIN if lay is None else layout.AS_WRITTEN
+        if not explicit or lay.force_auto:
+            return layout.CONSTRAIN
+        accepts = "out_sharding" in inspect.signature(type(module).__call__).parameters
+        return layout.OUT_SHARDING if accepts else layout.AUTO_AXES
+    if lay is not None and layers.local_safe(module):
+        return f"{FSDP_TP_MANUAL} (else {FSDP_AUTO_AXES if explicit else FSDP_SHARD_MAP})"
+    if lay is not None and explicit:
+        return FSDP_AUTO_AXES
+    if jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param))):
+        return f"{FSDP_GSPMD} (it holds state)"
+    return f"{FSDP_SHARD_MAP} (else {FSDP_GSPMD} or {FSDP_OWN_SHARDING}, at trace time)"
 
 
 def choose(module, hooks: ModuleHooks, lay: Layout | None, args, kwargs) -> str:

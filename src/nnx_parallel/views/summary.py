@@ -31,6 +31,7 @@ from treescope import rendering_parts
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.graph import normalize_plan, suggest, walk
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
+from nnx_parallel.runtime import dispatch
 from nnx_parallel.views import _text
 
 _SORTS = ("size", "path", "none")
@@ -238,7 +239,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         down.bias    (16,)     P(None)
         down.kernel  (64, 16)  P(None, None)
       call-time hooks (1 module):
-        up  layout
+        up  layout  route layout.constrain
     """
     entries = normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
@@ -271,9 +272,12 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
     if res.hooks:
         lines.append(f"call-time hooks ({_text.plural(len(res.hooks), 'module')}):")
         width = max(len(p or "<root>") for p in res.hooks)
+        modules = walk(model)[0]
+        explicit = _compat.is_explicit(mesh)
         for path, h in res.hooks.items():
-            kinds = [k for k in ("layout", "gather") if getattr(h, k, None) is not None]
-            lines.append(f"  {(path or '<root>').ljust(width)}  {', '.join(kinds) or 'none'}")
+            kinds = ", ".join(k for k in ("layout", "gather") if getattr(h, k, None) is not None)
+            route = dispatch.static_route(modules[path], h, explicit)
+            lines.append(f"  {(path or '<root>').ljust(width)}  {kinds or 'none'}  route {route}")
     if res.notes:
         lines.append("notes:")
         lines += [f"  {n}" for n in res.notes]
