@@ -15,7 +15,7 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
 | `fsdp.nested`      | FSDP, inside an enclosing module's shard_map over its axes | all-gather own params there |
 | `fsdp.shard-map`   | FSDP, the batch splits over the batch axes                 | shard_map over the batch axes, all-gather params, reduce-scatter grads |
 | `fsdp.gspmd`       | FSDP, but state or an indivisible batch (FallbackWarning)  | sharding constraints; GSPMD all-reduces the gradients |
-| `fsdp.own-sharding` | FSDP; own sharding code names a batch axis | as `fsdp.gspmd` (`runtime/explicit.py`) |
+| `fsdp.own-sharding` | FSDP; its own code names a batch axis | as `fsdp.gspmd` (`explicit.py`) |
 
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
@@ -47,7 +47,8 @@ FSDP_GSPMD = "fsdp.gspmd"
 FSDP_OWN_SHARDING = "fsdp.own-sharding"
 
 ROUTES = (
-    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD, FSDP_OWN_SHARDING,
+    PLAIN, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
+    FSDP_OWN_SHARDING,
     layout.CALLER, layout.AS_WRITTEN, layout.CONSTRAIN, layout.OUT_SHARDING, layout.AUTO_AXES,
 )
 

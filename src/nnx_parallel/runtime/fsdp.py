@@ -370,7 +370,8 @@ def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, res
         name = join(path)
         if name not in dict(gather.params):
             return value
-        return _compat.constrain(value, _context_mesh(mesh), _specs.drop_axes(specs_by_name[name], axes))
+        spec = _specs.drop_axes(specs_by_name[name], axes)
+        return _compat.constrain(value, _context_mesh(mesh), spec)  # auto_axes: its Auto mesh
 
     flat = jax.tree_util.tree_flatten_with_path(specs)[0]
     specs_by_name = {join(keys(p)): s for p, s in flat}
