@@ -24,7 +24,9 @@ and both losses are printed side by side: they agree to float32 rounding.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -51,7 +53,9 @@ def make_corpus(n_sentences: int = 3000, seed: int = 0) -> str:
     """A few hundred KB of simple English sentences, the same on every run."""
     rng = np.random.default_rng(seed)
     pick = lambda words: words[rng.integers(len(words))]  # noqa: E731
-    sentences = [f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}{pick(ENDINGS)}" for _ in range(n_sentences)]
+    sentences = [
+        f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}{pick(ENDINGS)}" for _ in range(n_sentences)
+    ]
     return " ".join(sentences)
 
 
@@ -134,14 +138,13 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False, param_dtype=No
     mixed = {} if param_dtype is None else {"param_dtype": param_dtype, "reduce_dtype": jnp.float32}
     n = jax.device_count()  # every process's devices
     if kind == "dp":
-        # Auto axes: with Explicit axes, nnx.Embed's lookup of batch-sharded ids
-        # in a replicated table asks for an out_sharding (see docs/faq.md).
-        auto = (jax.sharding.AxisType.Auto,)
-        return jax.make_mesh((n,), ("data",), axis_types=auto), "data", npx.Replicated(), False
+        return jax.make_mesh((n,), ("data",)), "data", npx.Replicated(), False
     if kind == "fsdp":
         plan = {"": npx.FSDP("fsdp", min_size=512, **mixed)}
         return jax.make_mesh((n,), ("fsdp",)), "fsdp", plan, False
-    tp_plan, report = npx.plans.tensor_parallel(model, sequence_parallel=sequence_parallel and kind == "tp")
+    tp_plan, report = npx.plans.tensor_parallel(
+        model, sequence_parallel=sequence_parallel and kind == "tp"
+    )
     if report.unclassified:
         log(f"auto-plan left these replicated:\n{report}")
     if kind == "tp":
@@ -186,9 +189,15 @@ def main(argv=None):
     parser.add_argument("--compare", type=int, default=5, help="steps to also run unsharded")
     parser.add_argument("--accumulate", type=int, default=1, help="microbatches per step")
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron-SP (tp only)")
-    parser.add_argument("--param-dtype", choices=["bfloat16"], default=None,
-                        help="fsdp/2d: also train with FSDP mixed precision and print both curves")
-    npx.add_distributed_flags(parser)  # --coordinator, --num-processes, --process-id, --local-devices
+    parser.add_argument(
+        "--param-dtype",
+        choices=["bfloat16"],
+        default=None,
+        help="fsdp/2d: also train with FSDP mixed precision and print both curves",
+    )
+    npx.add_distributed_flags(
+        parser
+    )  # --coordinator, --num-processes, --process-id, --local-devices
     args = parser.parse_args(argv)
     if args.param_dtype and args.parallel not in ("fsdp", "2d"):
         parser.error("--param-dtype needs --parallel fsdp or 2d (it is FSDP's mixed precision)")
@@ -197,14 +206,20 @@ def main(argv=None):
     npx.initialize_from_args(args)  # before any JAX computation; a no-op in one process
 
     data = CharData(make_corpus())
-    make_model = lambda: GPT(data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0))  # noqa: E731
+    def make_model():
+        return GPT(
+            data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0)
+        )  # noqa: E731
     model = make_model()
     mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model, args.sequence_parallel)
     npx.parallelize(model, mesh, plan)
-    log(f"--parallel {args.parallel}: mesh {dict(mesh.shape)}, vocab {data.vocab}, "
-        f"{sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))} params")
+    log(
+        f"--parallel {args.parallel}: mesh {dict(mesh.shape)}, vocab {data.vocab}, "
+        f"{sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))} params"
+    )
 
     if vocab_parallel:  # logits stay sharded on vocab: loss-parallel cross-entropy
+
         def loss_fn(m, batch):
             return npx.cross_entropy(m(batch[:, :-1]), batch[:, 1:], mesh, "model").mean()
     else:
@@ -212,8 +227,10 @@ def main(argv=None):
     train_step = make_train_step(loss_fn, args.accumulate)
     batch_spec = jax.P(batch_axis)
     rows = npx.local_batch_slice(args.batch, mesh, batch_spec)  # this process's rows of each batch
-    log(f"processes: {jax.process_count()}, devices: {jax.device_count()} "
-        f"({jax.local_device_count()} local), process 0 feeds batch rows {rows.start}:{rows.stop}")
+    log(
+        f"processes: {jax.process_count()}, devices: {jax.device_count()} "
+        f"({jax.local_device_count()} local), process 0 feeds batch rows {rows.start}:{rows.stop}"
+    )
 
     # Unsharded twin on one (local) device for the first steps.
     reference = make_model()
@@ -223,7 +240,9 @@ def main(argv=None):
     losses, reference_losses = [], []
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
-        example = npx.shard_batch(np.zeros((args.batch, args.seq + 1), np.int32)[rows], mesh, batch_spec)
+        example = npx.shard_batch(
+            np.zeros((args.batch, args.seq + 1), np.int32)[rows], mesh, batch_spec
+        )
         compiled = train_step.lower(model, optimizer, example).compile()
         counts = {k: n for k, n in npx.collectives.count_collectives(compiled, mesh).items() if n}
         log(f"collectives in one compiled train step: {counts}")
@@ -234,10 +253,14 @@ def main(argv=None):
             loss = npx.reduce_metrics(loss)  # a float, the same on every process
             losses.append(loss)
             if step < args.compare:
-                with jax.set_mesh(jax.make_mesh((1,), ("single",), devices=jax.local_devices()[:1])):
+                with jax.set_mesh(
+                    jax.make_mesh((1,), ("single",), devices=jax.local_devices()[:1])
+                ):
                     ref = float(ref_step(reference, ref_opt, jnp.asarray(batch)))
                 reference_losses.append(ref)
-                log(f"step {step}: loss {loss:.6f}  unsharded {ref:.6f}  |diff| {abs(loss - ref):.1e}")
+                log(
+                    f"step {step}: loss {loss:.6f}  unsharded {ref:.6f}  |diff| {abs(loss - ref):.1e}"
+                )
                 if step == args.compare - 1:
                     start = time.perf_counter()  # time steps without the comparison
             elif (step + 1) % args.log_every == 0 or step + 1 == args.steps:
@@ -250,8 +273,10 @@ def main(argv=None):
         log(f"--param-dtype {args.param_dtype}: loss curves, float32 vs {args.param_dtype}")
         for s in sorted({*range(0, args.steps, args.log_every), args.steps - 1}):
             rel = abs(mixed[s] - losses[s]) / abs(losses[s])
-            log(f"  step {s:4d}: float32 {losses[s]:.4f}  {args.param_dtype} {mixed[s]:.4f}  "
-                f"rel diff {rel:.2%}")
+            log(
+                f"  step {s:4d}: float32 {losses[s]:.4f}  {args.param_dtype} {mixed[s]:.4f}  "
+                f"rel diff {rel:.2%}"
+            )
         return losses, reference_losses, mixed
     return losses, reference_losses
 

@@ -46,7 +46,9 @@ class Embedder(nnx.Module):
         self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)) * 0.1)
 
     def encode(self, tokens):
-        return self.input_embedding[...][(tokens,)] * jnp.sqrt(self.input_embedding.shape[1]).astype(jnp.float32)
+        return self.input_embedding[...][(tokens,)] * jnp.sqrt(
+            self.input_embedding.shape[1]
+        ).astype(jnp.float32)
 
     def decode(self, x):
         return jnp.dot(x, self.input_embedding[...].T)
@@ -125,8 +127,12 @@ class LLMBlock(nnx.Module):
         self.pre_ffw_norm = RMSNorm(d, rngs=rngs)
         self.mlp = GatedMLP(d, hidden, rngs=rngs)
 
-    def __call__(self, x, positions, *, cache=None, segment_ids=None, deterministic=True, rngs=None):
-        cache, h = self.attn(self.pre_attention_norm(x), positions, cache=cache, segment_ids=segment_ids)
+    def __call__(
+        self, x, positions, *, cache=None, segment_ids=None, deterministic=True, rngs=None
+    ):
+        cache, h = self.attn(
+            self.pre_attention_norm(x), positions, cache=cache, segment_ids=segment_ids
+        )
         x = x + h
         x = x + self.mlp(self.pre_ffw_norm(x), deterministic=deterministic, rngs=rngs)
         return cache, x
@@ -135,14 +141,26 @@ class LLMBlock(nnx.Module):
 class TinyLLM(nnx.Module):
     """Gemma-style decoder. `tied=True` uses `nnx.Embed` and its `attend`."""
 
-    def __init__(self, vocab=64, d=32, heads=8, head_dim=8, hidden=64, layers=2, *, tied_embed=False,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab=64,
+        d=32,
+        heads=8,
+        head_dim=8,
+        hidden=64,
+        layers=2,
+        *,
+        tied_embed=False,
+        rngs: nnx.Rngs,
+    ):
         self.tied_embed = tied_embed
         if tied_embed:
             self.embed = nnx.Embed(vocab, d, rngs=rngs)
         else:
             self.embedder = Embedder(vocab, d, rngs=rngs)
-        self.layers = nnx.List([LLMBlock(d, heads, head_dim, hidden, rngs=rngs) for _ in range(layers)])
+        self.layers = nnx.List(
+            [LLMBlock(d, heads, head_dim, hidden, rngs=rngs) for _ in range(layers)]
+        )
         self.final_norm = RMSNorm(d, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int):
@@ -150,15 +168,21 @@ class TinyLLM(nnx.Module):
         zeros = jnp.zeros((batch, max_len, a.heads, a.head_dim), jnp.float32)
         return [{"k": zeros, "v": zeros, "end": jnp.int32(0)} for _ in self.layers]
 
-    def __call__(self, tokens, positions=None, *, cache=None, segment_ids=None, deterministic=True, rngs=None):
+    def __call__(
+        self, tokens, positions=None, *, cache=None, segment_ids=None, deterministic=True, rngs=None
+    ):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens) if self.tied_embed else self.embedder.encode(tokens)
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache, x = layer(
-                x, positions, cache=None if cache is None else cache[i], segment_ids=segment_ids,
-                deterministic=deterministic, rngs=rngs,
+                x,
+                positions,
+                cache=None if cache is None else cache[i],
+                segment_ids=segment_ids,
+                deterministic=deterministic,
+                rngs=rngs,
             )
             new_cache.append(layer_cache)
         x = self.final_norm(x)  # the same norm module called again below
@@ -171,7 +195,9 @@ class TinyLLM(nnx.Module):
 
 
 class ViT(nnx.Module):
-    def __init__(self, image=8, patch=4, channels=3, d=32, heads=4, layers=2, classes=16, *, rngs: nnx.Rngs):
+    def __init__(
+        self, image=8, patch=4, channels=3, d=32, heads=4, layers=2, classes=16, *, rngs: nnx.Rngs
+    ):
         n = (image // patch) ** 2
         self.patch_embed = nnx.Conv(channels, d, (patch, patch), strides=(patch, patch), rngs=rngs)
         self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d)) * 0.02)
@@ -256,7 +282,9 @@ class ScannedMLP(nnx.Module):
     carry their own `out_sharding`, as MaxText-style code does.
     """
 
-    def __init__(self, d=32, layers=8, *, partition_name: str | None = None, remat=False, rngs: nnx.Rngs):
+    def __init__(
+        self, d=32, layers=8, *, partition_name: str | None = None, remat=False, rngs: nnx.Rngs
+    ):
         self.meta = {} if partition_name is None else {nnx.PARTITION_NAME: partition_name}
         self.remat = remat
 
@@ -361,10 +389,12 @@ class TPBlocks(nnx.Module):
     """`depth` (up: Linear(d, 2d), down: Linear(2d, d)) blocks, for FSDP x TP."""
 
     def __init__(self, d=256, depth=4, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([
-            nnx.Dict(up=nnx.Linear(d, 2 * d, rngs=rngs), down=nnx.Linear(2 * d, d, rngs=rngs))
-            for _ in range(depth)
-        ])
+        self.blocks = nnx.List(
+            [
+                nnx.Dict(up=nnx.Linear(d, 2 * d, rngs=rngs), down=nnx.Linear(2 * d, d, rngs=rngs))
+                for _ in range(depth)
+            ]
+        )
 
     def __call__(self, x):
         for block in self.blocks:
@@ -391,3 +421,154 @@ class _Negatable(nnx.Module):
     def __call__(self, x, *, negate: bool = False):
         y = jnp.tanh(x @ self.w[...])
         return -y if negate else y
+
+
+# Issue 14: one tiny model per pattern that Explicit axes used to refuse ----------------
+#
+# Each is written the way public NNX code writes it; none knows about nnx_parallel.
+
+
+class MiniGPT(nnx.Module):
+    """GPT-2 style: `nnx.Embed` token table, q/k/v/o and up/down `nnx.Linear`,
+    LayerNorm, an untied `lm_head` (patterns 1, 5, 6)."""
+
+    def __init__(self, vocab=64, d=32, heads=4, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.wte = nnx.Embed(vocab, d, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.q = nnx.Linear(d, d, rngs=rngs)
+        self.k = nnx.Linear(d, d, rngs=rngs)
+        self.v = nnx.Linear(d, d, rngs=rngs)
+        self.o = nnx.Linear(d, d, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+        self.lm_head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.wte(tokens)
+        h = self.ln1(x)
+        b, t, d = h.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(d // self.heads)
+        att = jax.nn.softmax(logits, axis=-1)
+        x = x + self.o(jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d))
+        x = x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+        return self.lm_head(x)
+
+
+class TableEmbedder(nnx.Module):
+    def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)) * 0.1)
+
+
+class TableReader(nnx.Module):
+    """Pattern 2: the parent reads its child's table with `.at[].get(out_sharding=)`,
+    the sharding coming from a config field that is `None` by default."""
+
+    def __init__(self, vocab=64, d=32, *, emb_shd=None, rngs: nnx.Rngs):
+        self.emb_shd = emb_shd
+        self.embedder = TableEmbedder(vocab, d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+        self.lm_head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embedder.embedding[...].at[(tokens,)].get(out_sharding=self.emb_shd)
+        x = x + self.down(jax.nn.gelu(self.up(x)))
+        return self.lm_head(x)
+
+
+class EncodeLM(nnx.Module):
+    """Pattern 3: a custom embedder method (`Embedder.encode`, param
+    `input_embedding`) and a tied `decode` head."""
+
+    def __init__(self, vocab=64, d=32, *, rngs: nnx.Rngs):
+        self.embedder = Embedder(vocab, d, rngs=rngs)
+        self.mlp = GatedMLP(d, 2 * d, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embedder.encode(tokens)
+        return self.embedder.decode(x + self.mlp(x))
+
+
+class CachedAttention(nnx.Module):
+    """Pattern 4: a model-owned KV cache (`nnx.Cache`, created replicated)
+    written with `dynamic_update_slice` from the projected keys and values."""
+
+    def __init__(self, d=32, heads=4, batch=8, max_len=8, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj = nnx.Linear(d, d, rngs=rngs)
+        self.k_proj = nnx.Linear(d, d, rngs=rngs)
+        self.v_proj = nnx.Linear(d, d, rngs=rngs)
+        self.o_proj = nnx.Linear(d, d, rngs=rngs)
+        shape = (batch, max_len, heads, d // heads)
+        self.cache_k = nnx.Cache(jnp.zeros(shape))
+        self.cache_v = nnx.Cache(jnp.zeros(shape))
+        self.index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        i = self.index[...]
+        self.cache_k[...] = jax.lax.dynamic_update_slice(self.cache_k[...], k, (0, i, 0, 0))
+        self.cache_v[...] = jax.lax.dynamic_update_slice(self.cache_v[...], v, (0, i, 0, 0))
+        self.index[...] = i + t
+        keys, values = self.cache_k[...], self.cache_v[...]
+        valid = jnp.arange(keys.shape[1]) < i + t
+        logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(d // self.heads)
+        att = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
+        return self.o_proj(jnp.einsum("bhts,bshd->bthd", att, values).reshape(b, t, d))
+
+
+class GuideBlock(nnx.Module):
+    """Pattern 7, as Flax's GSPMD guide writes it: params annotated with
+    `nnx.with_partitioning`, and the layer's own `with_sharding_constraint`
+    on its activation (batch axis, model axis); `reshard=True` writes it as
+    `jax.sharding.reshard`, as code for Explicit axes does."""
+
+    def __init__(
+        self, d: int, hidden: int, *, axes=("data", "model"), reshard=False, rngs: nnx.Rngs
+    ):
+        init = nnx.initializers.lecun_normal()
+        self.axes, self.reshard = axes, reshard
+        col = nnx.with_partitioning(init, (None, axes[1]))
+        row = nnx.with_partitioning(init, (axes[1], None))
+        self.w1 = nnx.Param(col(rngs.params(), (d, hidden)))
+        self.b1 = nnx.Param(jnp.zeros((hidden,)))
+        self.w2 = nnx.Param(row(rngs.params(), (hidden, d)))
+
+    def __call__(self, x):
+        y = jnp.dot(x, self.w1[...]) + self.b1[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        spec = jax.P(self.axes[0], None, self.axes[1])
+        if self.reshard:
+            y = jax.sharding.reshard(y, spec)
+        else:
+            y = jax.lax.with_sharding_constraint(y, spec)
+        y = jax.nn.relu(y)
+        return x + jnp.dot(y, self.w2[...])
+
+
+class GuideStack(nnx.Module):
+    """Pattern 7: GuideBlocks stacked by `nnx.vmap(transform_metadata=
+    {PARTITION_NAME: None})`, run by a raw `jax.lax.scan` over the module."""
+
+    def __init__(
+        self, d=32, hidden=64, layers=2, *, axes=("data", "model"), reshard=False, rngs: nnx.Rngs
+    ):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def make(rngs):
+            return GuideBlock(d, hidden, axes=axes, reshard=reshard, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        graphdef, state = nnx.split(self.layers)
+
+        def step(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x), None
+
+        return jax.lax.scan(step, x, state)[0]

@@ -52,8 +52,9 @@ def test_every_route_is_listed_once():
 
 
 def test_plain_while_probing():
-    layer = npx.parallelize(nnx.Linear(16, 64, rngs=nnx.Rngs(0)), _mesh((8,), ("fsdp",), AUTO),
-                            npx.FSDP(min_size=16))
+    layer = npx.parallelize(
+        nnx.Linear(16, 64, rngs=nnx.Rngs(0)), _mesh((8,), ("fsdp",), AUTO), npx.FSDP(min_size=16)
+    )
     with dispatch.recording() as routes, layout.probe():
         jax.eval_shape(lambda x: layer(x), X)
     assert [r for _, _, r in routes] == [dispatch.PLAIN]
@@ -171,3 +172,33 @@ def test_fsdp_auto_axes_for_a_layout_layer_on_explicit_axes():
     out, routes = _routes(net, mesh, x)
     assert routes == [dispatch.FSDP_AUTO_AXES]
     _assert_close(out, ref(x))
+
+
+class _OwnConstraint(nnx.Module):
+    """A layer that lays out its own activation on the batch axis (as
+    Flax's GSPMD guide writes it): `reshard` on Explicit axes, a sharding
+    constraint on Auto."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (16, 64)))
+
+    def __call__(self, x):
+        y = x @ self.w[...]
+        if jax.sharding.get_abstract_mesh().axis_types[0] == EXPLICIT:
+            return jax.sharding.reshard(y, P("fsdp", None))
+        return jax.lax.with_sharding_constraint(y, P("fsdp", None))
+
+
+@pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
+def test_fsdp_own_sharding_takes_the_gspmd_route(kind, monkeypatch):
+    monkeypatch.setattr(layout, "_warned", set())
+    mesh = _mesh((8,), ("fsdp",), kind)
+    x = jnp.tile(X, (8, 1))  # 8 rows a device: the shape probe's batch splits over 'fsdp' too
+    with jax.set_mesh(mesh):
+        expected = jax.jit(lambda x: _OwnConstraint(nnx.Rngs(0))(x))(x)
+    model = npx.parallelize(_OwnConstraint(nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
+    with pytest.warns(npx.FallbackWarning, match="own sharding code names a batch axis"):
+        out, routes = _routes(model, mesh, x)
+    assert routes == [dispatch.FSDP_OWN_SHARDING]
+    assert model.w[...].sharding.spec == P(None, "fsdp")
+    _assert_close(out, expected)

@@ -7,11 +7,17 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
 def test_readme_example_prints_summary_numerics_and_collectives(capsys):
-    runpy.run_path(str(EXAMPLES / "parallelize_transformer.py"), run_name="__main__")  # asserts numerics itself
+    runpy.run_path(
+        str(EXAMPLES / "parallelize_transformer.py"), run_name="__main__"
+    )  # asserts numerics itself
     out = capsys.readouterr().out
     assert "mesh {'data': 2, 'model': 4} (8 devices), 35 params" in out
     assert "unsharded: 120,064 B (117.2 KiB); each device holds 27.4%" in out
-    lines = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith("all-")}
+    lines = {
+        line.split()[0] + " " + line.split()[1]: line.split()[2:]
+        for line in out.splitlines()
+        if line.startswith("all-")
+    }
     # Megatron: 2 layers x (2 forward + 2 backward) all-reduces over 'model', plus the
     # vocab-parallel embedding's forward and the head's backward; one gradient all-reduce over 'data'.
     assert lines["all-reduce model"][0] == "10" and lines["all-reduce data"][0] == "1"
@@ -28,7 +34,26 @@ def test_train_gpt_example_learns_and_matches_one_device():
     spec = importlib.util.spec_from_file_location("train_gpt", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    losses, reference = example.main(["--parallel", "tp", "--steps", "6", "--compare", "3", "--layers", "1"])
+    losses, reference = example.main(
+        ["--parallel", "tp", "--steps", "6", "--compare", "3", "--layers", "1"]
+    )
     assert len(losses) == 6 and len(reference) == 3
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_train_gpt_data_parallel_on_the_default_explicit_mesh():
+    """--parallel dp: `jax.make_mesh` defaults (Explicit axes), nnx.Embed lookups
+    of batch-sharded ids included; losses equal the unsharded run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_gpt", EXAMPLES / "train_gpt.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.GPT(16, 16, 2, 1, 8, rngs=example.nnx.Rngs(0))
+    mesh = example.setup("dp", model)[0]
+    assert set(mesh.axis_types) == {example.jax.sharding.AxisType.Explicit}
+    losses, reference = example.main(
+        ["--parallel", "dp", "--steps", "3", "--compare", "3", "--layers", "1"]
+    )
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5

@@ -159,7 +159,10 @@ def test_explain_names_fsdp_gather_hooks(fsdp8):
         "1 pattern, 0 matched nothing; 4 params, 2 set by the plan"
     )
     assert "'up' -> FSDP('fsdp')" in text
-    assert text.endswith("call-time hooks (1 module):\n  up  gather")
+    assert text.endswith(
+        "call-time hooks (1 module):\n  up  gather  route fsdp.shard-map "
+        "(else fsdp.gspmd or fsdp.own-sharding, at trace time)"
+    )
     assert (
         "params no rule touched: 2\n  down.bias    (16,)     P(None)\n  down.kernel  (64, 16)  P(None, None)"
         in text
@@ -196,13 +199,13 @@ def test_explain_lists_matches_unmatched_and_untouched(mesh8):
         and "blocks.0.attn.o.kernel" in untouched
     )
     assert not any(".mlp." in p for p in untouched)
-    assert lines[-5:] == [
-        "call-time hooks (4 modules):",
-        "  blocks.0.mlp.down  layout",
-        "  blocks.0.mlp.up    layout",
-        "  blocks.1.mlp.down  layout",
-        "  blocks.1.mlp.up    layout",
-    ]
+    # Explicit axes: the replicated nnx.Embed tables get a lookup layout too (issue 14).
+    explicit = mesh8.axis_types[0] == jax.sharding.AxisType.Explicit
+    route = "layout.out-sharding" if explicit else "layout.constrain"
+    paths = [f"blocks.{i}.mlp.{n}" for i in (0, 1) for n in ("down", "up")]
+    paths += ["embed", "pos"] if explicit else []
+    hooked = [f"  {p.ljust(17)}  layout  route {route}" for p in paths]
+    assert lines[-len(hooked) - 1 :] == [f"call-time hooks ({len(hooked)} modules):"] + hooked
     # explain resolves only: the model is untouched.
     assert jax.tree.map(lambda x: x.sharding, nnx.state(model)) == before
     assert "nnx_parallel_source" not in model.blocks[0].mlp.up.kernel.get_metadata()

@@ -11,6 +11,8 @@ is three scalars instead of `vocab` floats.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -20,7 +22,9 @@ from nnx_parallel import _compat, _specs
 from nnx_parallel.errors import MeshError, PlanError
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh, axis: str = "model") -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, mesh: Mesh, axis: str = "model"
+) -> jax.Array:
     """Softmax cross-entropy of logits sharded on their last (vocab) dim.
 
     Equal to `optax.softmax_cross_entropy_with_integer_labels(logits, labels)`,
@@ -69,31 +73,38 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh, axis: str = 
             f"cross_entropy: vocab size {vocab} is not divisible by mesh axis {axis!r} (size {n}). "
             f"Pad the vocab to a multiple of {n}."
         )
-    local_vocab = vocab // n
-
-    def body(local_logits, local_labels):
-        local_logits = local_logits.astype(jnp.promote_types(local_logits.dtype, jnp.float32))
-        # The max only stabilises exp(); its gradient cancels, so stop it
-        # (pmax has no transpose rule).
-        local_max = jax.lax.stop_gradient(jnp.max(local_logits, axis=-1))
-        top = jax.lax.pmax(local_max, axis)
-        sum_exp = jax.lax.psum(jnp.sum(jnp.exp(local_logits - top[..., None]), axis=-1), axis)
-        start = jax.lax.axis_index(axis) * local_vocab
-        local_ids = local_labels - start
-        mine = (local_ids >= 0) & (local_ids < local_vocab)
-        picked = jnp.take_along_axis(local_logits, jnp.clip(local_ids, 0, local_vocab - 1)[..., None], axis=-1)
-        target = jax.lax.psum(jnp.where(mine, picked[..., 0], 0.0), axis)
-        return jnp.log(sum_exp) + top - target
-
+    body = functools.partial(_local_loss, axis=axis, local_vocab=vocab // n)
     lead = _batch_layout(logits, labels.ndim, axis)
     manual = {axis} | _specs.spec_axes(lead)
     if len(manual) > 1:  # Explicit axes: keep the batch layout the logits carry
         labels = _compat.reshard(labels, mesh, P(*lead))
+    logits = _vocab_sharded(logits, P(*lead, axis), mesh, axis)
     mapped = _compat.shard_map(
-        body, mesh=_abstract_or(mesh), in_specs=(P(*lead, axis), P(*lead)), out_specs=P(*lead),
+        body,
+        mesh=_abstract_or(mesh),
+        in_specs=(P(*lead, axis), P(*lead)),
+        out_specs=P(*lead),
         axis_names=manual,
     )
     return mapped(logits, labels)
+
+
+def _local_loss(local_logits, local_labels, *, axis: str, local_vocab: int):
+    """Per-token loss on one vocab shard, inside the shard_map over `axis`."""
+    local_logits = local_logits.astype(jnp.promote_types(local_logits.dtype, jnp.float32))
+    # The max only stabilises exp(); its gradient cancels, so stop it
+    # (pmax has no transpose rule).
+    local_max = jax.lax.stop_gradient(jnp.max(local_logits, axis=-1))
+    top = jax.lax.pmax(local_max, axis)
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(local_logits - top[..., None]), axis=-1), axis)
+    start = jax.lax.axis_index(axis) * local_vocab
+    local_ids = local_labels - start
+    mine = (local_ids >= 0) & (local_ids < local_vocab)
+    picked = jnp.take_along_axis(
+        local_logits, jnp.clip(local_ids, 0, local_vocab - 1)[..., None], axis=-1
+    )
+    target = jax.lax.psum(jnp.where(mine, picked[..., 0], 0.0), axis)
+    return jnp.log(sum_exp) + top - target
 
 
 def _batch_layout(logits: jax.Array, n_lead: int, axis: str) -> tuple:
@@ -104,6 +115,16 @@ def _batch_layout(logits: jax.Array, n_lead: int, axis: str) -> tuple:
     """
     spec = _specs.pad(_compat.spec_of(logits), n_lead + 1)[:n_lead]
     return tuple(_specs.drop_axes(spec, {axis}))
+
+
+def _vocab_sharded(logits: jax.Array, spec: P, mesh: Mesh, axis: str) -> jax.Array:
+    """Explicit axes: `logits` resharded onto `spec` if their type says otherwise
+    (e.g. replicated over `axis`: each device then keeps its vocab slice)."""
+    if not _compat.is_explicit(mesh, (axis,)):
+        return logits  # Auto axes: shard_map slices the input itself
+    if _specs.pad(_compat.spec_of(logits), logits.ndim) == _specs.pad(spec, logits.ndim):
+        return logits
+    return _compat.reshard(logits, _abstract_or(mesh), spec)
 
 
 def _abstract_or(mesh: Mesh):

@@ -71,6 +71,16 @@ class Restored(NamedTuple):
     metadata: dict | None
 
 
+def _fill_optimizer(optimizer, graphdef, state, values) -> nnx.Optimizer:
+    """The restored optimizer: `optimizer` updated in place, or one built from
+    its abstract twin's graph (when a factory was passed)."""
+    nnx.replace_by_pure_dict(state, values[OPTIMIZER_ITEM])
+    if isinstance(optimizer, nnx.Pytree):
+        nnx.update(optimizer, state)
+        return optimizer
+    return nnx.merge(graphdef, state)
+
+
 class CheckpointManager:
     """Numbered checkpoints of a model, its optimizer and metadata, on orbax.
 
@@ -301,15 +311,10 @@ class CheckpointManager:
         )
         values, metadata = self._read(step, targets, manifest, cast, where)
         nnx.replace_by_pure_dict(state, values[MODEL_ITEM])
-        restored, restored_opt = nnx.merge(graphdef, state), None
+        restored_opt = None
         if optimizer is not None:
-            nnx.replace_by_pure_dict(opt_state, values[OPTIMIZER_ITEM])
-            if isinstance(optimizer, nnx.Pytree):
-                nnx.update(optimizer, opt_state)
-                restored_opt = optimizer
-            else:
-                restored_opt = nnx.merge(opt_graphdef, opt_state)
-        return Restored(step, restored, restored_opt, metadata)
+            restored_opt = _fill_optimizer(optimizer, opt_graphdef, opt_state, values)
+        return Restored(step, nnx.merge(graphdef, state), restored_opt, metadata)
 
     def _pick_step(self, step: int | None) -> int:
         steps = self.all_steps()

@@ -31,6 +31,8 @@ from typing import Any
 
 from flax import nnx
 
+from nnx_parallel.core.layouts import Layout
+
 # Parameter names that hold a layer's weight matrix, in the order tried.
 WEIGHT_NAMES = ("kernel", "embedding", "weight", "w", "input_embedding")
 
@@ -168,3 +170,20 @@ def needs_whole_features(module: Any, explicit: bool) -> bool:
     were not) keeps the model running unmodified. Auto axes need nothing.
     """
     return explicit and isinstance(module, nnx.BatchNorm) and getattr(module, "axis", -1) == -1
+
+
+def explicit_layout(module: Any, explicit: bool) -> Layout | None:
+    """The layout a layer needs on Explicit axes where no style gave one, or None.
+
+    - a features-last `nnx.BatchNorm` takes its features whole
+      (`needs_whole_features`);
+    - an `nnx.Embed` whose table is replicated looks up batch-sharded ids:
+      JAX cannot infer that gather's output sharding and asks for one, so
+      the output keeps the ids' layout and the features whole (passed as
+      `out_sharding=`, which `nnx.Embed` takes).
+    """
+    if needs_whole_features(module, explicit):
+        return Layout(input=(None,))
+    if explicit and isinstance(module, nnx.Embed):
+        return Layout(output=(None,), rank_delta=1)
+    return None

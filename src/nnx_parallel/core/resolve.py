@@ -31,7 +31,7 @@ from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
 from nnx_parallel.core import layers
 from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
-from nnx_parallel.core.layouts import Layout, ModuleHooks, get_hooks
+from nnx_parallel.core.layouts import ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
 from nnx_parallel.core.styles import ModuleContext, Shard, Style
 from nnx_parallel.errors import MeshError, PlanError, did_you_mean
@@ -212,7 +212,13 @@ def _entries(scope: _Scope, owner: str, own, result: _Module) -> dict[str, Param
         if path in scope.stacks and not _compat.get_declared_spec(var, raw=True):
             meta = {**stack_metadata(scope.stacks[path], spec), **meta}
         out[path] = ParamEntry(
-            path, owner, name, shape, var.get_value().dtype, spec, result.sources.get(name),
+            path,
+            owner,
+            name,
+            shape,
+            var.get_value().dtype,
+            spec,
+            result.sources.get(name),
             tuple(sorted(meta.items())),
         )
     return out
@@ -295,8 +301,9 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     styles = _styles_for(scope, owner, module, shapes)
     declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
     for pattern, style in styles:
-        ctx = ModuleContext(owner, pattern, module, shapes, dict(current), scope.mesh, declared,
-                            stacked)
+        ctx = ModuleContext(
+            owner, pattern, module, shapes, dict(current), scope.mesh, declared, stacked
+        )
         with _explain_tied(scope, owner):
             new = style.param_specs(ctx)
         for name, spec in new.items():
@@ -315,16 +322,18 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
 
 def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:
     """Hooks the layer table asks for where no style gave any (see
-    `layers.needs_whole_features`: BatchNorm on Explicit axes)."""
+    `layers.explicit_layout`: BatchNorm and Embed on Explicit axes)."""
     if hooks is not None and (hooks.layout is not None or hooks.gather is not None):
         return hooks
-    if not layers.needs_whole_features(module, _compat.is_explicit(mesh)):
+    layout = layers.explicit_layout(module, _compat.is_explicit(mesh))
+    if layout is None:
         return hooks
-    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=Layout(input=(None,))))
+    return (hooks or ModuleHooks()).merge(ModuleHooks(layout=layout))
 
 
-def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple], owner: str = "",
-           module: Any = None) -> dict[str, P]:
+def _align(
+    declared: Mapping[str, P], shapes: Mapping[str, tuple], owner: str = "", module: Any = None
+) -> dict[str, P]:
     """Expands a positional `@sharded(spec)` ("*") onto each param's trailing dims.
 
     A spec longer than every parameter's rank would lose leading entries
@@ -345,7 +354,7 @@ def _align(declared: Mapping[str, P], shapes: Mapping[str, tuple], owner: str = 
         )
     out = {}
     for name, shape in shapes.items():
-        tail = spec[-len(shape):] if shape else ()
+        tail = spec[-len(shape) :] if shape else ()
         out[name] = P(*((None,) * (len(shape) - len(tail)) + tail))
     out.update({k: v for k, v in declared.items() if k != "*"})
     return out

@@ -24,6 +24,10 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
 - `fsdp.gspmd`: FSDP whose call holds state or whose batch does not split
   (a `FallbackWarning`): sharding constraints, and GSPMD all-reduces the
   gradients.
+- `fsdp.own-sharding`: FSDP whose module code names a batch axis that is
+  manual inside our shard_map (its own `with_sharding_constraint`,
+  `reshard` or `out_sharding=`): JAX refuses it there, so the call is
+  traced again on the GSPMD route (`runtime/explicit.py`).
 
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
@@ -37,9 +41,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 
+import jax
+from flax import nnx
+
+from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import fsdp, layout, remat
+from nnx_parallel.runtime import explicit, fsdp, layout, remat
 
 PLAIN = "plain"
 REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
@@ -48,10 +57,22 @@ FSDP_TP_MANUAL = "fsdp.tp-manual"
 FSDP_AUTO_AXES = "fsdp.auto-axes"
 FSDP_SHARD_MAP = "fsdp.shard-map"
 FSDP_GSPMD = "fsdp.gspmd"
+FSDP_OWN_SHARDING = "fsdp.own-sharding"
 
 ROUTES = (
-    PLAIN, REMAT, FSDP_NESTED, FSDP_TP_MANUAL, FSDP_AUTO_AXES, FSDP_SHARD_MAP, FSDP_GSPMD,
-    layout.CALLER, layout.AS_WRITTEN, layout.CONSTRAIN, layout.OUT_SHARDING, layout.AUTO_AXES,
+    PLAIN,
+    REMAT,
+    FSDP_NESTED,
+    FSDP_TP_MANUAL,
+    FSDP_AUTO_AXES,
+    FSDP_SHARD_MAP,
+    FSDP_GSPMD,
+    FSDP_OWN_SHARDING,
+    layout.CALLER,
+    layout.AS_WRITTEN,
+    layout.CONSTRAIN,
+    layout.OUT_SHARDING,
+    layout.AUTO_AXES,
 )
 
 _records: list[list[tuple[str, str, str]]] = []
@@ -102,6 +123,34 @@ def wrap(method, name: str):
     return hooked
 
 
+def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
+    """The route a hooked module's `__call__` takes, as far as it is known
+    before any input is seen (for `explain`); what depends on the inputs is
+    named with the alternatives.
+
+    Example:
+      >>> from nnx_parallel.core.layouts import get_hooks
+      >>> layer = parallelize(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), mesh8, ColumnParallel())
+      >>> static_route(layer, get_hooks(layer), explicit=False)
+      'layout.constrain'
+    """
+    lay, gather = hooks.layout, hooks.gather
+    if gather is None:
+        if lay is None or lay.output is None:
+            return PLAIN if lay is None else layout.AS_WRITTEN
+        if not explicit or lay.force_auto:
+            return layout.CONSTRAIN
+        accepts = "out_sharding" in inspect.signature(type(module).__call__).parameters
+        return layout.OUT_SHARDING if accepts else layout.AUTO_AXES
+    if lay is not None and layers.local_safe(module):
+        return f"{FSDP_TP_MANUAL} (else {FSDP_AUTO_AXES if explicit else FSDP_SHARD_MAP})"
+    if lay is not None and explicit:
+        return FSDP_AUTO_AXES
+    if jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param))):
+        return f"{FSDP_GSPMD} (it holds state)"
+    return f"{FSDP_SHARD_MAP} (else {FSDP_GSPMD} or {FSDP_OWN_SHARDING}, at trace time)"
+
+
 def choose(module, hooks: ModuleHooks, lay: Layout | None, args, kwargs) -> str:
     """The FSDP route of a call with a gather (see the table above)."""
     mesh = hooks.mesh
@@ -135,9 +184,15 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     if route == FSDP_NESTED:
         record(route)
         return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
-    used = fsdp.batch_call(module, call, hooks.gather, mesh, args, kwargs)
-    record(FSDP_GSPMD if used.fallback else FSDP_SHARD_MAP)
-    return used.out
+    return _over_batch(module, call, hooks.gather, mesh, args, kwargs, record)
+
+
+def _over_batch(module, call, gather, mesh, args, kwargs, record=None):
+    """The shard_map route, or a GSPMD one (`fsdp.batch_call`, `explicit.call_or_gspmd`)."""
+    out, fallback, own = explicit.call_or_gspmd(module, call, gather, mesh, args, kwargs)
+    if record is not None:
+        record(FSDP_OWN_SHARDING if own else FSDP_GSPMD if fallback else FSDP_SHARD_MAP)
+    return out
 
 
 def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kwargs):
@@ -150,6 +205,8 @@ def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kw
     inner = layout.with_layout(method, dataclasses.replace(lay, force_auto=True), mesh)
 
     def call(clone, *a, **kw):
-        return fsdp.gather_call(clone, inner, hooks.gather, mesh, a, kw)
+        if fsdp.nested(hooks.gather):
+            return fsdp.nested_call(clone, inner, hooks.gather, a, kw)
+        return _over_batch(clone, inner, hooks.gather, mesh, a, kw)
 
     return layout.run_in_auto_axes(module, call, layout.drop_manual(full), mesh, args, kwargs)

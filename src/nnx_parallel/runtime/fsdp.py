@@ -93,11 +93,14 @@ def batch_call(module, call, gather: Gather, mesh: Mesh, args, kwargs) -> Called
         )
         out = _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
         return Called(out, True)
-    out = _shard_map_call(call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split)
+    out = _shard_map_call(
+        call, gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split
+    )
     return Called(out, False)
 
 
 # Which inputs and outputs carry the batch ---------------------------------------------
+
 
 def _is_stateful(x) -> bool:
     return isinstance(x, (nnx.Variable, nnx.Pytree))
@@ -126,55 +129,70 @@ def _batch_split(call, graphdef, pstate, rest, args, kwargs, n_batch):
     if any(_is_stateful(x) for x in flat) or any(
         isinstance(v, nnx.Variable) for _, v in nnx.to_flat_state(rest)
     ):
-        return "it holds or is passed state (caches, batch stats, rngs) a shard_map cannot carry", None
+        return (
+            "it holds or is passed state (caches, batch stats, rngs) a shard_map cannot carry",
+            None,
+        )
     first = next((x for x in flat if _is_array(x)), None)
     if first is None or first.ndim == 0 or first.shape[0] % n_batch:
         shape = None if first is None else tuple(first.shape)
-        return f"its first input (shape {shape}) does not split over the batch axes (size {n_batch})", None
+        return (
+            f"its first input (shape {shape}) does not split over the batch axes (size {n_batch})",
+            None,
+        )
     inputs = tuple(_is_array(x) and x.ndim > 0 and x.shape[0] == first.shape[0] for x in flat)
 
     def shapes(local: bool):
-        def abstract(x, split):
-            if not _is_array(x):
-                return x
-            lead = (x.shape[0] // n_batch,) if split and local else tuple(x.shape[:1])
-            return jax.ShapeDtypeStruct(lead + tuple(x.shape[1:]), x.dtype)
-
-        leaves = [abstract(x, s) for x, s in zip(flat, inputs)]
-        where = [i for i, x in enumerate(leaves) if _is_array(x)]
-
-        def f(ps, arrays):
-            filled = list(leaves)
-            for i, a in zip(where, arrays):
-                filled[i] = a
-            a, kw = jax.tree.unflatten(treedef, filled)
-            return call(nnx.merge(graphdef, ps, rest), *a, **kw)
-
-        ps = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), pstate)
-        with _probe():
-            return jax.eval_shape(f, ps, [leaves[i] for i in where])
+        return _output_shapes(call, graphdef, pstate, rest, flat, treedef, inputs, local, n_batch)
 
     try:
         full, local = shapes(False), shapes(True)
     except Exception as e:  # noqa: BLE001 - the real call below reports real errors
         return f"its call does not trace with a per-device batch ({type(e).__name__}: {e})", None
 
-    def batch_dim(g, per_device):
-        diff = [d for d in range(len(g.shape)) if g.shape[d] != per_device.shape[d]]
-        if not diff:
-            return -1
-        if len(diff) == 1 and g.shape[diff[0]] == per_device.shape[diff[0]] * n_batch:
-            return diff[0]
-        raise ValueError(f"output {g.shape} vs per-device {per_device.shape}")
-
     try:
-        outputs = jax.tree.map(batch_dim, full, local)
+        outputs = jax.tree.map(lambda g, d: _batch_dim(g, d, n_batch), full, local)
     except ValueError as e:
         return f"its outputs do not split over the batch ({e})", None
     return None, _Split(inputs, outputs)
 
 
+def _output_shapes(call, graphdef, pstate, rest, flat, treedef, inputs, local: bool, n_batch):
+    """The call's output shapes, at the full batch or (`local`) the per-device one."""
+
+    def abstract(x, split):
+        if not _is_array(x):
+            return x
+        lead = (x.shape[0] // n_batch,) if split and local else tuple(x.shape[:1])
+        return jax.ShapeDtypeStruct(lead + tuple(x.shape[1:]), x.dtype)
+
+    leaves = [abstract(x, s) for x, s in zip(flat, inputs)]
+    where = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+    def f(ps, arrays):
+        filled = list(leaves)
+        for i, a in zip(where, arrays):
+            filled[i] = a
+        a, kw = jax.tree.unflatten(treedef, filled)
+        return call(nnx.merge(graphdef, ps, rest), *a, **kw)
+
+    ps = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), pstate)
+    with _probe():
+        return jax.eval_shape(f, ps, [leaves[i] for i in where])
+
+
+def _batch_dim(full, per_device, n_batch: int) -> int:
+    """The dim that holds the batch in an output (-1: none); ValueError if unclear."""
+    diff = [d for d in range(len(full.shape)) if full.shape[d] != per_device.shape[d]]
+    if not diff:
+        return -1
+    if len(diff) == 1 and full.shape[diff[0]] == per_device.shape[diff[0]] * n_batch:
+        return diff[0]
+    raise ValueError(f"output {full.shape} vs per-device {per_device.shape}")
+
+
 # FSDP + tensor parallel: one fully manual region -----------------------------------
+
 
 def _layout_axes(layout: Layout) -> set[str]:
     return set(layout.reduce) | _specs.spec_axes((layout.input or ()) + (layout.output or ()))
@@ -198,17 +216,21 @@ def local_ok(module, hooks: ModuleHooks, mesh: Mesh, args, kwargs) -> bool:
     if not tp or tp & set(gather.axes):
         return False
     allowed = tp | set(gather.axes) | set(gather.batch_axes)
-    for var in jax.tree.leaves(nnx.state(module, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    for var in jax.tree.leaves(
+        nnx.state(module, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)
+    ):
         if _specs.spec_axes(_compat.get_declared_spec(var) or ()) - allowed:
             return False
     n_batch = math.prod(mesh.shape[a] for a in gather.batch_axes)
-    return args[0].shape[0] % n_batch == 0 and not jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param)))
+    return args[0].shape[0] % n_batch == 0 and not jax.tree.leaves(
+        nnx.state(module, nnx.Not(nnx.Param))
+    )
 
 
 def _manual_io_spec(ndim: int, batch_entry, trailing: tuple | None) -> P:
     trailing = tuple(None if e is _compat.UNCONSTRAINED else e for e in (trailing or ()))
     middle = max(ndim - 1 - len(trailing), 0)
-    return P(batch_entry, *([None] * middle), *trailing[-(ndim - 1):] if ndim > 1 else ())
+    return P(batch_entry, *([None] * middle), *trailing[-(ndim - 1) :] if ndim > 1 else ())
 
 
 def _scatter_dim(spec: P, axes: set[str]) -> int | None:
@@ -236,12 +258,14 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
     def compute(gathered, x):
         post = {}
         if layout.reduce:
+
             def zero_post(path, v):
                 name = join(path)
                 if name in layout.post:
                     post[name] = v
                     return jax.numpy.zeros_like(v)
                 return v
+
             gathered = _map_state(zero_post, gathered)
         y = method(nnx.merge(graphdef, gathered), x, *args[1:], **kwargs)
         if layout.reduce:
@@ -257,7 +281,11 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
 
     param_in = _param_specs(pstate, gather)
     mapped = _compat.shard_map(
-        body, mesh=_context_mesh(mesh), in_specs=(param_in, in_spec), out_specs=out_spec, axis_names=manual
+        body,
+        mesh=_context_mesh(mesh),
+        in_specs=(param_in, in_spec),
+        out_specs=out_spec,
+        axis_names=manual,
     )
     return mapped(pstate, x)
 
@@ -287,14 +315,16 @@ def _param_specs(pstate, gather: Gather | None = None):
             if dim is None or dim < -ndim:
                 return P()
             return P(*[axes if d == dim % ndim else None for d in range(ndim)])
-        return P(*declared[max(len(declared) - ndim, 0):])
+        return P(*declared[max(len(declared) - ndim, 0) :])
 
     return jax.tree_util.tree_map_with_path(
         spec, pstate, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
-def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split):
+def _shard_map_call(
+    call, gather: Gather, mesh, batch_axes, graphdef, pstate, rest, args, kwargs, split
+):
     manual = set(batch_axes) | set(gather.axes)
     batch_entry = batch_axes[0] if len(batch_axes) == 1 else batch_axes
     param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), _param_specs(pstate, gather))
@@ -303,12 +333,7 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
     arrays = [flat[i] for i in where]
     arg_in = [P(batch_entry) if split.inputs[i] else P() for i in where]
     rest_in = jax.tree.map(lambda _: P(), rest)
-    restore = _MISSING
-    if _explicit_here(mesh):
-        lead = tuple(_compat.spec_of(arrays[0]) or (None,))[:1]
-        if lead and lead[0] != batch_entry:
-            restore = lead[0]  # e.g. a replicated input: give the layout back
-        arrays = [_to_manual(x, batch_entry if split.inputs[i] else None, manual, mesh) for i, x in zip(where, arrays)]
+    restore, arrays = _explicit_inputs(arrays, where, split, batch_entry, manual, mesh)
 
     def run(params, rest, arrays):
         leaves = list(flat)
@@ -323,10 +348,15 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
         prev = None if isinstance(prev, tuple) else prev  # () : nothing to wait for
         return _gathered(run, gather, pstate, rest, arrays, prev=prev, token=True)
 
-    out_specs = jax.tree.map(lambda d: P() if d < 0 else P(*([None] * d), batch_entry), split.outputs)
+    out_specs = jax.tree.map(
+        lambda d: P() if d < 0 else P(*([None] * d), batch_entry), split.outputs
+    )
     mapped = _compat.shard_map(
-        body, mesh=_context_mesh(mesh), in_specs=(param_in, rest_in, arg_in, P(batch_entry)),
-        out_specs=(out_specs, P(batch_entry)), axis_names=manual,
+        body,
+        mesh=_context_mesh(mesh),
+        in_specs=(param_in, rest_in, arg_in, P(batch_entry)),
+        out_specs=(out_specs, P(batch_entry)),
+        axis_names=manual,
     )
     out, token = mapped(pstate, rest, arrays, prev)
     if gather.prefetch:
@@ -336,6 +366,22 @@ def _shard_map_call(call, gather: Gather, mesh, batch_axes, graphdef, pstate, re
             lambda y, d: _set_dim(y, d, restore, mesh) if d >= 0 else y, out, split.outputs
         )
     return out
+
+
+def _explicit_inputs(arrays, where, split, batch_entry, manual, mesh):
+    """Explicit axes: the inputs laid out for the shard_map, and the layout of
+    the first input's dim 0 to give the outputs back (`_MISSING`: keep theirs)."""
+    if not _explicit_here(mesh):
+        return _MISSING, arrays
+    restore = _MISSING
+    lead = tuple(_compat.spec_of(arrays[0]) or (None,))[:1]
+    if lead and lead[0] != batch_entry:
+        restore = lead[0]  # e.g. a replicated input: give the layout back
+    laid_out = [
+        _to_manual(x, batch_entry if split.inputs[i] else None, manual, mesh)
+        for i, x in zip(where, arrays)
+    ]
+    return restore, laid_out
 
 
 def _prefetch_token(gather: Gather, n_batch: int):
@@ -368,6 +414,13 @@ def _set_dim(y, dim: int, entry, mesh: Mesh):
 _MISSING = object()
 
 
+def gspmd_call(module, call, gather: Gather, mesh: Mesh, args, kwargs):
+    """`call(module, ...)` with `gather`'s params gathered by sharding
+    constraints (the GSPMD route: no shard_map, the batch stays global)."""
+    graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
+    return _gspmd_gather_call(module, call, gather, mesh, graphdef, pstate, rest, args, kwargs)
+
+
 def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, rest, args, kwargs):
     axes = set(gather.axes)
     specs = _param_specs(pstate, gather)
@@ -376,7 +429,8 @@ def _gspmd_gather_call(module, call, gather: Gather, mesh, graphdef, pstate, res
         name = join(path)
         if name not in dict(gather.params):
             return value
-        return _compat.constrain(value, mesh, _specs.drop_axes(specs_by_name[name], axes))
+        spec = _specs.drop_axes(specs_by_name[name], axes)
+        return _compat.constrain(value, _context_mesh(mesh), spec)  # auto_axes: its Auto mesh
 
     flat = jax.tree_util.tree_flatten_with_path(specs)[0]
     specs_by_name = {join(keys(p)): s for p, s in flat}
@@ -398,10 +452,13 @@ def _gather_plan(gather: Gather, pstate) -> tuple[list, Any, _gather.GatherPlan]
         out.append(None if dim is None or dim < -value.ndim else dim % value.ndim)
     manual = _compat.manual_axes()
     plan = _gather.GatherPlan(
-        dims=tuple(out), axes=gather.axes,
+        dims=tuple(out),
+        axes=gather.axes,
         batch_axes=tuple(a for a in dict.fromkeys(gather.batch_axes + gather.axes) if a in manual),
-        keep=not gather.remat, prefetch=gather.prefetch,
-        param_dtype=gather.param_dtype, reduce_dtype=gather.reduce_dtype,
+        keep=not gather.remat,
+        prefetch=gather.prefetch,
+        param_dtype=gather.param_dtype,
+        reduce_dtype=gather.reduce_dtype,
     )
     return [v for _, v in flat], treedef, plan
 

@@ -31,6 +31,7 @@ from treescope import rendering_parts
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.graph import normalize_plan, suggest, walk
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
+from nnx_parallel.runtime import dispatch
 from nnx_parallel.views import _text
 
 _SORTS = ("size", "path", "none")
@@ -54,7 +55,11 @@ def _entry_from_variable(path: str, owner: str, name: str, var: nnx.Variable, me
     value_mesh = sharding.mesh if sharding is not None and isinstance(sharding.mesh, Mesh) else None
     mesh = mesh or meta_mesh or value_mesh
     declared = _compat.get_declared_spec(var)
-    if declared is not None and mesh is not None and not _specs.spec_axes(declared) <= set(mesh.axis_names):
+    if (
+        declared is not None
+        and mesh is not None
+        and not _specs.spec_axes(declared) <= set(mesh.axis_names)
+    ):
         declared = None  # names no axis of this mesh (e.g. a layer-stack name)
     if declared is not None:
         spec = tuple(declared)
@@ -174,10 +179,18 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     rows = []
     for e in items:
         flag = "replicated" if _is_replicated(e) and n_devices > 1 else ""
-        rows.append([
-            e.path, str(e.shape), str(jax.numpy.dtype(e.dtype)), _text.format_spec(e.spec),
-            str(e.shard_shape(on)), f"{e.bytes_per_device(on):,}", _source_text(e), flag,
-        ])
+        rows.append(
+            [
+                e.path,
+                str(e.shape),
+                str(jax.numpy.dtype(e.dtype)),
+                _text.format_spec(e.spec),
+                str(e.shard_shape(on)),
+                f"{e.bytes_per_device(on):,}",
+                _source_text(e),
+                flag,
+            ]
+        )
     header = ["path", "shape", "dtype", "spec", "shard shape", "bytes/device", "source", "note"]
     lines = [f"{_text.mesh_text(mesh)}, {len(items)} params"] + _text.table(header, rows, right={5})
     sharded = [e for e in items if not _is_replicated(e)]
@@ -187,7 +200,8 @@ def summary(model_or_resolution: Any, mesh: Mesh | None = None, *, sort: str = "
     full = sum(_total_bytes(e) for e in items)
     total = s_bytes + r_bytes
     lines.append(
-        f"per device: {total:,} B ({_text.human(total)}) = sharded {s_bytes:,} B ({_text.plural(len(sharded), 'param')})"
+        f"per device: {total:,} B ({_text.human(total)}) = sharded {s_bytes:,} B "
+        f"({_text.plural(len(sharded), 'param')})"
         f" + replicated {r_bytes:,} B ({_text.plural(len(replicated), 'param')})"
     )
     share = f"{100 * total / full:.1f}%" if full else "n/a"
@@ -238,46 +252,67 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         down.bias    (16,)     P(None)
         down.kernel  (64, 16)  P(None, None)
       call-time hooks (1 module):
-        up  layout
+        up  layout  route layout.constrain
     """
     entries = normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
     touched = [e for e in res.params.values() if e.source is not None]
     lines = [
-        f"plan on {_text.mesh_text(mesh)}: {_text.plural(len(entries), 'pattern')}, {len(res.unmatched)} matched nothing; "
+        f"plan on {_text.mesh_text(mesh)}: {_text.plural(len(entries), 'pattern')}, "
+        f"{len(res.unmatched)} matched nothing; "
         f"{_text.plural(len(res.params), 'param')}, {len(touched)} set by the plan"
     ]
     for pattern, styles in entries.items():
-        lines.append(f"{pattern!r} -> " + " + ".join(_style_text(s) for s in styles))
-        hits = res.matches[pattern]
-        if not hits:
-            lines.append("  matched nothing")
-            continue
-        shown = ", ".join(m or "<root>" for m in hits[:6]) + (f", ... ({len(hits) - 6} more)" if len(hits) > 6 else "")
-        lines.append(f"  matched {len(hits)} module{'s' if len(hits) != 1 else ''}: {shown}")
-        mine = [e for e in res.params.values() if e.source == pattern]
-        if not mine:
-            lines.append("    set no parameter (a more specific pattern won, or the style kept every spec)")
-        width = max((len(e.path) for e in mine), default=0)
-        lines += [f"    {e.path.ljust(width)}  {_text.format_spec(e.spec)}" for e in mine]
+        lines += _pattern_lines(res, pattern, styles)
+    modules = walk(model)[0]
     if res.unmatched:
         lines.append("patterns that matched nothing:")
-        modules = walk(model)[0]
         lines += [f"  {p!r}{suggest(p, modules)}" for p in res.unmatched]
     if res.untouched:
         lines.append(f"params no rule touched: {len(res.untouched)}")
-        rows = [[p, str(res.params[p].shape), _text.format_spec(res.params[p].spec)] for p in res.untouched]
-        lines += ["  " + line for line in _text.table(["path", "shape", "spec"], rows, right=set())[2:]]
+        rows = [
+            [p, str(res.params[p].shape), _text.format_spec(res.params[p].spec)]
+            for p in res.untouched
+        ]
+        table = _text.table(["path", "shape", "spec"], rows, right=set())
+        lines += ["  " + line for line in table[2:]]
     if res.hooks:
-        lines.append(f"call-time hooks ({_text.plural(len(res.hooks), 'module')}):")
-        width = max(len(p or "<root>") for p in res.hooks)
-        for path, h in res.hooks.items():
-            kinds = [k for k in ("layout", "gather", "remat") if getattr(h, k, None) is not None]
-            lines.append(f"  {(path or '<root>').ljust(width)}  {', '.join(kinds) or 'none'}")
+        lines += _hook_lines(res, modules, _compat.is_explicit(mesh))
     if res.notes:
         lines.append("notes:")
         lines += [f"  {n}" for n in res.notes]
     return "\n".join(lines)
+
+
+def _pattern_lines(res: Resolution, pattern: str, styles) -> list[str]:
+    """One plan pattern: its styles, the modules it matched, the params it set."""
+    lines = [f"{pattern!r} -> " + " + ".join(_style_text(s) for s in styles)]
+    hits = res.matches[pattern]
+    if not hits:
+        return lines + ["  matched nothing"]
+    more = f", ... ({len(hits) - 6} more)" if len(hits) > 6 else ""
+    shown = ", ".join(m or "<root>" for m in hits[:6]) + more
+    lines.append(f"  matched {len(hits)} module{'s' if len(hits) != 1 else ''}: {shown}")
+    mine = [e for e in res.params.values() if e.source == pattern]
+    if not mine:
+        lines.append(
+            "    set no parameter (a more specific pattern won, or the style kept every spec)"
+        )
+    width = max((len(e.path) for e in mine), default=0)
+    return lines + [f"    {e.path.ljust(width)}  {_text.format_spec(e.spec)}" for e in mine]
+
+
+def _hook_lines(res: Resolution, modules, explicit: bool) -> list[str]:
+    """Each hooked module: what its hooks do and the call route it takes."""
+    lines = [f"call-time hooks ({_text.plural(len(res.hooks), 'module')}):"]
+    width = max(len(p or "<root>") for p in res.hooks)
+    for path, h in res.hooks.items():
+        kinds = ", ".join(
+            k for k in ("layout", "gather", "remat") if getattr(h, k, None) is not None
+        )
+        route = dispatch.static_route(modules[path], h, explicit)
+        lines.append(f"  {(path or '<root>').ljust(width)}  {kinds or 'none'}  route {route}")
+    return lines
 
 
 # treescope ------------------------------------------------------------------------------
@@ -364,7 +399,9 @@ def render(model: Any, *, arrays: bool = True, compressed: bool = True) -> str:
       >>> "512 B/device" in html and "Sharded across 8" in html
       True
     """
-    visualizer = treescope.ArrayAutovisualizer() if arrays and _compat.fully_addressable(model) else None
+    visualizer = (
+        treescope.ArrayAutovisualizer() if arrays and _compat.fully_addressable(model) else None
+    )
     with treescope.active_renderer.set_scoped(treescope_renderer()):
         with treescope.active_autovisualizer.set_scoped(visualizer):
             return treescope.render_to_html(model, compressed=compressed)

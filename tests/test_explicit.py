@@ -1,0 +1,164 @@
+"""Issue 14: models that run on Auto axes run on Explicit axes (the `kind` fixture).
+
+Each test takes a model of `tests/real_models.py` written in one public style,
+parallelizes it under a plan on a `('fsdp', 'model')` mesh of either axis
+type, and checks the forward and the gradients of a loss against the
+unsharded twin (jitted under the same mesh, batch replicated) within 1e-5,
+the parameters' shardings, and the call routes taken (`dispatch.recording`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import nnx_parallel as npx
+from nnx_parallel.runtime import dispatch, layout
+from nnx_parallel.views.collectives import collectives
+from tests import real_models as rm
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(layout, "_warned", set())
+
+
+@pytest.fixture
+def mesh(kind):
+    return jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(kind, kind))
+
+
+def _plan(name: str, model, mesh):
+    if name == "dp":
+        return npx.Replicated()
+    if name == "fsdp":
+        return npx.plans.fsdp("fsdp", min_size=64)
+    tp = npx.plans.tensor_parallel(model, mesh=mesh)[0]
+    return tp if name == "tp" else npx.plans.combine(tp, npx.FSDP("fsdp", min_size=64))
+
+
+def _grads_and_out(model, x, loss):
+    def f(m, x):
+        out = m(x)
+        return loss(out, x), out
+
+    return nnx.jit(lambda m, x: nnx.grad(f, has_aux=True)(m, x))(model, x)
+
+
+def _close(a, b, tol=1e-5):
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.shape(x) == np.shape(y)
+        assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) <= tol
+
+
+_REFERENCES: dict = {}
+
+
+def _reference(key, make, mesh, x, loss):
+    """The unsharded twin's (grads, out), once per key: the tests share them."""
+    if key not in _REFERENCES:
+        with jax.set_mesh(mesh):
+            _REFERENCES[key] = _grads_and_out(make(), x, loss)
+    return _REFERENCES[key]
+
+
+def _run(make, plan_name, mesh, x, loss, ref_loss, batch_sharded=True, ref_key=None):
+    """(model, (grads, out), routes) of the parallelized model, checked
+    against its unsharded twin."""
+    model = make()
+    npx.parallelize(model, mesh, _plan(plan_name, model, mesh))
+    expected = _reference(ref_key, make, mesh, x, ref_loss)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp"))) if batch_sharded else x
+        with dispatch.recording() as routes:
+            got = _grads_and_out(model, xs, loss)
+    _close(got, expected)
+    return model, got, {r for _, _, r in routes}
+
+
+# Patterns 1, 5, 6: a GPT with nnx.Embed, its logits through cross_entropy ---------------
+
+GPT_ROUTES = {
+    "dp": {dispatch.PLAIN, layout.AS_WRITTEN, layout.OUT_SHARDING},
+    "fsdp": {dispatch.PLAIN, dispatch.FSDP_SHARD_MAP},
+    "tp": {layout.CONSTRAIN, layout.OUT_SHARDING},
+    "2d": {
+        dispatch.PLAIN,
+        dispatch.FSDP_SHARD_MAP,
+        dispatch.FSDP_TP_MANUAL,
+        dispatch.FSDP_AUTO_AXES,
+    },
+}
+
+
+@pytest.mark.parametrize("plan", ["dp", "fsdp", "tp", "2d"])
+def test_gpt_cross_entropy(mesh, kind, plan):
+    """Data parallel with batch-sharded ids into a replicated nnx.Embed (5),
+    cross_entropy on logits that are replicated over 'model' under DP and
+    FSDP (6), vocab-parallel under TP and FSDP x TP (1)."""
+    tokens = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
+    loss = lambda out, x: npx.cross_entropy(out, x, mesh, "model").mean()  # noqa: E731
+    ref_loss = lambda out, x: optax.softmax_cross_entropy_with_integer_labels(out, x).mean()  # noqa: E731
+    model, (grads, out), routes = _run(
+        lambda: rm.MiniGPT(rngs=nnx.Rngs(0)), plan, mesh, tokens, loss, ref_loss, ref_key="gpt-ce"
+    )
+    assert routes and routes <= GPT_ROUTES[plan]
+    assert ("fsdp" in model.up.kernel[...].sharding.spec) == (plan in ("fsdp", "2d"))
+    assert ("model" in model.up.kernel[...].sharding.spec) == (plan in ("tp", "2d"))
+    if kind == jax.sharding.AxisType.Explicit:
+        assert out.sharding.spec[0] == "fsdp"  # the batch layout survives
+
+
+def test_gpt_fsdp_tp_batch_not_dividing_fsdp(mesh, kind):
+    """Pattern 1's fallback: batch 3 on fsdp=2 under FSDP x TP. On Explicit
+    axes the GSPMD gathers run inside the `auto_axes` region of the layout."""
+    tokens = jax.random.randint(jax.random.key(1), (3, 8), 0, 64)
+    loss = lambda out, x: jnp.mean(out**2)  # noqa: E731
+    with pytest.warns(npx.FallbackWarning, match="does not split over the batch axes"):
+        _, _, routes = _run(
+            lambda: rm.MiniGPT(rngs=nnx.Rngs(0)),
+            "2d",
+            mesh,
+            tokens,
+            loss,
+            loss,
+            batch_sharded=False,
+            ref_key="gpt-b3",
+        )
+    auto_axes = kind == jax.sharding.AxisType.Explicit
+    assert (dispatch.FSDP_AUTO_AXES in routes) == auto_axes
+    assert (dispatch.FSDP_GSPMD in routes) != auto_axes  # inside auto_axes: not recorded apart
+
+
+# Pattern 7: the Flax GSPMD guide's layer stack, with its own sharding constraints --------
+
+
+@pytest.mark.parametrize("plan", ["fsdp", "tp", "2d"])
+def test_guide_stack_own_constraints(mesh, kind, plan):
+    """`with_sharding_constraint(y, P('fsdp', None, 'model'))` (Auto) or
+    `reshard` (Explicit) in each layer, `nnx.with_partitioning` params,
+    `nnx.vmap` stack, raw `jax.lax.scan`. Under FSDP the layers take the
+    GSPMD route (their code names the batch axis) and still gather."""
+    explicit = kind == jax.sharding.AxisType.Explicit
+    x = jax.random.normal(jax.random.key(1), (8, 4, 32))
+    loss = lambda out, x: jnp.mean(out**2)  # noqa: E731
+
+    def make():
+        with nnx.use_eager_sharding(False):
+            return rm.GuideStack(axes=("fsdp", "model"), reshard=explicit, rngs=nnx.Rngs(0))
+
+    if plan == "tp":
+        _, _, routes = _run(make, plan, mesh, x, loss, loss, ref_key=("guide", explicit))
+        assert routes == set()  # no layer the auto-plan knows: the model's own specs stand
+        return
+    with pytest.warns(npx.FallbackWarning, match="own sharding code names a batch axis"):
+        model, _, routes = _run(make, plan, mesh, x, loss, loss, ref_key=("guide", explicit))
+    assert routes == {dispatch.FSDP_OWN_SHARDING}
+    assert "fsdp" in model.layers.w1[...].sharding.spec
+    with jax.set_mesh(mesh):
+        compiled = nnx.jit(lambda m, x: m(x)).lower(model, x).compile()
+    assert any(c.kind == "all-gather" for c in collectives(compiled, mesh))
