@@ -70,10 +70,15 @@ def batch_for(model_name, mesh, batch_axes=("data",)):
     return x, jax.device_put(x, NamedSharding(mesh, spec))
 
 
+def forward(model, x):
+    """One jitted forward call (eager calls of hooked modules compile op by op)."""
+    return nnx.jit(lambda m, x: m(x))(model, x)
+
+
 def check_equivalence(model, ref, mesh, x_sharded, x, *, lr=1e-2):
     """Forward, grads and one Adam step of `model` equal those of `ref`."""
     with jax.set_mesh(mesh):
-        assert_close(model(x_sharded), ref(x), FWD_TOL, "forward")
+        assert_close(forward(model, x_sharded), ref(x), FWD_TOL, "forward")
         opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
         opt_ref = nnx.Optimizer(ref, optax.adam(lr), wrt=nnx.Param)
         step = make_step()

@@ -36,6 +36,16 @@ def test_fsdp_matches_unsharded(name, fsdp8):
     helpers.check_equivalence(model, ref, fsdp8, xs, x)
 
 
+def test_fsdp_runs_eagerly(fsdp8):
+    """Outside jit too: each hooked call runs its gathers op by op."""
+    model, ref = models.MLP(rngs=nnx.Rngs(0)), models.MLP(rngs=nnx.Rngs(0))
+    parallelize(model, fsdp8, FSDP("fsdp", min_size=64))
+    x, _ = helpers.batch_for("mlp", fsdp8)
+    xs = jax.device_put(x, jax.NamedSharding(fsdp8, jax.P("fsdp")))
+    with jax.set_mesh(fsdp8):
+        helpers.assert_close(model(xs), ref(x), helpers.FWD_TOL, "eager forward")
+
+
 def test_fsdp_composes_with_tensor_parallel(kind):
     mesh = jax.make_mesh((4, 2), ("fsdp", "model"), axis_types=(kind, kind))
     model, ref = models.MLP(rngs=nnx.Rngs(0)), models.MLP(rngs=nnx.Rngs(0))

@@ -20,8 +20,10 @@ def real_peak(plan, mesh, x, batch_axes, *, zero_axis=None, tx=None):
     here as a training loop writes it (not `estimate`'s own step)."""
     model = npx.parallelize(Net(n=2, rngs=nnx.Rngs(0)), mesh, plan)
     opt = npx.ShardedOptimizer(model, optax.adam(1e-3) if tx is None else tx, wrt=nnx.Param)
+
     def loss(m, x):
         return jnp.mean(m(x) ** 2)
+
     grad_fn = (
         nnx.value_and_grad(loss) if zero_axis is None else zero.value_and_grad(loss, axis=zero_axis)
     )
@@ -82,8 +84,10 @@ def test_estimate_matches_the_real_compiled_step(name, kind):
 def test_estimate_allocates_nothing():
     # A 64 GiB layer (float32 2^17 x 2^17): far more than this machine holds.
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+
     def factory():
         return nnx.Linear(2**17, 2**17, use_bias=False, rngs=nnx.Rngs(0))
+
     est = npx.estimate(
         factory,
         mesh,

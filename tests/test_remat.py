@@ -118,8 +118,10 @@ def test_remat_composes_with_fsdp(layout, kind):
     assert model.blocks[0].up.kernel[...].sharding.spec == P(None, "fsdp")
     assert_grads_equal(grads, reference_grads(x))
     ops = collectives(compiled, mesh)
+
     def count(kind):
         return sum(op.kind == kind for op in ops)
+
     # 8 parameters: gathered in forward, gathered again in backward (FSDP's own
     # re-gather inside the recompute) for 7 of them, reduce-scattered once:
     # under the 2 gathers per parameter FSDP allows.

@@ -110,7 +110,9 @@ def test_reshard_fsdp8_to_tp2x4_to_4_devices(kind, host_reads):
     for path, value in helpers.params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg=path)
     with jax.set_mesh(tp2x4):
-        helpers.assert_close(model(x), y0, helpers.FWD_TOL, "forward after FSDP -> TP")
+        helpers.assert_close(
+            helpers.forward(model, x), y0, helpers.FWD_TOL, "forward after FSDP -> TP"
+        )
 
     host_reads.clear()
     reshard(
@@ -122,7 +124,7 @@ def test_reshard_fsdp8_to_tp2x4_to_4_devices(kind, host_reads):
     for path, value in helpers.params(model).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg=path)
     with jax.set_mesh(mesh4):
-        helpers.assert_close(model(x), y0, helpers.FWD_TOL, "forward on 4 devices")
+        helpers.assert_close(helpers.forward(model, x), y0, helpers.FWD_TOL, "forward on 4 devices")
 
 
 def test_reshard_unparallelized_model_and_other_state(mesh8):

@@ -131,7 +131,9 @@ def test_sequence_parallel_on_data_x_model_matches_unsharded(name, mesh2x4):
         loss, grads = nnx.jit(nnx.value_and_grad(_parallel_loss(mesh2x4)))(
             model, _tokens(mesh2x4, batch=4)
         )
+        logits = nnx.jit(lambda m, t: m(t))(model, _tokens(mesh2x4, batch=4))
     loss_ref, grads_ref = nnx.value_and_grad(_loss)(ref, tokens)
+    assert _max_err(logits, ref(tokens)) <= 1e-5
     assert _max_err(loss, loss_ref) <= 1e-5
     g, g_ref = _flat(grads), _flat(grads_ref)
     for key in g:

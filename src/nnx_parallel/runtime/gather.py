@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nnx_parallel import _compat
+from nnx_parallel import _compat, _specs
 
 _NO_DIM = None
 
@@ -173,9 +173,22 @@ def _zero(dep):
     first = next((d for d in jax.tree.leaves(dep) if hasattr(d, "dtype") and d.size), None)
     if first is None:
         return None
-    e = jnp.ravel(first)[0]
-    e = e.astype(jnp.float32)
+    e = _one_element(first).astype(jnp.float32)
     return jnp.where(jnp.isfinite(e), e, jnp.zeros_like(e)) * 0
+
+
+def _one_element(x):
+    """One element of `x`, read locally where its layout allows.
+
+    On Explicit axes a dim sharded over a non-manual axis cannot be sliced to
+    one element; such dims are reduced instead (a scalar all-reduce over
+    that axis). Every other dim is indexed at 0.
+    """
+    sharded = [d for d, e in enumerate(_specs.pad(_compat.spec_of(x), x.ndim)) if e is not None]
+    if not sharded:
+        return jnp.ravel(x)[0]
+    part = x[tuple(slice(None) if d in sharded else 0 for d in range(x.ndim))]
+    return jnp.max(part)
 
 
 def _token(inputs):
