@@ -41,6 +41,15 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
+def assert_trees_close(a, b, tol=1e-5):
+    """Every leaf of `a` has the shape of `b`'s and is within `tol` of it."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.shape(x) == np.shape(y)
+        assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) <= tol
+
+
 def loss_fn(model, x):
     y = model(x)
     return jnp.mean(y.astype(jnp.float32) ** 2)

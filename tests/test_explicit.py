@@ -9,7 +9,6 @@ the parameters' shardings, and the call routes taken (`dispatch.recording`).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -18,6 +17,7 @@ import nnx_parallel as npx
 from nnx_parallel.runtime import dispatch, layout
 from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
+from tests.helpers import assert_trees_close
 
 
 @pytest.fixture(autouse=True)
@@ -47,14 +47,6 @@ def _grads_and_out(model, x, loss):
     return nnx.jit(lambda m, x: nnx.grad(f, has_aux=True)(m, x))(model, x)
 
 
-def _close(a, b, tol=1e-5):
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert np.shape(x) == np.shape(y)
-        assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) <= tol
-
-
 _REFERENCES: dict = {}
 
 
@@ -76,7 +68,7 @@ def _run(make, plan_name, mesh, x, loss, ref_loss, batch_sharded=True, ref_key=N
         xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp"))) if batch_sharded else x
         with dispatch.recording() as routes:
             got = _grads_and_out(model, xs, loss)
-    _close(got, expected)
+    assert_trees_close(got, expected)
     return model, got, {r for _, _, r in routes}
 
 

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -11,29 +10,17 @@ from nnx_parallel import (
     FSDP,
     ColumnParallel,
     Replicated,
-    cross_entropy,
     parallelize,
     plans,
     resolve,
 )
 from nnx_parallel.views.collectives import collectives
 from tests import models
+from tests.transformers import _loss, _parallel_loss
 
 
 def _gpt(layers=1):
     return models.GPT(layers=layers, rngs=nnx.Rngs(0))
-
-
-def _loss(model, tokens):
-    logits = model(tokens)
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-
-
-def _parallel_loss(mesh):
-    def loss(model, tokens):
-        return cross_entropy(model(tokens)[:, :-1], tokens[:, 1:], mesh).mean()
-
-    return loss
 
 
 def _grads_match(model, ref, mesh, batch_axes, loss=_loss):

@@ -10,7 +10,6 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -19,6 +18,7 @@ from nnx_parallel.core.layouts import get_hooks
 from nnx_parallel.runtime import layout
 from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
+from tests.helpers import assert_trees_close
 
 LLM_METHODS = ("__call__", "encode", "decode")
 COL, ROW = npl.ColumnParallel("model"), npl.RowParallel("model")
@@ -28,14 +28,6 @@ COL, ROW = npl.ColumnParallel("model"), npl.RowParallel("model")
 def _fresh_warnings(monkeypatch):
     """FallbackWarnings are issued once per process; each test sees its own."""
     monkeypatch.setattr(layout, "_warned", set())
-
-
-def _close(a, b, tol=1e-5):
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert np.shape(x) == np.shape(y)
-        assert float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) <= tol
 
 
 def _spec(var):
@@ -81,7 +73,7 @@ def test_llm_fsdp_gathers_each_param_once(fsdp8):
         forward = nnx.jit(lambda m, t: m(t))
         compiled = forward.lower(model, _batch(tok, fsdp8)).compile()
         out = forward(model, _batch(tok, fsdp8))
-    _close(out, ref(tok))
+    assert_trees_close(out, ref(tok))
     gathers = [c for c in collectives(compiled, fsdp8) if c.kind == "all-gather"]
     assert {c.axes for c in gathers} == {("fsdp",)}
     per_call = [v[...].nbytes for v in sharded] + [model.embedder.input_embedding[...].nbytes]
@@ -115,9 +107,9 @@ def test_llm_fsdp_cache_segment_ids_dropout_kwargs(fsdp8):
             model, _batch(tok, fsdp8), _batch_tree(model.init_cache(8, 12), fsdp8)
         )
         step = nnx.jit(decode)(model, _batch(tok[:, :1], fsdp8), jnp.full((8, 1), 8), cache)
-    _close(out_packed, expected_packed)
-    _close((logits, cache), expected)
-    _close(step, expected_step)
+    assert_trees_close(out_packed, expected_packed)
+    assert_trees_close((logits, cache), expected)
+    assert_trees_close(step, expected_step)
     assert int(step[1][0]["end"]) == 9
 
 
@@ -131,7 +123,7 @@ def test_llm_fsdp_batch_not_divisible(fsdp8):
     fallback = r"input \(shape \(2, 7.*\)\) does not split over the batch axes"
     with jax.set_mesh(fsdp8), pytest.warns(npl.FallbackWarning, match=fallback) as record:
         out = nnx.jit(lambda m, t: m(t))(model, tok)
-    _close(out, ref(tok))
+    assert_trees_close(out, ref(tok))
     assert any(
         "FSDP on Dense" in str(w.message) and "full all-reduce" in str(w.message) for w in record
     )
@@ -145,7 +137,7 @@ def test_llm_fsdp_grad_through_remat(fsdp8):
     call = nnx.remat(lambda m, t: m(t))
     with jax.set_mesh(fsdp8):
         grads = _grads(model, lambda m: call(m, _batch(tok, fsdp8)))
-    _close(grads, _grads(ref, lambda m: call(m, tok)))
+    assert_trees_close(grads, _grads(ref, lambda m: call(m, tok)))
     assert "fsdp" in _spec(grads["layers"][0]["attn"]["kv_einsum"]["kernel"])
 
 
@@ -180,10 +172,12 @@ def test_llm_tp_fused_kv_einsum(mesh8):
     with jax.set_mesh(mesh8):
         grads, out = forward_and_grads(model)
     ref_grads, ref_out = forward_and_grads(ref)
-    _close(out, ref_out)
-    _close(grads, ref_grads)
+    assert_trees_close(out, ref_out)
+    assert_trees_close(grads, ref_grads)
     assert _spec(grads["layers"][0]["attn"]["kv_einsum"]["kernel"])[:2] == (None, "model")
-    _close(model.layers[0].attn.freqs, ref.layers[0].attn.freqs)  # plain array untouched
+    assert_trees_close(
+        model.layers[0].attn.freqs, ref.layers[0].attn.freqs
+    )  # plain array untouched
 
 
 def test_tied_embedding_vocab_parallel(mesh8):
@@ -196,7 +190,7 @@ def test_tied_embedding_vocab_parallel(mesh8):
     assert _spec(model.embed.embedding) == jax.P("model", None)
     with jax.set_mesh(mesh8):
         out = model(tok)
-    _close(out, ref(tok))
+    assert_trees_close(out, ref(tok))
 
 
 def test_tied_embedding_fsdp_and_norm_called_twice(fsdp8):
@@ -210,7 +204,7 @@ def test_tied_embedding_fsdp_and_norm_called_twice(fsdp8):
     assert _spec(model.final_norm.scale) == jax.P("fsdp")
     with jax.set_mesh(fsdp8):
         out = nnx.jit(lambda m, t: m(t))(model, _batch(tok, fsdp8))
-    _close(out, ref(tok))
+    assert_trees_close(out, ref(tok))
 
 
 # ViT -------------------------------------------------------------------------------
@@ -233,7 +227,7 @@ def test_vit_fsdp_with_rngs_state(fsdp8):
         pytest.warns(npl.FallbackWarning, match="ViT: it holds or is passed state"),
     ):
         out = nnx.jit(lambda m, x: m(x))(model, x)
-    _close(out, ref(x))
+    assert_trees_close(out, ref(x))
     assert int(model.dropout.rngs.count[...]) == int(ref.dropout.rngs.count[...]) == 1
 
 
@@ -265,8 +259,8 @@ def test_vit_tp_attention_mlp_and_conv(mesh8):
         # A caller's own out_sharding= wins over the plan's layout for that call.
         feats = jax.random.normal(jax.random.key(1), (8, 32))
         head = model.head(feats, out_sharding=jax.P(None, None))
-    _close(out, ref(x))
-    _close(head, ref.head(feats))
+    assert_trees_close(out, ref(x))
+    assert_trees_close(head, ref.head(feats))
     assert head.sharding.spec == jax.P(None, None)
 
 
@@ -281,8 +275,8 @@ def test_resnet_batchnorm_fsdp(fsdp8):
     assert "fsdp" in _spec(model.blocks[0].conv1.kernel)
     with jax.set_mesh(fsdp8):
         out = model(x)
-    _close(out, ref(x))
-    _close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
+    assert_trees_close(out, ref(x))
+    assert_trees_close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
 
 
 def test_resnet_tp_batchnorm_after_column_conv(mesh8):
@@ -297,8 +291,8 @@ def test_resnet_tp_batchnorm_after_column_conv(mesh8):
     assert (get_hooks(model.bn) is not None) == explicit
     with jax.set_mesh(mesh8):
         out = model(x)
-    _close(out, ref(x))
-    _close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
+    assert_trees_close(out, ref(x))
+    assert_trees_close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
 
 
 # Scanned layer stacks ----------------------------------------------------------------------
@@ -312,7 +306,7 @@ def test_scanned_stack_fsdp(fsdp8):
     assert _spec(model.layers.norm.scale) == jax.P(None, "fsdp")
     with jax.set_mesh(fsdp8):
         out = model(x)
-    _close(out, ref(x))
+    assert_trees_close(out, ref(x))
 
 
 def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
@@ -331,8 +325,8 @@ def test_scanned_tagged_stack_fsdp_grad_remat(fsdp8):
         compiled = forward.lower(model, _batch(x, fsdp8)).compile()
         out = forward(model, _batch(x, fsdp8))
         grads = _grads(model, lambda m: m(_batch(x, fsdp8)))
-    _close(out, ref(x))
-    _close(grads, _grads(ref, lambda m: m(x)))
+    assert_trees_close(out, ref(x))
+    assert_trees_close(grads, _grads(ref, lambda m: m(x)))
     # Inside the scan each step gathers one layer's slice of each param.
     gathers = [c.size for c in collectives(compiled, fsdp8) if c.kind == "all-gather"]
     params = [v[...].nbytes // 8 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
@@ -370,7 +364,7 @@ def test_scanned_tagged_stack_tp_grad(mesh8):
     assert model.layers.norm.scale.get_metadata("out_sharding") == ("layers", None)
     with jax.set_mesh(mesh8):
         grads = _grads(model, lambda m: m(x))
-    _close(grads, _grads(ref, lambda m: m(x)))
+    assert_trees_close(grads, _grads(ref, lambda m: m(x)))
     assert _spec(grads["layers"]["up"]["kernel"]) == jax.P(None, None, "model")
 
 
@@ -390,8 +384,8 @@ def test_decoder_mha_cache_fsdp(fsdp8):
     with jax.set_mesh(fsdp8):
         step = nnx.jit(lambda m, x: m(x))
         outs = [step(model, _batch(x * (i + 1), fsdp8)) for i in range(3)]
-    _close(outs, expected)
-    _close(nnx.state(model, nnx.Cache), nnx.state(ref, nnx.Cache))
+    assert_trees_close(outs, expected)
+    assert_trees_close(nnx.state(model, nnx.Cache), nnx.state(ref, nnx.Cache))
     assert int(model.attn.cache_index[...]) == 3
 
 
@@ -437,4 +431,4 @@ def test_foreign_out_sharding_metadata(fsdp8, style):
     assert _spec(model.down.kernel) == jax.P("fsdp", None)
     with jax.set_mesh(mesh):
         out = nnx.jit(lambda m, x: m(x))(model, _batch(x, mesh) if style == "fsdp" else x)
-    _close(out, ref(x))
+    assert_trees_close(out, ref(x))

@@ -178,12 +178,6 @@ def auto_axes(f, *, mesh: Mesh, out_sharding):
     return jax.sharding.auto_axes(f, axes=tuple(mesh.axis_names), out_sharding=out_sharding)
 
 
-def checkpoint_name(x, name: str):
-    from jax.ad_checkpoint import checkpoint_name as _name
-
-    return _name(x, name)
-
-
 # Policy names that are policies themselves, and those that build one from names.
 _CHECKPOINT_POLICIES = (
     "everything_saveable",

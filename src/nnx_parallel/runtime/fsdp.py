@@ -34,10 +34,7 @@ from nnx_parallel.runtime.layout import warn_once as _warn_once
 
 def _map_state(fn, state):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    return jax.tree_util.tree_unflatten(treedef, [fn(_strip(p), v) for p, v in leaves])
-
-
-_strip = keys  # key path of a state leaf without the trailing Variable-value entry
+    return jax.tree_util.tree_unflatten(treedef, [fn(keys(p), v) for p, v in leaves])
 
 
 def nested(gather: Gather) -> bool:
@@ -311,7 +308,7 @@ def _param_specs(pstate, gather: Gather | None = None):
         declared = _compat.get_declared_spec(var)
         ndim = var.get_value().ndim
         if declared is None:
-            dim = dims.get(join(_strip(path)))
+            dim = dims.get(join(keys(path)))
             if dim is None or dim < -ndim:
                 return P()
             return P(*[axes if d == dim % ndim else None for d in range(ndim)])
@@ -446,7 +443,7 @@ def _gather_plan(gather: Gather, pstate) -> tuple[list, Any, _gather.GatherPlan]
     dims = dict(gather.params)
     out = []
     for path, value in flat:
-        dim = dims.get(join(_strip(path)))
+        dim = dims.get(join(keys(path)))
         # Dims count from the end (see FSDP.hooks), so they hold inside a scan too;
         # a dim the scan sliced away arrives whole already.
         out.append(None if dim is None or dim < -value.ndim else dim % value.ndim)
