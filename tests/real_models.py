@@ -493,34 +493,63 @@ class EncodeLM(nnx.Module):
         return self.embedder.decode(x + self.mlp(x))
 
 
-class CachedAttention(nnx.Module):
-    """Pattern 4: a model-owned KV cache (`nnx.Cache`, created replicated)
-    written with `dynamic_update_slice` from the projected keys and values."""
+class KVCache(nnx.Module):
+    """One attention layer's keys, values and write position (`nnx.Cache`,
+    created replicated: plain `jnp.zeros`, as public decoding code does)."""
 
-    def __init__(self, d=32, heads=4, batch=8, max_len=8, *, rngs: nnx.Rngs):
+    def __init__(self, batch: int, max_len: int, heads: int, head_dim: int):
+        shape = (batch, max_len, heads, head_dim)
+        self.k = nnx.Cache(jnp.zeros(shape))
+        self.v = nnx.Cache(jnp.zeros(shape))
+        self.index = nnx.Cache(jnp.array(0, jnp.int32))
+
+
+class CachedAttention(nnx.Module):
+    """Pattern 4: a KV cache written with `dynamic_update_slice` from the
+    projected keys and values; its own (`own_cache`), or passed as `cache=`."""
+
+    def __init__(self, d=32, heads=4, batch=8, max_len=8, *, own_cache=True, rngs: nnx.Rngs):
         self.heads = heads
         self.q_proj = nnx.Linear(d, d, rngs=rngs)
         self.k_proj = nnx.Linear(d, d, rngs=rngs)
         self.v_proj = nnx.Linear(d, d, rngs=rngs)
         self.o_proj = nnx.Linear(d, d, rngs=rngs)
-        shape = (batch, max_len, heads, d // heads)
-        self.cache_k = nnx.Cache(jnp.zeros(shape))
-        self.cache_v = nnx.Cache(jnp.zeros(shape))
-        self.index = nnx.Cache(jnp.array(0, jnp.int32))
+        self.cache = KVCache(batch, max_len, heads, d // heads) if own_cache else None
 
-    def __call__(self, x):
+    def __call__(self, x, cache: KVCache | None = None):
+        cache = self.cache if cache is None else cache
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        i = self.index[...]
-        self.cache_k[...] = jax.lax.dynamic_update_slice(self.cache_k[...], k, (0, i, 0, 0))
-        self.cache_v[...] = jax.lax.dynamic_update_slice(self.cache_v[...], v, (0, i, 0, 0))
-        self.index[...] = i + t
-        keys, values = self.cache_k[...], self.cache_v[...]
+        i = cache.index[...]
+        cache.k[...] = jax.lax.dynamic_update_slice(cache.k[...], k, (0, i, 0, 0))
+        cache.v[...] = jax.lax.dynamic_update_slice(cache.v[...], v, (0, i, 0, 0))
+        cache.index[...] = i + t
+        keys, values = cache.k[...], cache.v[...]
         valid = jnp.arange(keys.shape[1]) < i + t
         logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(d // self.heads)
         att = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1)
         return self.o_proj(jnp.einsum("bhts,bshd->bthd", att, values).reshape(b, t, d))
+
+
+class CacheListLM(nnx.Module):
+    """Pattern 4, second form: the caller owns the caches, one `KVCache` per
+    layer, and passes the list as `cache=`."""
+
+    def __init__(self, d=32, heads=4, layers=2, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.layers = nnx.List(
+            [CachedAttention(d, heads, own_cache=False, rngs=rngs) for _ in range(layers)]
+        )
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        d = self.layers[0].q_proj.in_features
+        return [KVCache(batch, max_len, self.heads, d // self.heads) for _ in self.layers]
+
+    def __call__(self, x, cache: list[KVCache]):
+        for layer, c in zip(self.layers, cache):
+            x = x + layer(x, cache=c)
+        return x
 
 
 class GuideBlock(nnx.Module):

@@ -46,7 +46,7 @@ X = jax.random.normal(jax.random.key(0), (8, 16), jnp.float32)
 
 
 def test_every_route_is_listed_once():
-    assert len(set(dispatch.ROUTES)) == len(dispatch.ROUTES) == 13
+    assert len(set(dispatch.ROUTES)) == len(dispatch.ROUTES) == 14
     for route in dispatch.ROUTES:
         assert route in dispatch.__doc__, route
 
@@ -202,3 +202,71 @@ def test_fsdp_own_sharding_takes_the_gspmd_route(kind, monkeypatch):
     assert routes == [dispatch.FSDP_OWN_SHARDING]
     assert model.w[...].sharding.spec == P(None, "fsdp")
     _assert_close(out, expected)
+
+
+class _Refused(nnx.Module):
+    """Counts its calls, then reads rows of its replicated table by batch-sharded
+    ids without an `out_sharding`: Explicit types refuse that gather."""
+
+    def __init__(self, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (64, 16)))
+        self.proj = nnx.Linear(16, 16, rngs=rngs)
+        self.calls = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, ids):
+        self.calls[...] += 1
+        return self.proj(self.table[...].at[ids].get(out_sharding=None))
+
+
+class ShardingTypeError(Exception):
+    """Matched by name, like JAX's own (private) class."""
+
+
+class _AlwaysRefused(_Refused):
+    def __call__(self, ids):
+        raise ShardingTypeError("refused everywhere")
+
+
+class _Broken(_Refused):
+    def __call__(self, ids):
+        raise ValueError("a bug of the model's own")
+
+
+def _guarded_call(factory, kind):
+    mesh = _mesh((8,), ("data",), kind)
+    ids = jnp.arange(8) % 64
+    model = npx.parallelize(factory(nnx.Rngs(0)), mesh, npx.Replicated())
+    with dispatch.recording() as routes, jax.set_mesh(mesh):
+        ids = jax.device_put(ids, jax.NamedSharding(mesh, P("data")))
+        out = nnx.jit(lambda m, ids: m(ids))(model, ids)
+    return model, out, [r for _, _, r in routes]
+
+
+@pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
+def test_guard_auto_axes_retries_what_explicit_types_refuse(kind, monkeypatch):
+    monkeypatch.setattr(layout, "_warned", set())
+    ref = _Refused(nnx.Rngs(0))
+    expected = ref.proj(ref.table[...][jnp.arange(8) % 64])
+    if kind == EXPLICIT:
+        with pytest.warns(npx.FallbackWarning, match="Explicit axes refuse this call's own code"):
+            model, out, routes = _guarded_call(_Refused, kind)
+        assert routes[0] == dispatch.GUARD_AUTO_AXES and routes.count(routes[0]) == 1
+        assert out.sharding.spec == P("data", None)  # batch-sharded like the ids
+    else:
+        model, out, routes = _guarded_call(_Refused, kind)
+        assert dispatch.GUARD_AUTO_AXES not in routes
+    _assert_close(out, expected)
+    assert int(model.calls[...]) == 1  # the refused trace's write was taken back
+
+
+def test_guard_reports_the_refusal_when_the_retry_fails_too(monkeypatch):
+    monkeypatch.setattr(layout, "_warned", set())
+    with pytest.warns(npx.FallbackWarning), pytest.raises(ShardingTypeError) as info:
+        _guarded_call(_AlwaysRefused, EXPLICIT)
+    assert "the retry inside auto_axes failed too" in "\n".join(info.value.__notes__)
+
+
+def test_guard_leaves_other_errors_alone():
+    with pytest.raises(ValueError, match="a bug of the model's own") as info:
+        _guarded_call(_Broken, EXPLICIT)
+    assert "auto_axes" not in "\n".join(getattr(info.value, "__notes__", []))

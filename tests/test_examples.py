@@ -3,6 +3,8 @@
 import pathlib
 import runpy
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
@@ -42,18 +44,20 @@ def test_train_gpt_example_learns_and_matches_one_device():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_train_gpt_data_parallel_on_the_default_explicit_mesh():
-    """--parallel dp: `jax.make_mesh` defaults (Explicit axes), nnx.Embed lookups
-    of batch-sharded ids included; losses equal the unsharded run."""
+@pytest.mark.parametrize("parallel", ["dp", "fsdp", "2d"])  # tp: the test above
+def test_train_gpt_on_the_default_explicit_mesh(parallel):
+    """Every --parallel choice builds its mesh with `jax.make_mesh` defaults
+    (Explicit axes), nnx.Embed lookups of batch-sharded ids included; the
+    losses equal the unsharded run's."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_gpt", EXAMPLES / "train_gpt.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     model = example.GPT(16, 16, 2, 1, 8, rngs=example.nnx.Rngs(0))
-    mesh = example.setup("dp", model)[0]
+    mesh = example.setup(parallel, model)[0]
     assert set(mesh.axis_types) == {example.jax.sharding.AxisType.Explicit}
     losses, reference = example.main(
-        ["--parallel", "dp", "--steps", "3", "--compare", "3", "--layers", "1"]
+        ["--parallel", parallel, "--steps", "2", "--compare", "2", "--layers", "1"]
     )
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5

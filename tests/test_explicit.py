@@ -7,6 +7,8 @@ unsharded twin (jitted under the same mesh, batch replicated) within 1e-5,
 the parameters' shardings, and the call routes taken (`dispatch.recording`).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -51,10 +53,12 @@ _REFERENCES: dict = {}
 
 
 def _reference(key, make, mesh, x, loss):
-    """The unsharded twin's (grads, out), once per key: the tests share them."""
+    """The unsharded twin after one call: ((grads, out), model), once per key:
+    the tests share them."""
     if key not in _REFERENCES:
         with jax.set_mesh(mesh):
-            _REFERENCES[key] = _grads_and_out(make(), x, loss)
+            model = make()
+            _REFERENCES[key] = _grads_and_out(model, x, loss), model
     return _REFERENCES[key]
 
 
@@ -63,7 +67,7 @@ def _run(make, plan_name, mesh, x, loss, ref_loss, batch_sharded=True, ref_key=N
     against its unsharded twin."""
     model = make()
     npx.parallelize(model, mesh, _plan(plan_name, model, mesh))
-    expected = _reference(ref_key, make, mesh, x, ref_loss)
+    expected = _reference(ref_key, make, mesh, x, ref_loss)[0]
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp"))) if batch_sharded else x
         with dispatch.recording() as routes:
@@ -154,3 +158,82 @@ def test_guide_stack_own_constraints(mesh, kind, plan):
     with jax.set_mesh(mesh):
         compiled = nnx.jit(lambda m, x: m(x)).lower(model, x).compile()
     assert any(c.kind == "all-gather" for c in collectives(compiled, mesh))
+
+
+# Patterns 2, 3, 4: model code that Explicit types refuse, retried in auto_axes ----------
+
+MSE = lambda out, x: jnp.mean(out**2)  # noqa: E731
+MODELS = {
+    "table": lambda: rm.TableReader(rngs=nnx.Rngs(0)),  # 2: parent reads a child's table
+    "encode": lambda: rm.EncodeLM(rngs=nnx.Rngs(0)),  # 3: custom `encode`, `input_embedding`
+    "cache": lambda: rm.CachedAttention(rngs=nnx.Rngs(0)),  # 4: model-owned replicated cache
+}
+
+
+def _guard_warning(explicit: bool):
+    if not explicit:
+        return contextlib.nullcontext()
+    return pytest.warns(npx.FallbackWarning, match="Explicit axes refuse this call's own code")
+
+
+@pytest.mark.parametrize("plan", ["fsdp", "tp", "2d"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_code_explicit_types_refuse(mesh, kind, name, plan):
+    """The ops JAX's Explicit types refuse in these models (a gather with no
+    inferable output sharding; a replicated cache taking a batch-sharded
+    `dynamic_update_slice`) are the user's, in the root's call: the guarded
+    root traces that call again inside `auto_axes`. The plan's params stay
+    sharded; the cache keeps its (replicated) layout and its contents."""
+    explicit = kind == jax.sharding.AxisType.Explicit
+    make = MODELS[name]
+    x = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
+    if name == "cache":
+        x = jax.random.normal(jax.random.key(1), (8, 4, 32))
+    with _guard_warning(explicit):
+        model, _, routes = _run(make, plan, mesh, x, MSE, MSE, ref_key=name)
+    assert (dispatch.GUARD_AUTO_AXES in routes) == explicit
+    specs = {p: v[...].sharding.spec for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert any("fsdp" in s for s in specs.values()) == (plan != "tp")
+    assert any("model" in s for s in specs.values()) == (plan != "fsdp")
+    if name == "cache":
+        ref_model = _reference(name, make, mesh, x, MSE)[1]
+        assert_trees_close(nnx.state(model, nnx.Cache), nnx.state(ref_model, nnx.Cache))
+        if explicit:  # the layout it had: replicated
+            assert model.cache.k[...].sharding.spec == jax.P(None, None, None, None)
+        assert int(model.cache.index[...]) == 4
+
+
+@pytest.mark.parametrize("plan", ["fsdp", "tp", "2d"])
+def test_cache_list_passed_as_argument(mesh, kind, plan):
+    """Pattern 4 with caller-owned caches (a list of `KVCache` modules as
+    `cache=`): two decoding calls, the first under `nnx.grad`. The caches go
+    into the `auto_axes` region as state and come back written, replicated."""
+    explicit = kind == jax.sharding.AxisType.Explicit
+    xs = jax.random.normal(jax.random.key(1), (2, 8, 4, 32))
+
+    def steps(model, cache, x):
+        def f(m, x, cache):
+            out = m(x, cache=cache)
+            return jnp.mean(out**2), out
+
+        grads, out = nnx.grad(f, has_aux=True)(model, x[0], cache)
+        return grads, out, model(x[1], cache=cache)
+
+    def decode(model, x):
+        cache = model.init_cache(batch=8, max_len=8)
+        return nnx.jit(steps)(model, cache, x), cache
+
+    with jax.set_mesh(mesh):
+        expected, ref_cache = decode(rm.CacheListLM(rngs=nnx.Rngs(0)), xs)
+    model = rm.CacheListLM(rngs=nnx.Rngs(0))
+    npx.parallelize(model, mesh, _plan(plan, model, mesh))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(xs, jax.NamedSharding(mesh, jax.P(None, "fsdp")))
+        with dispatch.recording() as routes, _guard_warning(explicit):
+            got, cache = decode(model, xs)
+    assert_trees_close(got, expected)
+    assert_trees_close(nnx.state(cache), nnx.state(ref_cache))
+    assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == explicit
+    assert [int(c.index[...]) for c in cache] == [8, 8]
+    if explicit:
+        assert cache[0].k[...].sharding.spec == jax.P(None, None, None, None)

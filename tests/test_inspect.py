@@ -159,10 +159,14 @@ def test_explain_names_fsdp_gather_hooks(fsdp8):
         "1 pattern, 0 matched nothing; 4 params, 2 set by the plan"
     )
     assert "'up' -> FSDP('fsdp')" in text
-    assert text.endswith(
-        "call-time hooks (1 module):\n  up  gather  route fsdp.shard-map "
-        "(else fsdp.gspmd or fsdp.own-sharding, at trace time)"
-    )
+    fsdp = "gather  route fsdp.shard-map (else fsdp.gspmd or fsdp.own-sharding, at trace time)"
+    if fsdp8.axis_types[0] == jax.sharding.AxisType.Explicit:  # the root is guarded
+        assert text.endswith(
+            f"call-time hooks (2 modules):\n  up      {fsdp}\n  <root>  guard  route plain; "
+            "where Explicit types refuse the model's code: guard.auto-axes"
+        )
+    else:
+        assert text.endswith(f"call-time hooks (1 module):\n  up  {fsdp}")
     assert (
         "params no rule touched: 2\n  down.bias    (16,)     P(None)\n  down.kernel  (64, 16)  P(None, None)"
         in text
@@ -205,6 +209,9 @@ def test_explain_lists_matches_unmatched_and_untouched(mesh8):
     paths = [f"blocks.{i}.mlp.{n}" for i in (0, 1) for n in ("down", "up")]
     paths += ["embed", "pos"] if explicit else []
     hooked = [f"  {p.ljust(17)}  layout  route {route}" for p in paths]
+    if explicit:  # the root is guarded (runtime/guard.py)
+        guard = "route plain; where Explicit types refuse the model's code: guard.auto-axes"
+        hooked.append(f"  {'<root>'.ljust(17)}  guard  {guard}")
     assert lines[-len(hooked) - 1 :] == [f"call-time hooks ({len(hooked)} modules):"] + hooked
     # explain resolves only: the model is untouched.
     assert jax.tree.map(lambda x: x.sharding, nnx.state(model)) == before

@@ -6,6 +6,7 @@ so, the gradients or the caches) equals the unsharded twin's in f32.
 References run outside the mesh context, as a user's single-device code would.
 """
 
+import contextlib
 import inspect
 
 import jax
@@ -43,8 +44,9 @@ def _batch(x, mesh, axis="fsdp"):
 
 
 def _batch_tree(tree, mesh, axis="fsdp"):
-    """Caches laid out like the batch they serve (Explicit axes require it:
-    a replicated cache cannot take a batch-sharded update)."""
+    """Caches laid out like the batch they serve: on Explicit axes this keeps
+    the typed path (a replicated cache cannot take a batch-sharded update
+    there; the guarded root would trace the call again in `auto_axes`)."""
     return jax.tree.map(lambda x: _batch(x, mesh, axis) if x.ndim else x, tree)
 
 
@@ -214,19 +216,24 @@ def test_vit_fsdp_with_rngs_state(fsdp8):
     """Patch conv, cls token, MultiHeadAttention, an active Dropout: the root
     holds RNG state, so its own params take the GSPMD path, and says so.
 
-    The images come in replicated: this ViT concatenates a broadcast (so
-    replicated) cls token with the patches, which Explicit axes refuse for
-    batch-sharded patches with or without nnx_parallel."""
+    The images come in batch-sharded. On Explicit axes the concatenation of
+    the broadcast (so replicated) cls token with the batch-sharded patches
+    is refused, with or without nnx_parallel: the guarded root traces the
+    call again inside `auto_axes` (`runtime/guard.py`)."""
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
     ref, model = rm.ViT(layers=1, rngs=nnx.Rngs(0)), rm.ViT(layers=1, rngs=nnx.Rngs(0))
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
     assert _spec(model.patch_embed.kernel) == jax.P(None, None, None, "fsdp")
     assert "fsdp" in _spec(model.blocks[0].attn.query.kernel)
+    explicit = fsdp8.axis_types[0] == jax.sharding.AxisType.Explicit
     with (
         jax.set_mesh(fsdp8),
         pytest.warns(npl.FallbackWarning, match="ViT: it holds or is passed state"),
+        pytest.warns(npl.FallbackWarning, match="Explicit axes refuse")
+        if explicit
+        else contextlib.nullcontext(),
     ):
-        out = nnx.jit(lambda m, x: m(x))(model, x)
+        out = nnx.jit(lambda m, x: m(x))(model, _batch(x, fsdp8))
     assert_trees_close(out, ref(x))
     assert int(model.dropout.rngs.count[...]) == int(ref.dropout.rngs.count[...]) == 1
 

@@ -174,6 +174,12 @@ def pcast_varying(x: Any, axes: Any) -> Any:
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
+def is_sharding_type_error(error: BaseException) -> bool:
+    """True for JAX's sharding-in-types refusal (`ShardingTypeError`, private in
+    jax 0.10: `jax._src.core`), matched by class name so a move does not break it."""
+    return any(c.__name__ == "ShardingTypeError" for c in type(error).__mro__)
+
+
 def auto_axes(f, *, mesh: Mesh, out_sharding):
     return jax.sharding.auto_axes(f, axes=tuple(mesh.axis_names), out_sharding=out_sharding)
 

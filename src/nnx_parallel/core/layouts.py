@@ -76,6 +76,10 @@ class ModuleHooks:
     mesh: Mesh | None = None
     # Recompute `__call__` in the backward pass (from the `Remat` style).
     remat: Recompute | None = None
+    # The root of a model on a mesh with Explicit axes: a call that JAX's
+    # sharding-in-types refuses is traced again inside `auto_axes`
+    # (`runtime/guard.py`).
+    guard: bool = False
 
     def merge(self, other: ModuleHooks | None) -> ModuleHooks:
         """These hooks with `other`'s fields taking precedence where set."""
@@ -87,14 +91,23 @@ class ModuleHooks:
             methods=tuple(dict.fromkeys(self.methods + other.methods)),
             mesh=other.mesh or self.mesh,
             remat=other.remat or self.remat,
+            guard=self.guard or other.guard,
         )
+
+    @property
+    def guard_only(self) -> bool:
+        """Only the Explicit-axes guard of a root: the call runs as written."""
+        return self.guard and self.layout is None and self.gather is None and self.remat is None
 
     @property
     def kind(self) -> str:
         """The prefix of the hooked class's name: `FSDP` where parameters are
-        gathered per call, `Parallel` with activation layouts, else `Remat`."""
+        gathered per call, `Parallel` with activation layouts, `Remat` with a
+        recompute only, `Guarded` for a root that only has the Explicit-axes guard."""
         if self.gather is not None:
             return "FSDP"
+        if self.guard_only:
+            return "Guarded"
         return "Parallel" if self.layout is not None or self.remat is None else "Remat"
 
 

@@ -197,6 +197,8 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         resolved.update(_entries(scope, owner, own, result))
         if result.hooks is not None:
             hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
+    if _compat.is_explicit(mesh) and "" in modules:  # see runtime/guard.py
+        hooks[""] = dataclasses.replace(hooks.get("", ModuleHooks(mesh=mesh)), guard=True)
     ordered = {p: resolved[p] for p in params}
     return Resolution(mesh, ordered, hooks, matches, tuple(scope.notes))
 

@@ -28,6 +28,10 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
   manual inside our shard_map (its own `with_sharding_constraint`,
   `reshard` or `out_sharding=`): JAX refuses it there, so the call is
   traced again on the GSPMD route (`runtime/explicit.py`).
+- `guard.auto-axes` (the root on Explicit axes): not a route but a retry:
+  where JAX's sharding-in-types refuses the model's own code, the whole
+  call, on its own route, is traced again inside `auto_axes`
+  (`runtime/guard.py`); recorded before the routes taken inside.
 
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
@@ -48,7 +52,7 @@ from flax import nnx
 
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import explicit, fsdp, layout, remat
+from nnx_parallel.runtime import explicit, fsdp, guard, layout, remat
 
 PLAIN = "plain"
 REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
@@ -58,6 +62,7 @@ FSDP_AUTO_AXES = "fsdp.auto-axes"
 FSDP_SHARD_MAP = "fsdp.shard-map"
 FSDP_GSPMD = "fsdp.gspmd"
 FSDP_OWN_SHARDING = "fsdp.own-sharding"
+GUARD_AUTO_AXES = guard.AUTO_AXES
 
 ROUTES = (
     PLAIN,
@@ -68,6 +73,7 @@ ROUTES = (
     FSDP_SHARD_MAP,
     FSDP_GSPMD,
     FSDP_OWN_SHARDING,
+    GUARD_AUTO_AXES,
     layout.CALLER,
     layout.AS_WRITTEN,
     layout.CONSTRAIN,
@@ -111,22 +117,33 @@ def wrap(method, name: str):
             _note(self, name, PLAIN)
             return method(self, *args, **kwargs)
         hooks: ModuleHooks = getattr(type(self), HOOKS_ATTR)
-        if hooks.remat is not None and name == "__call__":
-            _note(self, name, REMAT)
-
-            def call(m, *a, **kw):
-                return run(m, method, name, hooks, a, kw)
-
-            return remat.recompute_call(self, call, hooks.remat, args, kwargs)
-        return run(self, method, name, hooks, args, kwargs)
+        if hooks.guard:
+            record = functools.partial(_note, self, name)
+            call = functools.partial(_call, method, name, hooks)
+            return guard.guarded(self, call, name, hooks.mesh, args, kwargs, record, _records)
+        return _call(method, name, hooks, self, *args, **kwargs)
 
     return hooked
+
+
+def _call(method, name: str, hooks: ModuleHooks, module, *args, **kwargs):
+    """The hooked call on its route, inside a recompute for the `Remat` style."""
+    if hooks.guard_only:
+        return method(module, *args, **kwargs)  # a root with only the guard
+    if hooks.remat is not None and name == "__call__":
+        _note(module, name, REMAT)
+
+        def call(m, *a, **kw):
+            return run(m, method, name, hooks, a, kw)
+
+        return remat.recompute_call(module, call, hooks.remat, args, kwargs)
+    return run(module, method, name, hooks, args, kwargs)
 
 
 def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
     """The route a hooked module's `__call__` takes, as far as it is known
     before any input is seen (for `explain`); what depends on the inputs is
-    named with the alternatives.
+    named with the alternatives. The guarded root names its retry.
 
     Example:
       >>> from nnx_parallel.core.layouts import get_hooks
@@ -134,6 +151,13 @@ def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
       >>> static_route(layer, get_hooks(layer), explicit=False)
       'layout.constrain'
     """
+    route = PLAIN if hooks.guard_only else _static_route(module, hooks, explicit)
+    if hooks.guard:
+        return f"{route}; where Explicit types refuse the model's code: {GUARD_AUTO_AXES}"
+    return route
+
+
+def _static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
     lay, gather = hooks.layout, hooks.gather
     if gather is None:
         if lay is None or lay.output is None:

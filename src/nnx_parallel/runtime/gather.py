@@ -250,3 +250,12 @@ def set_last_token(token: Any) -> None:
 
 def clear_last_token() -> None:
     _last[:] = [None, None]
+
+
+def last_token_state() -> tuple:
+    """What `restore_last_token_state` puts back (a refused trace's token must not leak)."""
+    return tuple(_last)
+
+
+def restore_last_token_state(saved: tuple) -> None:
+    _last[:] = list(saved)

@@ -308,7 +308,9 @@ def _hook_lines(res: Resolution, modules, explicit: bool) -> list[str]:
     width = max(len(p or "<root>") for p in res.hooks)
     for path, h in res.hooks.items():
         kinds = ", ".join(
-            k for k in ("layout", "gather", "remat") if getattr(h, k, None) is not None
+            k
+            for k in ("layout", "gather", "remat", "guard")
+            if getattr(h, k, None) not in (None, False)
         )
         route = dispatch.static_route(modules[path], h, explicit)
         lines.append(f"  {(path or '<root>').ljust(width)}  {kinds or 'none'}  route {route}")
