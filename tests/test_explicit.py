@@ -224,8 +224,8 @@ def test_cache_list_passed_as_argument(mesh, kind, plan):
         return nnx.jit(steps)(model, cache, x), cache
 
     with jax.set_mesh(mesh):
-        expected, ref_cache = decode(rm.CacheListLM(rngs=nnx.Rngs(0)), xs)
-    model = rm.CacheListLM(rngs=nnx.Rngs(0))
+        expected, ref_cache = decode(rm.CacheListLM(layers=1, rngs=nnx.Rngs(0)), xs)
+    model = rm.CacheListLM(layers=1, rngs=nnx.Rngs(0))
     npx.parallelize(model, mesh, _plan(plan, model, mesh))
     with jax.set_mesh(mesh):
         xs = jax.device_put(xs, jax.NamedSharding(mesh, jax.P(None, "fsdp")))
@@ -234,6 +234,35 @@ def test_cache_list_passed_as_argument(mesh, kind, plan):
     assert_trees_close(got, expected)
     assert_trees_close(nnx.state(cache), nnx.state(ref_cache))
     assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == explicit
-    assert [int(c.index[...]) for c in cache] == [8, 8]
+    assert [int(c.index[...]) for c in cache] == [8]
     if explicit:
         assert cache[0].k[...].sharding.spec == jax.P(None, None, None, None)
+
+
+def test_guard_cost_of_a_replicated_cache():
+    """Explicit axes, FSDP: the guarded step with the replicated cache gathers
+    the new keys and values (2 x 4,096 B over 'fsdp') on top of the four
+    parameter gathers; with the cache laid out like the batch it stays on the
+    typed path and has the parameter gathers only."""
+    mesh = jax.make_mesh((2, 4), ("fsdp", "model"))
+    x = jax.random.normal(jax.random.key(1), (8, 4, 32))
+    gathers = {}
+    for laid in (False, True):
+        model = rm.CachedAttention(rngs=nnx.Rngs(0))
+        npx.parallelize(model, mesh, _plan("fsdp", model, mesh))
+        if laid:
+            batch = jax.NamedSharding(mesh, jax.P("fsdp"))
+            caches = nnx.state(model, nnx.Cache)
+            nnx.update(
+                model, jax.tree.map(lambda c: jax.device_put(c, batch) if c.ndim else c, caches)
+            )
+        with jax.set_mesh(mesh), dispatch.recording() as routes, _guard_warning(not laid):
+            xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp")))
+            compiled = nnx.jit(lambda m, x: m(x)).lower(model, xs).compile()
+        assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == (not laid)
+        ops = collectives(compiled, mesh)
+        assert {c.kind for c in ops} == {"all-gather"} and {c.axes for c in ops} == {("fsdp",)}
+        gathers[laid] = sorted((c.shape.split("{")[0], c.size) for c in ops)
+    params = [("f32[32,32]", 4096)] * 4
+    assert gathers[True] == params
+    assert gathers[False] == sorted(params + [("f32[8,4,4,8]", 4096)] * 2)

@@ -85,9 +85,22 @@ def logs(tmp: Path) -> str:
     return "\n".join(tails)
 
 
+_RUNS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(results of the two workers, single-process reference, seconds taken)."""
+    """(results of the two workers, single-process reference, seconds taken).
+
+    Kept for the whole worker process: pytest tears a module fixture down
+    whenever the worker runs another module's test in between (xdist may
+    interleave them), and the processes need not run twice."""
+    if not _RUNS:
+        _RUNS["runs"] = _launch_and_wait(tmp_path_factory)
+    return _RUNS["runs"]
+
+
+def _launch_and_wait(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
     start = time.perf_counter()
     procs = launch(tmp)

@@ -281,7 +281,7 @@ def test_resnet_batchnorm_fsdp(fsdp8):
     npl.parallelize(model, fsdp8, npl.FSDP("fsdp", min_size=64))
     assert "fsdp" in _spec(model.blocks[0].conv1.kernel)
     with jax.set_mesh(fsdp8):
-        out = model(x)
+        out = nnx.jit(lambda m, x: m(x))(model, x)
     assert_trees_close(out, ref(x))
     assert_trees_close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
 
@@ -297,7 +297,7 @@ def test_resnet_tp_batchnorm_after_column_conv(mesh8):
     # Explicit axes: BatchNorm takes its features whole (its BatchStats are replicated).
     assert (get_hooks(model.bn) is not None) == explicit
     with jax.set_mesh(mesh8):
-        out = model(x)
+        out = nnx.jit(lambda m, x: m(x))(model, x)
     assert_trees_close(out, ref(x))
     assert_trees_close(nnx.state(model, nnx.BatchStat), nnx.state(ref, nnx.BatchStat))
 
@@ -312,7 +312,7 @@ def test_scanned_stack_fsdp(fsdp8):
     assert _spec(model.layers.up.kernel) == jax.P(None, None, "fsdp")  # layer axis never sharded
     assert _spec(model.layers.norm.scale) == jax.P(None, "fsdp")
     with jax.set_mesh(fsdp8):
-        out = model(x)
+        out = nnx.jit(lambda m, x: m(x))(model, x)
     assert_trees_close(out, ref(x))
 
 
