@@ -1,5 +1,7 @@
 """Shared assertions: compare a parallelized model with its unsharded twin."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,10 @@ def forward_counts(model, x, mesh):
     with jax.set_mesh(mesh):
         compiled = nnx.jit(lambda m, x: m(x)).lower(model, x).compile()
     return count_collectives(compiled, mesh)
+
+
+def live_arrays() -> int:
+    """Live device arrays once garbage from earlier tests is collected (a
+    collection in between would otherwise lower the count)."""
+    gc.collect()
+    return len(jax.live_arrays())

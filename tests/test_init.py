@@ -124,9 +124,9 @@ def test_factory_plan_errors_before_any_allocation(mesh8):
 
 def test_abstract_preview_allocates_nothing(fsdp8):
     factory = lambda: Stack(rngs=nnx.Rngs(0))  # noqa: E731
-    before = len(jax.live_arrays())
+    before = helpers.live_arrays()
     abstract, res = abstract_parallelize(factory, fsdp8, FSDP(min_size=16))
-    assert len(jax.live_arrays()) == before
+    assert helpers.live_arrays() == before
     kernel = abstract.layers[3].kernel.get_value()
     assert isinstance(kernel, jax.ShapeDtypeStruct)
     assert kernel.sharding.spec == P("fsdp", None) and kernel.sharding.mesh == fsdp8
@@ -138,9 +138,9 @@ def test_abstract_preview_allocates_nothing(fsdp8):
 
 def test_parallelize_on_abstract_model_annotates_only(fsdp8):
     abstract = nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0)))
-    before = len(jax.live_arrays())
+    before = helpers.live_arrays()
     out = parallelize(abstract, fsdp8, FSDP(min_size=16))
-    assert len(jax.live_arrays()) == before
+    assert helpers.live_arrays() == before
     assert out.up.kernel.get_value().sharding.spec == P(None, "fsdp")
 
 
