@@ -1,14 +1,17 @@
 """Shared assertions: compare a parallelized model with its unsharded twin."""
 
+import contextlib
 import gc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from nnx_parallel import FallbackWarning
 from nnx_parallel.views.collectives import collectives, count_collectives
 
 # f32 tolerances: sharded reductions reorder sums, nothing else differs.
@@ -123,3 +126,11 @@ def live_arrays() -> int:
     collection in between would otherwise lower the count)."""
     gc.collect()
     return len(jax.live_arrays())
+
+
+def guard_warning(explicit: bool):
+    """Expects the Explicit-axes guard's `FallbackWarning` (runtime/guard.py)
+    where the mesh is Explicit; nothing on Auto axes."""
+    if not explicit:
+        return contextlib.nullcontext()
+    return pytest.warns(FallbackWarning, match="Explicit axes refuse this call's own code")

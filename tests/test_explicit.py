@@ -7,8 +7,6 @@ unsharded twin (jitted under the same mesh, batch replicated) within 1e-5,
 the parameters' shardings, and the call routes taken (`dispatch.recording`).
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,7 +17,7 @@ import nnx_parallel as npx
 from nnx_parallel.runtime import dispatch, layout
 from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, guard_warning
 
 
 @pytest.fixture(autouse=True)
@@ -170,12 +168,6 @@ MODELS = {
 }
 
 
-def _guard_warning(explicit: bool):
-    if not explicit:
-        return contextlib.nullcontext()
-    return pytest.warns(npx.FallbackWarning, match="Explicit axes refuse this call's own code")
-
-
 @pytest.mark.parametrize("plan", ["fsdp", "tp", "2d"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_code_explicit_types_refuse(mesh, kind, name, plan):
@@ -189,7 +181,7 @@ def test_model_code_explicit_types_refuse(mesh, kind, name, plan):
     x = jax.random.randint(jax.random.key(1), (8, 8), 0, 64)
     if name == "cache":
         x = jax.random.normal(jax.random.key(1), (8, 4, 32))
-    with _guard_warning(explicit):
+    with guard_warning(explicit):
         model, _, routes = _run(make, plan, mesh, x, MSE, MSE, ref_key=name)
     assert (dispatch.GUARD_AUTO_AXES in routes) == explicit
     specs = {p: v[...].sharding.spec for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -229,7 +221,7 @@ def test_cache_list_passed_as_argument(mesh, kind, plan):
     npx.parallelize(model, mesh, _plan(plan, model, mesh))
     with jax.set_mesh(mesh):
         xs = jax.device_put(xs, jax.NamedSharding(mesh, jax.P(None, "fsdp")))
-        with dispatch.recording() as routes, _guard_warning(explicit):
+        with dispatch.recording() as routes, guard_warning(explicit):
             got, cache = decode(model, xs)
     assert_trees_close(got, expected)
     assert_trees_close(nnx.state(cache), nnx.state(ref_cache))
@@ -256,7 +248,7 @@ def test_guard_cost_of_a_replicated_cache():
             nnx.update(
                 model, jax.tree.map(lambda c: jax.device_put(c, batch) if c.ndim else c, caches)
             )
-        with jax.set_mesh(mesh), dispatch.recording() as routes, _guard_warning(not laid):
+        with jax.set_mesh(mesh), dispatch.recording() as routes, guard_warning(not laid):
             xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp")))
             compiled = nnx.jit(lambda m, x: m(x)).lower(model, xs).compile()
         assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == (not laid)

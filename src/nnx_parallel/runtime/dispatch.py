@@ -151,7 +151,7 @@ def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
       >>> static_route(layer, get_hooks(layer), explicit=False)
       'layout.constrain'
     """
-    route = PLAIN if hooks.guard_only else _static_route(module, hooks, explicit)
+    route = _static_route(module, hooks, explicit)  # `plain` for a root with only the guard
     if hooks.guard:
         return f"{route}; where Explicit types refuse the model's code: {GUARD_AUTO_AXES}"
     return route
