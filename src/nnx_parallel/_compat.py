@@ -8,6 +8,7 @@ touches these APIs directly, so a new release means editing this file only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -312,3 +313,37 @@ def graph_children(node: Any) -> dict | None:
         return None
     impl = graphlib.get_node_impl(node)
     return None if impl is None else dict(impl.node_dict(node))
+
+
+def vjp_without(fun, primals: tuple, drop: list) -> tuple[Any, list, Any]:
+    """`jax.vjp(fun, *primals)` whose saved residuals leave out the arrays in `drop`.
+
+    Returns `(out, kept, rebuild)`: `kept` is the list of residual arrays to
+    save, and `rebuild(kept, values)` gives back the vjp function with
+    `values` (new arrays equal to `drop`'s, e.g. re-gathered parameters) in
+    the places of the dropped ones. A dropped array is found by identity among
+    the leaves of the vjp function, which jax.vjp returns as a pytree whose
+    leaves include the primal inputs it saves as they are (jax 0.7-0.10). A
+    residual that is only derived from a dropped array (a transpose, a cast)
+    is kept; where a jax version keeps no primal as it is, nothing is dropped
+    and the result is still exact, only larger.
+    """
+    out, vjp = jax.vjp(fun, *primals)
+    leaves, treedef = jax.tree_util.tree_flatten(vjp)
+    where = {id(x): i for i, x in enumerate(drop)}
+    slots = tuple(where.get(id(leaf), -1) for leaf in leaves)
+    kept = [leaf for leaf, s in zip(leaves, slots) if s < 0]
+
+    def rebuild(kept: list, values: list):
+        it = iter(kept)
+        filled = [next(it) if s < 0 else values[s] for s in slots]
+        return jax.tree_util.tree_unflatten(treedef, filled)
+
+    return out, kept, rebuild
+
+
+def axis_size(axes: tuple[str, ...]) -> int:
+    """The number of devices along manual mesh `axes`, inside a shard_map."""
+    if hasattr(jax.lax, "axis_size"):
+        return math.prod(jax.lax.axis_size(a) for a in axes)
+    return math.prod(int(jax.lax.psum(1, a)) for a in axes)  # older jax: a static psum

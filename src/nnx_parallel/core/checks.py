@@ -116,6 +116,15 @@ def _seq_dim(value):
     return value
 
 
+def _choice(*allowed: str) -> Callable[[Any], Any]:
+    def rule(value):
+        if value not in allowed:
+            raise _Bad(f"expected one of {allowed}", f"Pass {allowed[0]!r} (the default).")
+        return value
+
+    return rule
+
+
 RULES: dict[str, Callable[[Any], Any]] = {
     "axis": _axis,
     "param": _optional(_str),
@@ -129,6 +138,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "methods": _names,
     "scan_axes": _int(0),
     "seq_dim": _seq_dim,
+    "units": _choice("auto", "module", "leaf"),
 }
 
 

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
-from nnx_parallel.core import layers
+from nnx_parallel.core import layers, units
 from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
 from nnx_parallel.core.layouts import ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
@@ -197,10 +197,36 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         resolved.update(_entries(scope, owner, own, result))
         if result.hooks is not None:
             hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
+    hooks = _units(scope, matches, params, hooks)
     if _compat.is_explicit(mesh) and "" in modules:  # see runtime/guard.py
         hooks[""] = dataclasses.replace(hooks.get("", ModuleHooks(mesh=mesh)), guard=True)
     ordered = {p: resolved[p] for p in params}
     return Resolution(mesh, ordered, hooks, matches, tuple(scope.notes))
+
+
+def _units(scope: _Scope, matches, params, hooks: dict[str, ModuleHooks]):
+    """`hooks` with each FSDP unit's gathers moved onto the unit (`core/units.py`)."""
+    refused: dict[str, list[str]] = {}
+    for pattern, hits in matches.items():
+        for style in scope.entries[pattern]:
+            kind = getattr(style, "units", None)
+            if kind is None:
+                continue
+            for matched in hits:
+                if scope.chosen.get(matched) != pattern:
+                    continue  # a more specific pattern chose this module
+                stacks = scope.stacks
+                if getattr(style, "scan_axes", 0):  # an untagged stack: every param stacked
+                    stacks = {p: ("",) for p in params if units.inside(p, matched)}
+                for unit in units.unit_roots(kind, matched, scope.modules, stacks):
+                    hooks, why = units.group(hooks, unit, scope.modules)
+                    if why is not None:
+                        refused.setdefault(why, []).append(unit or "<root>")
+    for why, where in refused.items():
+        scope.notes.append(
+            f"FSDP units {', '.join(where)}: each module gathers its own params ({why})."
+        )
+    return hooks
 
 
 def _entries(scope: _Scope, owner: str, own, result: _Module) -> dict[str, ParamEntry]:

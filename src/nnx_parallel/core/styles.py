@@ -445,6 +445,13 @@ class FSDP:
         and optimizer state keep their dtype. None: no cast.
       reduce_dtype: Dtype gradients are reduce-scattered in (then cast back
         to the parameter's dtype). None: the gradient's own dtype.
+      units: Which modules gather their subtree's params at once, as FSDP2's
+        `fully_shard` units (see `core/units.py`). `"auto"`: each repeated
+        block (items of an `nnx.List`, numbered layers, a scanned layer)
+        under the matched module, else the matched module itself unless it
+        is the root; `"module"`: each matched module; `"leaf"`: every module
+        gathers its own params. One unit costs one all-gather per dtype per
+        direction and one reduce-scatter per call.
 
     Raises:
       PlanError: `prefetch` is not 0 or 1, or a dtype is not floating.
@@ -465,6 +472,7 @@ class FSDP:
     prefetch: int = 0
     param_dtype: Any = None
     reduce_dtype: Any = None
+    units: str = "auto"
     subtree = True
 
     def __post_init__(self) -> None:

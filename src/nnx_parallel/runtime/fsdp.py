@@ -25,6 +25,7 @@ from nnx_parallel._paths import join, keys
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks, base_class
 from nnx_parallel.runtime import gather as _gather
+from nnx_parallel.runtime import remat as _remat
 from nnx_parallel.runtime.layout import context_mesh as _context_mesh
 from nnx_parallel.runtime.layout import explicit_here as _explicit_here
 from nnx_parallel.runtime.layout import is_array as _is_array
@@ -452,7 +453,7 @@ def _gather_plan(gather: Gather, pstate) -> tuple[list, Any, _gather.GatherPlan]
         dims=tuple(out),
         axes=gather.axes,
         batch_axes=tuple(a for a in dict.fromkeys(gather.batch_axes + gather.axes) if a in manual),
-        keep=not gather.remat,
+        keep=not gather.remat or _remat.recomputed(),
         prefetch=gather.prefetch,
         param_dtype=gather.param_dtype,
         reduce_dtype=gather.reduce_dtype,

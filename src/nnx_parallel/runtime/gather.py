@@ -31,6 +31,7 @@ O(depth).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from nnx_parallel import _compat, _specs
+from nnx_parallel.runtime import buckets
 
 _NO_DIM = None
 
@@ -105,26 +107,30 @@ def _cast(x, dtype):
     return x.astype(dtype) if dtype is not None and _is_float(x) else x
 
 
-def gather_leaves(shards: list, plan: GatherPlan) -> list:
-    """All-gathers each leaf on its dim over `plan.axes`, cast to param_dtype first."""
-    out = []
-    for x, dim in zip(shards, plan.dims):
-        x = _cast(x, plan.param_dtype)
-        if dim is not _NO_DIM:
-            x = _bits_gather(x, _axis(plan.axes), dim)
-        out.append(x)
+def gather_leaves(shards: list, plan: GatherPlan, *, vectors: bool = True) -> list:
+    """All-gathers each leaf on its dim over `plan.axes`, cast to param_dtype
+    first: one all-gather per dtype for the leaves of 2 or more dims, one
+    all-reduce per dtype for the rest (`buckets.psum_gather`). Without
+    `vectors`, the 0-1-dim leaves come back as None."""
+    out = [_cast(x, plan.param_dtype) for x in shards]
+    axis = _axis(plan.axes)
+    for small, collect in ((False, buckets.all_gather), (True, buckets.psum_gather)):
+        where = [
+            i for i, d in enumerate(plan.dims) if d is not _NO_DIM and is_vector(out[i]) == small
+        ]
+        if small and not vectors:
+            for i in where:
+                out[i] = None
+        elif where:
+            full = collect([out[i] for i in where], [plan.dims[i] for i in where], axis)
+            for i, x in zip(where, full):
+                out[i] = x
     return out
 
 
-def _bits_gather(x, axis, dim: int):
-    """`all_gather(x)`; a sub-32-bit float is gathered as same-width unsigned
-    ints, so the wire carries its own bytes (XLA:CPU otherwise widens a bf16
-    all-gather to f32). Not differentiable: only `gathered_call` uses it."""
-    if not _is_float(x) or x.dtype.itemsize >= 4:
-        return jax.lax.all_gather(x, axis, axis=dim, tiled=True)
-    uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
-    bits = jax.lax.all_gather(jax.lax.bitcast_convert_type(x, uint), axis, axis=dim, tiled=True)
-    return jax.lax.bitcast_convert_type(bits, x.dtype)
+def is_vector(x) -> bool:
+    """A leaf gathered with `psum_gather` and saved for backward (0 or 1 dims)."""
+    return x.ndim <= 1
 
 
 def _varying(x, axes: tuple[str, ...]):
@@ -133,18 +139,42 @@ def _varying(x, axes: tuple[str, ...]):
     return _compat.pcast_varying(x, tuple(a for a in axes if a not in have))
 
 
-def _scatter(grad, shard, dim, plan: GatherPlan):
-    """The gradient of one shard: reduce-scatter over `axes`, psum over the rest."""
-    if grad is None or not _is_float(shard):
-        return None
-    g = _cast(grad, plan.reduce_dtype)
-    if dim is not _NO_DIM:
-        g = jax.lax.psum_scatter(g, _axis(plan.axes), scatter_dimension=dim, tiled=True)
-    # Sum over the manual axes the shard is replicated on (its type says which).
-    extra = tuple(sorted(_compat.varying_axes(g) - _compat.varying_axes(shard)))
-    if extra:
-        g = jax.lax.psum(g, extra)
-    return g.astype(shard.dtype)
+def scatter_grads(grads: list, shards: list, plan: GatherPlan) -> list:
+    """The gradients of the shards, None for non-float ones.
+
+    Matrices: one reduce-scatter over `axes` per dtype, then a sum over the
+    other manual axes the shard is replicated on. Vectors (see `is_vector`)
+    and leaves used whole: one all-reduce per group of axes and dtype, a
+    vector then keeps its own chunk.
+    """
+    out: list = [None] * len(shards)
+    live = [i for i, (g, s) in enumerate(zip(grads, shards)) if g is not None and _is_float(s)]
+    cast = {i: _cast(grads[i], plan.reduce_dtype) for i in live}
+    gathered = {i for i in live if plan.dims[i] is not _NO_DIM}
+    mats = [i for i in live if i in gathered and not is_vector(shards[i])]
+    axis, n = _axis(plan.axes), _compat.axis_size(plan.axes)
+    if mats:
+        mine = buckets.reduce_scatter(
+            [cast[i] for i in mats], [plan.dims[i] for i in mats], axis, n
+        )
+        cast.update(zip(mats, mine))
+    # Sum over the manual axes the shard is replicated on (its type says which);
+    # a gathered vector's sum is over `axes` too.
+    sums = []
+    for i in live:
+        extra = _compat.varying_axes(cast[i]) - _compat.varying_axes(shards[i])
+        if i in gathered and i not in mats:
+            extra |= set(plan.axes)
+        sums.append(tuple(sorted(extra)))
+    summed = dict(zip(live, buckets.psum([cast[i] for i in live], sums)))
+    me = jax.lax.axis_index(axis) if len(gathered) > len(mats) else None
+    for i in live:
+        g = summed[i]
+        if i in gathered and i not in mats:
+            size = shards[i].shape[plan.dims[i]]
+            g = jax.lax.dynamic_slice_in_dim(g, me * size, size, axis=plan.dims[i])
+        out[i] = g.astype(shards[i].dtype)
+    return out
 
 
 def gathered_call(fn: Callable, shards: list, inputs: Any, plan: GatherPlan, prev: Any = None):
@@ -201,36 +231,84 @@ def _cast_inputs(inputs, plan: GatherPlan):
 
 
 def _custom(fn: Callable, plan: GatherPlan, chained: bool):
+    @functools.partial(jax.checkpoint, policy=_save_all_but_cheap)
+    def forward(full, inputs):
+        return fn(full, _cast_inputs(inputs, plan))
+
+    def gather(shards, dep, vectors=True):
+        full = gather_leaves(tie(shards, dep, plan.batch_axes), plan, vectors=vectors)
+        # Varying over the batch axes: the vjp then sums nothing implicitly;
+        # `_scatter` reduce-scatters each gradient itself.
+        return [_varying(x, plan.batch_axes) if x is not None and _is_float(x) else x for x in full]
+
     @jax.custom_vjp
     def run(shards, inputs, prev):
         full = gather_leaves(tie(shards, prev if chained else inputs, plan.batch_axes), plan)
-        return fn(full, _cast_inputs(inputs, plan)), _token(inputs)
+        return forward(full, inputs), _token(inputs)
 
     def fwd(shards, inputs, prev):
-        if not plan.keep:
-            return run(shards, inputs, prev), (shards, inputs, prev, None)
-        full = gather_leaves(tie(shards, prev if chained else inputs, plan.batch_axes), plan)
-        out = fn(full, _cast_inputs(inputs, plan)), _token(inputs)
-        return out, (shards, inputs, prev, full)  # keep: the gathered copy lives on
+        full = gather(shards, prev if chained else inputs)
+        # The call's own residuals (activations) are saved, so backward does not
+        # run the forward again; the gathered matrices are not (keep: they are)
+        # and backward gathers them again. Vectors are saved: they are small.
+        drop = [] if plan.keep else [x for x in full if not is_vector(x)]
+        out, kept, rebuild = _compat.vjp_without(forward, (full, inputs), drop)
+        floats = jax.tree.map(_is_float, inputs)
+        return (out, _token(inputs)), (shards, prev, kept, _Static((rebuild, floats)))
 
     def bwd(res, cts):
-        shards, inputs, prev, full = res
+        shards, prev, kept, static = res
+        rebuild, floats = static.value
         g, g_token = cts
-        if full is None:
+        again = []
+        if not plan.keep:
             # prefetch: the next call's backward sends g_token as soon as it starts.
             when = g_token if plan.prefetch else g
-            full = gather_leaves(tie(shards, when, plan.batch_axes), plan)
-        full = [_varying(x, plan.batch_axes) if _is_float(x) else x for x in full]
-        _, vjp = jax.vjp(lambda p, i: fn(p, _cast_inputs(i, plan)), full, inputs)
-        g_full, g_inputs = vjp(g)
-        g_shards = [_scatter(gf, s, d, plan) for gf, s, d in zip(g_full, shards, plan.dims)]
-        g_inputs = jax.tree.map(lambda gi, x: gi if _is_float(x) else None, g_inputs, inputs)
+            again = [
+                x for x in gather(shards, when, vectors=False) if x is not None and not is_vector(x)
+            ]
+        g_full, g_inputs = rebuild(kept, again)(g)
+        g_shards = scatter_grads(list(g_full), shards, plan)
+        g_inputs = jax.tree.map(lambda gi, f: gi if f else None, g_inputs, floats)
         zero = _zero(g)
         g_prev = jax.tree.map(lambda t: jnp.zeros_like(t) + zero.astype(t.dtype), prev)
         return g_shards, g_inputs, g_prev
 
     run.defvjp(fwd, bwd)
     return run
+
+
+# What a unit saves for backward: the outputs of everything but element-wise
+# and layout ops (matmuls, convolutions, reductions, attention kernels); the
+# element-wise ops are recomputed from those in backward (a few FLOPs per
+# element, against a matmul's 2·K). Two reasons: a residual leaves the unit's
+# manual region (`shard_map`) and so must be a real buffer, where XLA would
+# rather fuse a chain of element-wise ops into their consumers than store
+# each of them (DP's activation memory); and a value such as `x @ w + b` is
+# then recomputed from the re-gathered `b`, not read from the forward's
+# gathered buffer, which would stay alive until backward.
+_ELEMENTWISE = frozenset(
+    """add add_any sub mul div neg max min abs sign exp exp2 log log1p expm1 tanh logistic
+    erf erfc erf_inv sin cos tan sqrt rsqrt cbrt pow integer_pow square floor ceil round
+    is_finite select_n clamp eq ne lt le gt ge and or not xor convert_element_type
+    reduce_precision nextafter broadcast_in_dim reshape transpose squeeze expand_dims
+    copy copy_p slice dynamic_slice concatenate pad rev iota pvary pcast
+    bitcast_convert_type""".split()
+)
+
+
+def _save_all_but_cheap(prim, *_, **__) -> bool:
+    return prim.name not in _ELEMENTWISE
+
+
+class _Static:
+    """A residual that is no array (a function, flags): a pytree with no leaves."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+jax.tree_util.register_pytree_node(_Static, lambda s: ((), s), lambda s, _: s)
 
 
 # Prefetch: the token of the last gathered call in the current trace ---------------------

@@ -23,6 +23,8 @@ holds; the `Remat` plan style makes one, and `runtime/dispatch.py` calls
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
@@ -59,9 +61,31 @@ def recompute_call(module: nnx.Module, call: Callable, remat: Recompute, args, k
         return out, nnx.state(inner, nnx.Not(nnx.Param))
 
     arrays = [flat[i] for i in where]
-    out, new_rest = recompute(pure, remat.policy)(whole, sharded, rest, arrays)
+    with _recomputed():
+        out, new_rest = recompute(pure, remat.policy)(whole, sharded, rest, arrays)
     nnx.update(module, new_rest)
     return out
+
+
+# Set while a call inside `recompute_call` is traced. Its forward residuals are
+# not saved but recomputed in backward, just before that backward, so an FSDP
+# unit inside keeps its gathered params for its own backward instead of
+# gathering them a third time (`runtime/fsdp.py`).
+_RECOMPUTED = contextvars.ContextVar("nnx_parallel_recomputed", default=False)
+
+
+@contextlib.contextmanager
+def _recomputed():
+    token = _RECOMPUTED.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTED.reset(token)
+
+
+def recomputed() -> bool:
+    """True while tracing a call whose forward `Remat` recomputes in backward."""
+    return _RECOMPUTED.get()
 
 
 def _replicated_param(path, var) -> bool:
