@@ -45,9 +45,11 @@ from nnx_parallel.checkpoint._checks import (
     _check_ours,
     _check_saveable,
     _check_step,
+    _damaged_manifest,
     _directory,
     _flat,
     _manifest_entry,
+    _manifest_problem,
     _mismatches,
     _model_target,
     _ocp,
@@ -136,6 +138,11 @@ class CheckpointManager:
     @classmethod
     def _reader(cls, directory: str) -> CheckpointManager:
         """A manager that only reads (creates nothing, deletes nothing)."""
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise CheckpointError(
+                f"No checkpoint at {directory}: it is a file, not a checkpoint directory. Pass "
+                "the directory that save (or a CheckpointManager) wrote."
+            )
         if not os.path.isdir(directory):
             raise CheckpointError(f"No checkpoint at {directory}: the directory does not exist.")
         self = cls.__new__(cls)
@@ -332,6 +339,7 @@ class CheckpointManager:
             )
         if step is None:
             return steps[-1]
+        step = _check_step(step)
         if step not in steps:
             raise CheckpointError(f"No step {step} in {self.directory}; its steps: {steps}.")
         return step
@@ -342,13 +350,19 @@ class CheckpointManager:
         step_dir = os.path.join(self.directory, str(step))
         if not os.path.isdir(os.path.join(step_dir, MANIFEST_ITEM)):
             raise CheckpointError(f"The checkpoint {where} was not written by nnx_parallel.")
-        manifest = self._manager.restore(
-            step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
-        )[MANIFEST_ITEM]
+        try:
+            manifest = self._manager.restore(
+                step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
+            )[MANIFEST_ITEM]
+        except Exception as e:  # orbax / json: an unreadable manifest file (details chained)
+            raise _damaged_manifest(where, f"it cannot be read ({type(e).__name__}: {e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(
                 f"The checkpoint {where} has an unknown format: {manifest!r:.80}."
             )
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise _damaged_manifest(where, problem)
         expected = [*manifest["items"], *([METADATA_ITEM] if manifest["metadata"] else [])]
         missing = [i for i in expected if not os.path.isdir(os.path.join(step_dir, i))]
         if missing:

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
-from nnx_parallel.core import layers
+from nnx_parallel.core import conflicts, layers
 from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
 from nnx_parallel.core.layouts import ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
@@ -301,16 +301,22 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     hooks = get_hooks(module)
     metadata: dict[str, dict] = {}
     styles = _styles_for(scope, owner, module, shapes)
+    paths = {n: path for n, (path, _) in own.items()}
+    weight = max(paths, key=lambda n: len(shapes[n]), default=None)  # the kernel, not a bias
+    conflicts.check_axis_clash(owner, paths.get(weight), styles, scope.mesh)
     declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
+    setters: dict[str, Style] = {}  # param name -> the style of this plan that set its spec
     for pattern, style in styles:
         ctx = ModuleContext(
             owner, pattern, module, shapes, dict(current), scope.mesh, declared, stacked
         )
         with _explain_tied(scope, owner):
             new = style.param_specs(ctx)
+        conflicts.check_tuple_override(paths, current, new, setters, style, pattern)
         for name, spec in new.items():
             if spec != current.get(name):
                 sources[name] = pattern
+                setters[name] = style
             current[name] = spec
         hooks = (hooks or ModuleHooks()).merge(style.hooks(ctx, new))
         param_metadata = getattr(style, "param_metadata", None)  # optional protocol method

@@ -573,14 +573,31 @@ def _is_float_dtype(dtype: Any) -> bool:
         return False
 
 
+def _instance_hint(cls: type) -> str:
+    """How to write an instance of style class `cls`, checked by building it."""
+    name = cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if "specs" in fields:  # Shard: specs are keyword arguments
+        return f"e.g. {name}(kernel=P(None, 'model'))"
+    try:
+        cls()
+    except Exception:  # a user's style with required arguments
+        return f"{name}(...) with its arguments"
+    axis = fields["axis"].default if "axis" in fields else None
+    if not isinstance(axis, str):
+        return f"{name}()"
+    arg = repr(axis) if next(iter(fields)) == "axis" else f"axis={axis!r}"
+    return f"{name}() or {name}({arg})"
+
+
 def as_styles(entry: Any) -> tuple[Style, ...]:
     """A plan value (a style or a tuple of styles) as a tuple of styles."""
     items = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
     for item in items:
         if isinstance(item, type):
             raise PlanError(
-                f"plan value {item.__name__} is a class, not a style: write {item.__name__}() "
-                f"(with its arguments, e.g. {item.__name__}('model'))."
+                f"plan value {item.__name__} is a class, not a style: write an instance, "
+                f"{_instance_hint(item)}."
             )
         if not isinstance(item, Style):
             raise PlanError(
