@@ -197,6 +197,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         resolved.update(_entries(scope, owner, own, result))
         if result.hooks is not None:
             hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
+    _tied_gathers(scope, resolved, hooks)
     if _compat.is_explicit(mesh) and "" in modules:  # see runtime/guard.py
         hooks[""] = dataclasses.replace(hooks.get("", ModuleHooks(mesh=mesh)), guard=True)
     ordered = {p: resolved[p] for p in params}
@@ -326,6 +327,30 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     if styles:
         _check_conflicts(own, previous, current, sources)
     return _Module(current, sources, _layer_hooks(module, scope.mesh, hooks), metadata)
+
+
+def _tied_gathers(scope: _Scope, resolved: dict[str, ParamEntry], hooks: dict) -> None:
+    """Gives a module that reads a Param owned by another module (`b.kernel = a.kernel`)
+    the FSDP gather of that Param too, so each of the two calls sees it whole."""
+    extra: dict[str, dict[str, str]] = {}  # alias owner -> {name on it: first path}
+    for alias, (first, owner) in scope.tied.items():
+        if first in resolved:
+            extra.setdefault(owner, {})[alias[len(owner) + 1 :] if owner else alias] = first
+    for owner, names in extra.items():
+        module = scope.modules[owner]
+        own = {e.name: e for e in resolved.values() if e.module_path == owner}
+        own.update({n: resolved[first] for n, first in names.items()})
+        specs = {n: e.spec for n, e in own.items()}
+        shapes = {n: e.shape for n, e in own.items()}
+        for pattern, style in _styles_for(scope, owner, module, shapes):
+            if not style.subtree:
+                continue
+            ctx = ModuleContext(owner, pattern, module, shapes, specs, scope.mesh)
+            new = style.hooks(ctx, specs)
+            if new is not None and new.gather is not None:
+                base = hooks.get(owner) or ModuleHooks()
+                merged = base.merge(ModuleHooks(gather=new.gather, methods=new.methods))
+                hooks[owner] = dataclasses.replace(merged, mesh=scope.mesh)
 
 
 def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:

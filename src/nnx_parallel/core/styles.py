@@ -496,8 +496,8 @@ class FSDP:
         for name, shape in ctx.shapes.items():
             current = ctx.current.get(name)
             out[name] = current if current is not None else _specs.replicated(len(shape))
-            if math.prod(shape) < self.min_size:
-                continue
+            if math.prod(shape) < self.min_size or size == 1:
+                continue  # size 1: nothing to shard over (a 1-device mesh), so no gather either
             used = _specs.pad(current, len(shape))
             if set(self._axes()) & _specs.spec_axes(used):
                 continue  # already sharded over this axis (parallelize called twice)
