@@ -8,9 +8,11 @@ touches these APIs directly, so a new release means editing this file only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -143,6 +145,19 @@ def spec_of(x: Any) -> P | None:
 
 
 # Sharding ops ---------------------------------------------------------------
+
+
+def merge_leading(x: Any, count: int) -> Any:
+    """`x` with its first `count` dims merged into one. On Explicit axes the merged
+    dim keeps the axes those dims were sharded over (valid while only the first
+    dim of size > 1 among them is sharded, as for a batch-sharded value)."""
+    shape = (math.prod(x.shape[:count]), *x.shape[count:])
+    spec = spec_of(x)
+    if spec is None or not any(spec[:count]):
+        return jnp.reshape(x, shape)
+    axes = tuple(a for e in spec[:count] for a in (e if isinstance(e, tuple) else (e,)) if a)
+    merged = P(axes[0] if len(axes) == 1 else axes, *spec[count:])
+    return jnp.reshape(x, shape, out_sharding=NamedSharding(jax.typeof(x).sharding.mesh, merged))
 
 
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs, axis_names):
