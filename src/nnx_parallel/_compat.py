@@ -88,6 +88,40 @@ def restore_metadata(var: nnx.Variable, metadata: dict[str, Any]) -> None:
 # Meshes -------------------------------------------------------------------
 
 
+def _rebuild_mesh(ids: Any, axis_names: tuple, axis_types: tuple) -> Mesh:
+    import numpy as np
+
+    by_id = {d.id: d for d in jax.devices()}
+    missing = sorted(set(np.ravel(ids).tolist()) - set(by_id))
+    if missing:
+        raise ValueError(
+            f"nnx_parallel: cannot unpickle a mesh over devices {missing}: this process has "
+            f"devices {sorted(by_id)}. Unpickle where the same devices exist, or pickle "
+            "npx.gather(model) (host arrays) and parallelize again."
+        )
+    devices = np.vectorize(by_id.__getitem__, otypes=[object])(np.asarray(ids))
+    return Mesh(devices, axis_names, axis_types=axis_types)
+
+
+def _reduce_mesh(mesh: Mesh) -> tuple:
+    """A Mesh pickles as its device ids (jax Devices themselves do not pickle)."""
+    import numpy as np
+
+    ids = np.vectorize(lambda d: d.id, otypes=[np.int64])(mesh.devices)
+    return _rebuild_mesh, (ids, tuple(mesh.axis_names), tuple(mesh.axis_types))
+
+
+def register_mesh_pickling() -> None:
+    """Makes `jax.sharding.Mesh` picklable (by device ids), as our metadata holds one.
+
+    The same devices must exist where it is unpickled. Registered with
+    `copyreg`, which only `pickle` (and `copy`) consult.
+    """
+    import copyreg
+
+    copyreg.pickle(Mesh, _reduce_mesh)
+
+
 def axis_type(mesh: Mesh, axis: str) -> Any:
     types = getattr(mesh, "axis_types", None)
     if types is None:
