@@ -51,6 +51,7 @@ def hooked_class(base: type, hooks: ModuleHooks) -> type:
         for method in hooks.methods:
             namespace[method] = dispatch.wrap(getattr(base, method), method)
         namespace["__reduce_ex__"] = _reduce_ex
+        namespace["__setstate__"] = _setstate
         cls = _REGISTRY[key] = type(name, (base,), namespace)
     return cls
 
@@ -64,6 +65,14 @@ def _reduce_ex(self, protocol):
         return rv
     hooks = getattr(cls, HOOKS_ATTR)
     return (_new_hooked, (getattr(cls, BASE_ATTR), hooks, *rv[1][1:]), *rv[2:])
+
+
+def _setstate(self, state) -> None:
+    """Unpickling: the base's `__setstate__`, then the arrays laid out again."""
+    from nnx_parallel.runtime import unpickle  # runtime.apply imports this module
+
+    super(type(self), self).__setstate__(state)
+    unpickle.relayout(self, getattr(type(self), HOOKS_ATTR))
 
 
 def _new_hooked(base: type, hooks: ModuleHooks, *args):
