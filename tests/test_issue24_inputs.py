@@ -1,7 +1,7 @@
 """Bad inputs and faults from issue 24, section 3: each case fails on the old code.
 
 Cases a and j live in tests/test_conflicts.py, h in tests/test_accumulate.py,
-e in tests/test_pickle.py, f and g in tests/test_checkpoint_faults.py.
+e in tests/test_unpickle.py, f and g in tests/test_checkpoint_faults.py.
 """
 
 import glob

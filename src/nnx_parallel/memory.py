@@ -238,7 +238,7 @@ def _transform(optimizer: Any, model: nnx.Module) -> optax.GradientTransformatio
 
 
 def _batch_axes(mesh: Mesh, batch_axes: Any) -> tuple[str, ...]:
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    axes = _specs.axes_of(batch_axes)
     for a in axes:
         if a not in mesh.axis_names:
             raise MeshError(

@@ -27,7 +27,7 @@ from flax import nnx
 
 from nnx_parallel.core.layouts import BASE_ATTR, HOOKS_ATTR, ModuleHooks, base_class
 from nnx_parallel import _compat
-from nnx_parallel.runtime import dispatch
+from nnx_parallel.runtime import dispatch, unpickle
 
 _compat.register_mesh_pickling()  # metadata and hooks hold the mesh
 
@@ -69,8 +69,6 @@ def _reduce_ex(self, protocol):
 
 def _setstate(self, state) -> None:
     """Unpickling: the base's `__setstate__`, then the arrays laid out again."""
-    from nnx_parallel.runtime import unpickle  # runtime.apply imports this module
-
     super(type(self), self).__setstate__(state)
     unpickle.relayout(self, getattr(type(self), HOOKS_ATTR))
 

@@ -19,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layouts import ModuleHooks
-from nnx_parallel.runtime.apply import place
 
 
 def relayout(module: nnx.Module, hooks: ModuleHooks) -> None:
@@ -39,4 +38,4 @@ def relayout(module: nnx.Module, hooks: ModuleHooks) -> None:
         else:
             continue
         if value.sharding != target:
-            _compat.set_value(node, place(value, target))
+            _compat.set_value(node, _compat.device_put(value, target))
