@@ -26,6 +26,7 @@ the old or the new checkpoint, never neither and never a mix.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -61,6 +62,7 @@ from nnx_parallel.checkpoint._checks import (
     _saved_dtype_target,
     _verify,
 )
+from nnx_parallel.checkpoint import _faults
 from nnx_parallel.errors import CheckpointError, PlanError
 
 
@@ -132,8 +134,12 @@ class CheckpointManager:
                 f"keep must be a positive int (or None to keep every step), got {keep!r}."
             )
         _check_ours(self.directory)
-        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
         self._last_saved: int | None = None
+        self._in_flight: list = []  # orbax threads of the save in flight
+        self._deferred: BaseException | None = None  # its error, met by another manager
+        _faults.settle(self, self.directory)  # opening cleans up tmp dirs: not theirs
+        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
+        _faults.writers(self.directory).add(self)
 
     @classmethod
     def _reader(cls, directory: str) -> CheckpointManager:
@@ -149,6 +155,7 @@ class CheckpointManager:
         self.directory = directory
         self._manager = _orbax_manager(directory, None, False, create=False)
         self._last_saved = None
+        self._in_flight, self._deferred = [], None
         return self
 
     def __enter__(self) -> Self:
@@ -180,11 +187,26 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Blocks until a background save is on disk; raises its error, if any."""
-        self._manager.wait_until_finished()
+        self._raise_deferred()
+        with _faults.released_on_error(self._in_flight):
+            self._manager.wait_until_finished()
+        self._in_flight = []
+
+    def _raise_deferred(self) -> None:
+        error, self._deferred = self._deferred, None
+        if error is not None:
+            self._in_flight = []
+            raise error
 
     def close(self) -> None:
         """Waits for a background save, then releases orbax's threads."""
-        self._manager.close()
+        _faults.writers(self.directory).discard(self)
+        try:
+            with _faults.released_on_error(self._in_flight):
+                self._manager.close()
+        finally:
+            self._in_flight = []
+        self._raise_deferred()
 
     def save(
         self,
@@ -225,6 +247,9 @@ class CheckpointManager:
         trees = {MODEL_ITEM: _pure(model, "model")}
         if optimizer is not None:
             trees[OPTIMIZER_ITEM] = _pure(optimizer, "optimizer")
+        self._raise_deferred()
+        _faults.settle(self, self.directory)  # another manager's step in flight here counts
+        self._manager.reload()
         newest = max([*self._manager.all_steps(), self._last_saved or -1])
         if step <= newest:
             raise CheckpointError(
@@ -241,7 +266,10 @@ class CheckpointManager:
         args[MANIFEST_ITEM] = ocp.args.JsonSave(manifest)
         if metadata is not None:
             args[METADATA_ITEM] = ocp.args.JsonSave(metadata)
-        self._manager.save(step, args=ocp.args.Composite(**args))
+        before = set(threading.enumerate())
+        with _faults.released_on_error([]):  # no orbax thread outlives a failed save
+            self._manager.save(step, args=ocp.args.Composite(**args))
+        self._in_flight = _faults.started_since(before)  # released if the save fails later
         self._last_saved = step
 
     def restore(
