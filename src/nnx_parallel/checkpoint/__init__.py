@@ -248,8 +248,8 @@ class CheckpointManager:
         if optimizer is not None:
             trees[OPTIMIZER_ITEM] = _pure(optimizer, "optimizer")
         self._raise_deferred()
-        _faults.settle(self, self.directory)  # another manager's step in flight here counts
-        self._manager.reload()
+        if _faults.settle(self, self.directory):  # another manager's steps count too
+            self._manager.reload()
         newest = max([*self._manager.all_steps(), self._last_saved or -1])
         if step <= newest:
             raise CheckpointError(

@@ -84,16 +84,16 @@ def writers(directory: str) -> weakref.WeakSet:
     return _WRITERS.setdefault(directory, weakref.WeakSet())
 
 
-def settle(manager, directory: str) -> None:
-    """Waits for every other writer's save in flight in `directory`.
+def settle(manager, directory: str) -> bool:
+    """Waits for every other writer's save in flight in `directory`; True if there are others.
 
     An error of that save is kept for its own manager (raised by its next
     `wait`, `save` or `close`), not raised here.
     """
-    for other in list(writers(directory)):
-        if other is manager:
-            continue
+    others = [m for m in list(writers(directory)) if m is not manager]
+    for other in others:
         try:
             other._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the other manager's error, kept for it
             other._deferred = e
+    return bool(others)

@@ -578,11 +578,11 @@ def _instance_hint(cls: type) -> str:
     name = cls.__name__
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     if "specs" in fields:  # Shard: specs are keyword arguments
-        return f"e.g. {name}(kernel=P(None, 'model'))"
+        return f"{name}(kernel=P(None, 'model')) (a PartitionSpec per parameter name)"
     try:
         cls()
     except Exception:  # a user's style with required arguments
-        return f"{name}(...) with its arguments"
+        return f"an instance, {name}(...) with its arguments"
     axis = fields["axis"].default if "axis" in fields else None
     if not isinstance(axis, str):
         return f"{name}()"
@@ -596,7 +596,7 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
     for item in items:
         if isinstance(item, type):
             raise PlanError(
-                f"plan value {item.__name__} is a class, not a style: write an instance, "
+                f"plan value {item.__name__} is a class, not a style: write "
                 f"{_instance_hint(item)}."
             )
         if not isinstance(item, Style):
