@@ -379,8 +379,9 @@ def _leaf_specs(out, mesh: Mesh | None, declared: bool) -> list[P | None]:
     return specs
 
 
-def _global(grad_fn, model, batch, kwargs, k, reduction, codec, *, declared: bool = True):
+def _global(grad_fn, model, batch, kwargs, k, reduction, codec=None, *, declared: bool = True):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    codec = codec or AuxCodec(None, k, 0)
     call = _caller(grad_fn, graphdef, _splitter(batch, k), kwargs, codec.encode)
     shapes, _ = jax.eval_shape(call, params, rest, 0)
     mesh = _params_mesh(model)
@@ -415,7 +416,7 @@ def _varying(x, axes: tuple[str, ...]):
     return _compat.pcast_varying(x, missing) if missing else x
 
 
-def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: bool, codec):
+def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2, codec=None):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n = math.prod(mesh.shape[a] for a in axes)
     flat, treedef = jax.tree.flatten((batch, kwargs))
@@ -431,7 +432,8 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
             leaves[i] = a
         local_batch, local_kwargs = jax.tree.unflatten(treedef, leaves)
         params = jax.tree.map(lambda p: _varying(p, axes), params)
-        encode = lambda out, i: codec.encode(out, i, jax.lax.axis_index(axes))  # noqa: E731
+        aux = codec or AuxCodec(None, k, 0)
+        encode = lambda out, i: aux.encode(out, i, jax.lax.axis_index(axes))  # noqa: E731
         call = _caller(grad_fn, graphdef, _splitter(local_batch, k), local_kwargs, encode)
         vary = functools.partial(jax.tree.map, lambda x: _varying(x, axes))
         shapes, _ = jax.eval_shape(call, params, rest, 0)
