@@ -159,9 +159,7 @@ def test_reshard_still_moves_its_own_optimizer(fsdp8, mesh8):
     ],
 )
 def test_class_not_instance_hint_builds(cls, hint):
-    with pytest.raises(
-        PlanError, match=re.escape(f"is a class, not a style: write {hint}")
-    ):
+    with pytest.raises(PlanError, match=re.escape(f"is a class, not a style: write {hint}")):
         npx.parallelize(MLP(rngs=nnx.Rngs(0)), jax.make_mesh((8,), ("model",)), {"up": cls})
     # What the hint says works (before: Replicated('model') raised TypeError).
     suggestion = hint.split(" (a ")[0].rstrip(".").split(" or ")[-1]
@@ -177,7 +175,8 @@ class WithFloat(nnx.Module):
         self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
 
 
-def test_python_float_param_in_parallelize(fsdp8, tmp_path):
+def test_python_float_param_in_parallelize(tmp_path):
+    fsdp8 = jax.make_mesh((8,), ("fsdp",))
     # Before: a raw AttributeError ('float' object has no attribute 'shape').
     model = WithFloat()
     match = r"'scale' is an nnx.Param holding a float \(1.5\), not an array.*jnp.asarray\(1.5\)"
@@ -265,7 +264,11 @@ def test_auto_budget_must_be_a_positive_number(budget):
 # p: estimate inputs ------------------------------------------------------------------------
 
 
-def test_estimate_input_errors(fsdp8):
+FSDP8 = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+
+
+def test_estimate_input_errors():
+    fsdp8 = FSDP8
     model, x = MLP(rngs=nnx.Rngs(0)), jax.ShapeDtypeStruct((8, 16), jnp.float32)
     with pytest.raises(MeshError, match=r"batch_axes=\('fdsp',\) names 'fdsp'.*mean 'fsdp'"):
         npx.estimate(model, fsdp8, FSDP(), x, batch_axes=("fdsp",))
@@ -277,7 +280,8 @@ def test_estimate_input_errors(fsdp8):
         npx.estimate(model, fsdp8, FSDP(), x, optimizer=3)
 
 
-def test_estimate_takes_an_nnx_optimizer_factory(fsdp8):
+def test_estimate_takes_an_nnx_optimizer_factory():
+    fsdp8 = FSDP8
     # Before: AttributeError: 'function' object has no attribute 'init'.
     model, x = MLP(rngs=nnx.Rngs(0)), jax.ShapeDtypeStruct((8, 16), jnp.float32)
     sgd = optax.sgd(0.1)

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from typing_extensions import Self
 
+from nnx_parallel.checkpoint import _faults
 from nnx_parallel.checkpoint._checks import (
     FORMAT,
     MANIFEST_ITEM,
@@ -62,7 +63,6 @@ from nnx_parallel.checkpoint._checks import (
     _saved_dtype_target,
     _verify,
 )
-from nnx_parallel.checkpoint import _faults
 from nnx_parallel.errors import CheckpointError, PlanError
 
 

@@ -596,8 +596,7 @@ def as_styles(entry: Any) -> tuple[Style, ...]:
     for item in items:
         if isinstance(item, type):
             raise PlanError(
-                f"plan value {item.__name__} is a class, not a style: write "
-                f"{_instance_hint(item)}."
+                f"plan value {item.__name__} is a class, not a style: write {_instance_hint(item)}."
             )
         if not isinstance(item, Style):
             raise PlanError(

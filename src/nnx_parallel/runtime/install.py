@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from nnx_parallel.core.layouts import BASE_ATTR, HOOKS_ATTR, ModuleHooks, base_class
 from nnx_parallel import _compat
+from nnx_parallel.core.layouts import BASE_ATTR, HOOKS_ATTR, ModuleHooks, base_class
 from nnx_parallel.runtime import dispatch, unpickle
 
 _compat.register_mesh_pickling()  # metadata and hooks hold the mesh
