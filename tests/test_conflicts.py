@@ -1,37 +1,13 @@
 """Plans that contradict themselves are refused at parallelize time (issue 24 a, j)."""
 
-import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import nnx_parallel as npx
 from nnx_parallel import FSDP, ColumnParallel, PlanError, RowParallel, Shard
-from nnx_parallel.core.conflicts import changed_dim, short
+from tests.helpers import assert_same, snapshot
 from tests.models import MLP
-
-
-def snapshot(model):
-    """Everything `parallelize` may change: values, shardings, metadata, classes."""
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            value = node.get_value()
-            out[path] = (np.asarray(value), value.sharding, dict(node.get_metadata()))
-        else:
-            out[path] = type(node)
-    return out
-
-
-def assert_same(before, after):
-    assert before.keys() == after.keys()
-    for k, b in before.items():
-        a = after[k]
-        if isinstance(b, tuple):
-            np.testing.assert_array_equal(a[0], b[0])
-            assert a[1:] == b[1:], k
-        else:
-            assert a is b, k
 
 
 def test_fsdp_and_tp_on_one_axis_is_refused(mesh8):
@@ -82,6 +58,8 @@ def test_tuples_that_add_axes_still_compose(mesh2x4):
 
 
 def test_changed_dim_and_short():
+    from nnx_parallel.core.conflicts import changed_dim, short
+
     assert changed_dim(P(None, "a"), P("b", "a")) is None
     assert changed_dim(P(None, "a"), P("a", None)) == 0  # an axis moved to another dim
     assert changed_dim(None, P("a")) is None
