@@ -137,7 +137,9 @@ def estimate(
         model). Arrays and structs with a `NamedSharding` keep it.
       loss_fn: `loss_fn(model, *batch) -> scalar`; default: the mean square
         of `model(*batch)`.
-      optimizer: An optax transform; default `optax.adam(1e-3)`.
+      optimizer: An optax transform (default `optax.adam(1e-3)`), an
+        `nnx.Optimizer`, or a factory `model -> nnx.Optimizer` (built
+        abstractly, for its transform).
       batch_axes: Mesh axes that split dim 0 of each batch array without a
         sharding; default `batch_spec(mesh)` ('data', then 'fsdp').
 
@@ -145,8 +147,10 @@ def estimate(
       An `Estimate`; `print(est)` shows the memory and traffic tables.
 
     Raises:
-      PlanError: the plan does not apply (see `resolve`), or a batch array
-        does not split over the batch axes.
+      PlanError: the plan does not apply (see `resolve`), a batch argument
+        is not an array (a list: pass a tuple), a batch array does not split
+        over the batch axes, or `optimizer` is none of the above.
+      MeshError: `batch_axes` names an axis the mesh lacks.
 
     Example:
       >>> est = npx.estimate(TinyMLP(rngs=nnx.Rngs(0)), mesh8, Replicated(),

@@ -169,6 +169,11 @@ def reshard(
       strict: If True, a pattern that matches no module raises `PlanError`.
       optimizer: An `nnx.Optimizer` of `model` whose state moves along, in place.
 
+    Raises:
+      ParallelError: `optimizer` is not optimizer state (an optax transform),
+        or its state is laid out for another model's parameters (another
+        architecture, devices or layout). Nothing is moved.
+
     Returns:
       The same `model`, for chaining.
 

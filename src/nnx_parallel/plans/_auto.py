@@ -127,7 +127,9 @@ def auto(
 
     Raises:
       PlanError: no candidate fits (the message names the smallest peak and
-        its candidate), or the mesh has more than 2 axes.
+        its candidate), the mesh has more than 2 axes, or `budget_bytes` is
+        not a positive, finite number. A candidate whose batch axes do not
+        divide the batch is skipped, with the reason in the report.
 
     Example:
       >>> f = lambda: nnx.Linear(256, 256, rngs=nnx.Rngs(0))
