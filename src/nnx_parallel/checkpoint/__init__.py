@@ -307,8 +307,9 @@ class CheckpointManager:
           PlanError: `model` or `optimizer` is not usable, or the saved
             paths, shapes or dtypes differ from the model's (every
             mismatching path is listed).
-          CheckpointError: no such step, the step lacks an item asked for, or
-            a value read differs from the one saved (checksum).
+          CheckpointError: no such step, the step lacks an item asked for, its
+            manifest is damaged, or a value read differs from the one saved
+            (checksum). `step` that is not an int >= 0 raises `PlanError`.
 
         Example:
           >>> import optax, tempfile
@@ -514,8 +515,9 @@ def restore(
     Raises:
       PlanError: `model` is neither a module nor a factory, or the saved
         paths, shapes or dtypes differ from the model's (all listed).
-      CheckpointError: no checkpoint at `path`, no optimizer state saved
-        when one is asked for, or damaged files (the array is named).
+      CheckpointError: no checkpoint at `path` (or `path` is a file), no
+        optimizer state saved when one is asked for, a damaged manifest, or
+        damaged files (the array is named).
 
     Example:
       >>> import optax, tempfile

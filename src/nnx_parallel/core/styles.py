@@ -412,9 +412,10 @@ class FSDP:
     its largest dim that the axis size divides and that no other style
     already shards. Over an axis of size 1 (one device) nothing is sharded
     and nothing gathered. A tensor-parallel style on the same axis as FSDP
-    (or its batch axes) raises `PlanError`: use two axes (`plans.combine`). When its module is called, the parameter is all-gathered
-    inside a `shard_map` over the batch axes, so the backward pass
-    reduce-scatters its gradient: Ψ gathered + Ψ scattered per step, the
+    (or its batch axes) raises `PlanError`: use two axes (`plans.combine`).
+    When its module is called, the parameter is all-gathered inside a
+    `shard_map` over the batch axes, so the backward pass reduce-scatters
+    its gradient: Ψ gathered + Ψ scattered per step, the
     optimum, on every backend.
 
     Args:
