@@ -134,3 +134,26 @@ def guard_warning(explicit: bool):
     if not explicit:
         return contextlib.nullcontext()
     return pytest.warns(FallbackWarning, match="Explicit axes refuse this call's own code")
+
+
+def snapshot(model):
+    """Everything `parallelize` may change: values, shardings, metadata, classes."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            value = node.get_value()
+            out[path] = (np.asarray(value), value.sharding, dict(node.get_metadata()))
+        else:
+            out[path] = type(node)
+    return out
+
+
+def assert_same(before, after):
+    assert before.keys() == after.keys()
+    for k, b in before.items():
+        a = after[k]
+        if isinstance(b, tuple):
+            np.testing.assert_array_equal(a[0], b[0])
+            assert a[1:] == b[1:], k
+        else:
+            assert a is b, k

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -87,6 +88,40 @@ def restore_metadata(var: nnx.Variable, metadata: dict[str, Any]) -> None:
 # Meshes -------------------------------------------------------------------
 
 
+def _rebuild_mesh(ids: Any, axis_names: tuple, axis_types: tuple) -> Mesh:
+    import numpy as np
+
+    by_id = {d.id: d for d in jax.devices()}
+    missing = sorted(set(np.ravel(ids).tolist()) - set(by_id))
+    if missing:
+        raise ValueError(
+            f"nnx_parallel: cannot unpickle a mesh over devices {missing}: this process has "
+            f"devices {sorted(by_id)}. Unpickle where the same devices exist, or pickle "
+            "npx.gather(model) (host arrays) and parallelize again."
+        )
+    devices = np.vectorize(by_id.__getitem__, otypes=[object])(np.asarray(ids))
+    return Mesh(devices, axis_names, axis_types=axis_types)
+
+
+def _reduce_mesh(mesh: Mesh) -> tuple:
+    """A Mesh pickles as its device ids (jax Devices themselves do not pickle)."""
+    import numpy as np
+
+    ids = np.vectorize(lambda d: d.id, otypes=[np.int64])(mesh.devices)
+    return _rebuild_mesh, (ids, tuple(mesh.axis_names), tuple(mesh.axis_types))
+
+
+def register_mesh_pickling() -> None:
+    """Makes `jax.sharding.Mesh` picklable (by device ids), as our metadata holds one.
+
+    The same devices must exist where it is unpickled. Registered with
+    `copyreg`, which only `pickle` (and `copy`) consult.
+    """
+    import copyreg
+
+    copyreg.pickle(Mesh, _reduce_mesh)
+
+
 def axis_type(mesh: Mesh, axis: str) -> Any:
     types = getattr(mesh, "axis_types", None)
     if types is None:
@@ -144,6 +179,19 @@ def spec_of(x: Any) -> P | None:
 
 
 # Sharding ops ---------------------------------------------------------------
+
+
+def merge_leading(x: Any, count: int) -> Any:
+    """`x` with its first `count` dims merged into one. On Explicit axes the merged
+    dim keeps the axes those dims were sharded over (valid while only the first
+    dim of size > 1 among them is sharded, as for a batch-sharded value)."""
+    shape = (math.prod(x.shape[:count]), *x.shape[count:])
+    spec = spec_of(x)
+    if spec is None or not any(spec[:count]):
+        return jnp.reshape(x, shape)
+    axes = tuple(a for e in spec[:count] for a in (e if isinstance(e, tuple) else (e,)) if a)
+    merged = P(axes[0] if len(axes) == 1 else axes, *spec[count:])
+    return jnp.reshape(x, shape, out_sharding=NamedSharding(jax.typeof(x).sharding.mesh, merged))
 
 
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs, axis_names):

@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -60,6 +60,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
+from nnx_parallel.accumulate_aux import AuxCodec
 from nnx_parallel.core.layouts import get_hooks
 from nnx_parallel.errors import ParallelError
 from nnx_parallel.zero import scatter_dim
@@ -73,6 +74,7 @@ def accumulate(
     microbatches: int,
     reduction: str = "mean",
     axis: str | tuple[str, ...] = "data",
+    aux_reduce: str | Mapping[str, Any] | None = None,
 ) -> Callable:
     """Gradient accumulation over `microbatches` slices of the batch, under a scan.
 
@@ -82,8 +84,8 @@ def accumulate(
     leaf of the positional arguments after the model is a batch argument, split
     on dim 0; keyword arguments and non-array leaves are passed whole to every
     microbatch. Every leaf `grad_fn` returns (loss, aux, gradients) is combined
-    with `reduction`; integer leaves (counts) are always summed. Per-example
-    outputs are not supported (they would be combined too).
+    with `reduction`; integer leaves (counts) are always summed; aux leaves
+    that are not float or integer scalars follow `aux_reduce`.
 
     On a data-parallel model (replicated parameters, batch sharded over
     `axis`) and with ZeRO-1/2, gradients are accumulated per device and
@@ -104,6 +106,12 @@ def accumulate(
         is a sum (the result is the sum).
       axis: The mesh axis (or axes) the batch is sharded over, for the
         data-parallel path. `zero.value_and_grad` brings its own axis.
+      aux_reduce: How to combine `has_aux` outputs: one of "mean", "sum",
+        "max", "min", "concat" (per-example values, in batch order), "last",
+        or a dict (nested like the aux) of them per leaf. Unnamed leaves: float
+        scalars follow `reduction`, integer scalars are summed; bools and
+        per-example arrays raise, naming the reduction to pass (see
+        `accumulate_aux`).
 
     Returns:
       A function `(model, *batch, **kwargs) -> what grad_fn returns`. The
@@ -150,11 +158,18 @@ def accumulate(
         _check_divisible(size, k, *_row_axes(model, batch, plan))
         if plan is None:
             # zero.value_and_grad's gradients are not laid out as their parameters.
-            return _global(grad_fn, model, batch, kwargs, k, reduction, declared=zero_loss is None)
+            codec = AuxCodec(aux_reduce, k, size // k)
+            out = _global(
+                grad_fn, model, batch, kwargs, k, reduction, codec, declared=zero_loss is None
+            )
+            return codec.decode(out)
         mesh, used = plan
+        n = math.prod(mesh.shape[a] for a in used)
+        codec = AuxCodec(aux_reduce, k, size // (k * n), n)
         inner = grad_fn if zero_loss is None else nnx.value_and_grad(zero_loss)
         zero2 = zero_loss is not None
-        return _per_device(inner, model, batch, kwargs, k, reduction, mesh, used, zero2)
+        out = _per_device(inner, model, batch, kwargs, k, reduction, mesh, used, zero2, codec)
+        return codec.decode(out)
 
     return run
 
@@ -304,10 +319,10 @@ def _splitter(batch, k: int):
     return take
 
 
-def _caller(grad_fn, graphdef, take, kwargs):
+def _caller(grad_fn, graphdef, take, kwargs, encode=lambda out, i: out):
     def call(params, rest, i):
         model = nnx.merge(graphdef, _fresh(params), _fresh(rest))
-        out = grad_fn(model, *take(i), **kwargs)
+        out = encode(grad_fn(model, *take(i), **kwargs), i)  # named aux leaves in buffers
         return out, nnx.state(model, nnx.Not(nnx.Param))
 
     return call
@@ -364,9 +379,10 @@ def _leaf_specs(out, mesh: Mesh | None, declared: bool) -> list[P | None]:
     return specs
 
 
-def _global(grad_fn, model, batch, kwargs, k: int, reduction: str, *, declared: bool = True):
+def _global(grad_fn, model, batch, kwargs, k, reduction, codec=None, *, declared: bool = True):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    call = _caller(grad_fn, graphdef, _splitter(batch, k), kwargs)
+    codec = codec or AuxCodec(None, k, 0)
+    call = _caller(grad_fn, graphdef, _splitter(batch, k), kwargs, codec.encode)
     shapes, _ = jax.eval_shape(call, params, rest, 0)
     mesh = _params_mesh(model)
     specs = _leaf_specs(shapes, mesh, declared)
@@ -400,7 +416,7 @@ def _varying(x, axes: tuple[str, ...]):
     return _compat.pcast_varying(x, missing) if missing else x
 
 
-def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: bool):
+def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2, codec=None):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n = math.prod(mesh.shape[a] for a in axes)
     flat, treedef = jax.tree.flatten((batch, kwargs))
@@ -416,7 +432,9 @@ def _per_device(grad_fn, model, batch, kwargs, k, reduction, mesh, axes, zero2: 
             leaves[i] = a
         local_batch, local_kwargs = jax.tree.unflatten(treedef, leaves)
         params = jax.tree.map(lambda p: _varying(p, axes), params)
-        call = _caller(grad_fn, graphdef, _splitter(local_batch, k), local_kwargs)
+        aux = codec or AuxCodec(None, k, 0)
+        encode = lambda out, i: aux.encode(out, i, jax.lax.axis_index(axes))  # noqa: E731
+        call = _caller(grad_fn, graphdef, _splitter(local_batch, k), local_kwargs, encode)
         vary = functools.partial(jax.tree.map, lambda x: _varying(x, axes))
         shapes, _ = jax.eval_shape(call, params, rest, 0)
         init = vary(jax.tree.map(functools.partial(_zeros, explicit=explicit), shapes))

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat, _specs, zero
 from nnx_parallel.core.resolve import Resolution
 from nnx_parallel.data import batch_spec
-from nnx_parallel.errors import PlanError
+from nnx_parallel.errors import MeshError, PlanError, did_you_mean
 from nnx_parallel.runtime.sharded_init import abstract_copy, abstract_parallelize
 from nnx_parallel.views import _text
 from nnx_parallel.views.report import CommunicationReport
@@ -137,7 +137,9 @@ def estimate(
         model). Arrays and structs with a `NamedSharding` keep it.
       loss_fn: `loss_fn(model, *batch) -> scalar`; default: the mean square
         of `model(*batch)`.
-      optimizer: An optax transform; default `optax.adam(1e-3)`.
+      optimizer: An optax transform (default `optax.adam(1e-3)`), an
+        `nnx.Optimizer`, or a factory `model -> nnx.Optimizer` (built
+        abstractly, for its transform).
       batch_axes: Mesh axes that split dim 0 of each batch array without a
         sharding; default `batch_spec(mesh)` ('data', then 'fsdp').
 
@@ -145,8 +147,10 @@ def estimate(
       An `Estimate`; `print(est)` shows the memory and traffic tables.
 
     Raises:
-      PlanError: the plan does not apply (see `resolve`), or a batch array
-        does not split over the batch axes.
+      PlanError: the plan does not apply (see `resolve`), a batch argument
+        is not an array (a list: pass a tuple), a batch array does not split
+        over the batch axes, or `optimizer` is none of the above.
+      MeshError: `batch_axes` names an axis the mesh lacks.
 
     Example:
       >>> est = npx.estimate(TinyMLP(rngs=nnx.Rngs(0)), mesh8, Replicated(),
@@ -159,6 +163,7 @@ def estimate(
     if isinstance(model, nnx.Module):
         model = abstract_copy(model, fresh=True)
     abstract, resolution = abstract_parallelize(model, mesh, plan)
+    optimizer = _transform(optimizer, abstract)
     batch = batch if isinstance(batch, tuple) else (batch,)
     batch = tuple(_abstract_batch(x, mesh, batch_axes) for x in batch)
     with jax.set_mesh(mesh):
@@ -219,11 +224,46 @@ def _zero2_axis(resolution: Resolution) -> str | None:
     return None
 
 
+def _transform(optimizer: Any, model: nnx.Module) -> optax.GradientTransformation:
+    """The optax transform of `optimizer`: a transform, an `nnx.Optimizer`, or a factory
+    `model -> nnx.Optimizer` (evaluated abstractly, for its `tx`)."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if callable(optimizer) and not isinstance(optimizer, nnx.Pytree):
+        optimizer = nnx.eval_shape(optimizer, model)
+    tx = getattr(optimizer, "tx", None)
+    if not isinstance(tx, optax.GradientTransformation):
+        raise PlanError(
+            f"estimate(optimizer=...) got {type(optimizer).__name__}: expected an optax "
+            "transform (optax.adam(1e-3)), an nnx.Optimizer, or a factory "
+            "`lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param)`."
+        )
+    return tx
+
+
+def _batch_axes(mesh: Mesh, batch_axes: Any) -> tuple[str, ...]:
+    axes = _specs.axes_of(batch_axes)
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise MeshError(
+                f"batch_axes={batch_axes!r} names {a!r}, which the mesh {dict(mesh.shape)} does "
+                f"not have.{did_you_mean(str(a), mesh.axis_names)} Name mesh axes, or pass "
+                "batch_axes=() to replicate the batch."
+            )
+    return axes
+
+
 def _abstract_batch(x: Any, mesh: Mesh, batch_axes: tuple[str, ...] | None) -> jax.ShapeDtypeStruct:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise PlanError(
+            f"estimate: a batch argument is a {type(x).__name__}, not an array: batch must be an "
+            "array, a jax.ShapeDtypeStruct, or a tuple of them (the loss_fn's arguments after "
+            "the model). Pass e.g. batch=(x, y), or tuple(batch) for a list."
+        )
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, sharding.spec))
-    spec = batch_spec(mesh) if batch_axes is None else _spec(tuple(batch_axes))
+    spec = batch_spec(mesh) if batch_axes is None else _spec(_batch_axes(mesh, batch_axes))
     axes = tuple(a for e in spec for a in _specs.axes_of(e))
     size = math.prod(mesh.shape[a] for a in axes)
     if axes and (not x.shape or x.shape[0] % size):

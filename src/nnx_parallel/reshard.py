@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _specs
 from nnx_parallel._compat import host_copy
 from nnx_parallel._paths import leaf_path
+from nnx_parallel.core.graph import walk
 from nnx_parallel.core.resolve import resolve
 from nnx_parallel.errors import ParallelError
 from nnx_parallel.parallelize import refuse_under_trace
@@ -168,6 +169,11 @@ def reshard(
       strict: If True, a pattern that matches no module raises `PlanError`.
       optimizer: An `nnx.Optimizer` of `model` whose state moves along, in place.
 
+    Raises:
+      ParallelError: `optimizer` is not optimizer state (an optax transform),
+        or its state is laid out for another model's parameters (another
+        architecture, devices or layout). Nothing is moved.
+
     Returns:
       The same `model`, for chaining.
 
@@ -178,6 +184,7 @@ def reshard(
       (P(None, 'model'), 2)
     """
     refuse_under_trace(model, "reshard")
+    _check_optimizer(model, optimizer)
     resolution = resolve(abstract_copy(model, fresh=True), mesh, plan, strict=strict)
     with transaction() as undo:
         for _, node in [*nnx.iter_graph(model), *nnx.iter_graph(optimizer or [])]:
@@ -191,6 +198,77 @@ def reshard(
         if optimizer is not None:
             _move_optimizer(optimizer, resolution)
     return model
+
+
+def _check_optimizer(model: nnx.Module, optimizer: Any) -> None:
+    """Raises unless `optimizer` is NNX optimizer state laid out for `model`'s parameters.
+
+    Nothing links an `nnx.Optimizer` to its model, so this checks what can be
+    seen: each state leaf that mirrors a parameter (its path ends with the
+    parameter's path, same shape) sits on that parameter's devices, with its
+    layout. Another model's optimizer with the same architecture and layout
+    cannot be told apart.
+    """
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, nnx.Pytree):
+        what = "an optax transform" if isinstance(optimizer, tuple) else type(optimizer).__name__
+        raise ParallelError(
+            f"reshard(optimizer=...) got {what}, not optimizer state: there is nothing to move. "
+            "Pass the nnx.Optimizer built for this model, e.g. "
+            "opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param); reshard(..., "
+            "optimizer=opt). Nothing was moved."
+        )
+    params = {tuple(p.split(".")): v for p, (_, _, v) in walk(model)[1].items()}
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(optimizer)))[0]
+    arrays = [(kp, x) for kp, x in leaves if np.ndim(x) > 0]
+    mirrored = [(kp, x, v) for kp, x in arrays if (v := _mirrored(kp, x, params)) is not None]
+    if arrays and params and not mirrored:
+        raise ParallelError(
+            f"reshard(optimizer=...): no state leaf of this {type(optimizer).__name__} mirrors a "
+            f"parameter of the model (e.g. {leaf_path(arrays[0][0])!r} of shape "
+            f"{np.shape(arrays[0][1])}): it is the optimizer of another model. Pass the "
+            "optimizer built for this model. Nothing was moved."
+        )
+    for keypath, leaf, var in mirrored:
+        if not _laid_out_like(leaf, var):
+            raise ParallelError(
+                f"reshard(optimizer=...): {leaf_path(keypath)!r} is laid out as "
+                f"{_layout(leaf)}, but the parameter it mirrors is {_layout(var.get_value())}"
+                ": this is the optimizer of another model (or one built before the model was "
+                "parallelized). Pass the optimizer built for this model, after parallelize. "
+                "Nothing was moved."
+            )
+
+
+def _mirrored(keypath, leaf, params: dict) -> nnx.Variable | None:
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+    for start in range(len(keys)):
+        var = params.get(keys[start:])
+        if var is not None and np.shape(var.get_value()) == np.shape(leaf):
+            return var
+    return None
+
+
+def _layout(x) -> str:
+    sharding = getattr(x, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    devices = len(getattr(sharding, "device_set", ()))
+    return f"{spec if spec is not None else type(sharding).__name__} on {devices} device(s)"
+
+
+def _laid_out_like(leaf, var: nnx.Variable) -> bool:
+    """Same devices as the parameter, and its spec (or ZeRO's optimizer spec) where named."""
+    a, b = getattr(leaf, "sharding", None), getattr(var.get_value(), "sharding", None)
+    if a is None or b is None:
+        return True
+    if a.device_set != b.device_set:
+        return False
+    if not (hasattr(a, "spec") and hasattr(b, "spec")):
+        return True
+    want = var.get_metadata().get(OPT_KEY) or b.spec
+    ndim = np.ndim(leaf)
+    return _specs.pad(a.spec, ndim) == _specs.pad(want, ndim)
 
 
 def _move_state(model: nnx.Module, resolution) -> None:

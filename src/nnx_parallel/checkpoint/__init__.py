@@ -26,6 +26,7 @@ the old or the new checkpoint, never neither and never a mix.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from typing_extensions import Self
 
+from nnx_parallel.checkpoint import _faults
 from nnx_parallel.checkpoint._checks import (
     FORMAT,
     MANIFEST_ITEM,
@@ -45,9 +47,11 @@ from nnx_parallel.checkpoint._checks import (
     _check_ours,
     _check_saveable,
     _check_step,
+    _damaged_manifest,
     _directory,
     _flat,
     _manifest_entry,
+    _manifest_problem,
     _mismatches,
     _model_target,
     _ocp,
@@ -130,18 +134,28 @@ class CheckpointManager:
                 f"keep must be a positive int (or None to keep every step), got {keep!r}."
             )
         _check_ours(self.directory)
-        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
         self._last_saved: int | None = None
+        self._in_flight: list = []  # orbax threads of the save in flight
+        self._deferred: BaseException | None = None  # its error, met by another manager
+        _faults.settle(self, self.directory)  # opening cleans up tmp dirs: not theirs
+        self._manager = _orbax_manager(self.directory, keep, bool(async_save), create=True)
+        _faults.writers(self.directory).add(self)
 
     @classmethod
     def _reader(cls, directory: str) -> CheckpointManager:
         """A manager that only reads (creates nothing, deletes nothing)."""
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise CheckpointError(
+                f"No checkpoint at {directory}: it is a file, not a checkpoint directory. Pass "
+                "the directory that save (or a CheckpointManager) wrote."
+            )
         if not os.path.isdir(directory):
             raise CheckpointError(f"No checkpoint at {directory}: the directory does not exist.")
         self = cls.__new__(cls)
         self.directory = directory
         self._manager = _orbax_manager(directory, None, False, create=False)
         self._last_saved = None
+        self._in_flight, self._deferred = [], None
         return self
 
     def __enter__(self) -> Self:
@@ -173,11 +187,26 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Blocks until a background save is on disk; raises its error, if any."""
-        self._manager.wait_until_finished()
+        self._raise_deferred()
+        with _faults.released_on_error(self._in_flight):
+            self._manager.wait_until_finished()
+        self._in_flight = []
+
+    def _raise_deferred(self) -> None:
+        error, self._deferred = self._deferred, None
+        if error is not None:
+            self._in_flight = []
+            raise error
 
     def close(self) -> None:
         """Waits for a background save, then releases orbax's threads."""
-        self._manager.close()
+        _faults.writers(self.directory).discard(self)
+        try:
+            with _faults.released_on_error(self._in_flight):
+                self._manager.close()
+        finally:
+            self._in_flight = []
+        self._raise_deferred()
 
     def save(
         self,
@@ -218,6 +247,9 @@ class CheckpointManager:
         trees = {MODEL_ITEM: _pure(model, "model")}
         if optimizer is not None:
             trees[OPTIMIZER_ITEM] = _pure(optimizer, "optimizer")
+        self._raise_deferred()
+        if _faults.settle(self, self.directory):  # another manager's steps count too
+            self._manager.reload()
         newest = max([*self._manager.all_steps(), self._last_saved or -1])
         if step <= newest:
             raise CheckpointError(
@@ -234,7 +266,10 @@ class CheckpointManager:
         args[MANIFEST_ITEM] = ocp.args.JsonSave(manifest)
         if metadata is not None:
             args[METADATA_ITEM] = ocp.args.JsonSave(metadata)
-        self._manager.save(step, args=ocp.args.Composite(**args))
+        before = set(threading.enumerate())
+        with _faults.released_on_error([]):  # no orbax thread outlives a failed save
+            self._manager.save(step, args=ocp.args.Composite(**args))
+        self._in_flight = _faults.started_since(before)  # released if the save fails later
         self._last_saved = step
 
     def restore(
@@ -272,8 +307,9 @@ class CheckpointManager:
           PlanError: `model` or `optimizer` is not usable, or the saved
             paths, shapes or dtypes differ from the model's (every
             mismatching path is listed).
-          CheckpointError: no such step, the step lacks an item asked for, or
-            a value read differs from the one saved (checksum).
+          CheckpointError: no such step, the step lacks an item asked for, its
+            manifest is damaged, or a value read differs from the one saved
+            (checksum). `step` that is not an int >= 0 raises `PlanError`.
 
         Example:
           >>> import optax, tempfile
@@ -332,6 +368,7 @@ class CheckpointManager:
             )
         if step is None:
             return steps[-1]
+        step = _check_step(step)
         if step not in steps:
             raise CheckpointError(f"No step {step} in {self.directory}; its steps: {steps}.")
         return step
@@ -342,13 +379,19 @@ class CheckpointManager:
         step_dir = os.path.join(self.directory, str(step))
         if not os.path.isdir(os.path.join(step_dir, MANIFEST_ITEM)):
             raise CheckpointError(f"The checkpoint {where} was not written by nnx_parallel.")
-        manifest = self._manager.restore(
-            step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
-        )[MANIFEST_ITEM]
+        try:
+            manifest = self._manager.restore(
+                step, args=ocp.args.Composite(**{MANIFEST_ITEM: ocp.args.JsonRestore()})
+            )[MANIFEST_ITEM]
+        except Exception as e:  # orbax / json: an unreadable manifest file (details chained)
+            raise _damaged_manifest(where, f"it cannot be read ({type(e).__name__}: {e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(
                 f"The checkpoint {where} has an unknown format: {manifest!r:.80}."
             )
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise _damaged_manifest(where, problem)
         expected = [*manifest["items"], *([METADATA_ITEM] if manifest["metadata"] else [])]
         missing = [i for i in expected if not os.path.isdir(os.path.join(step_dir, i))]
         if missing:
@@ -472,8 +515,9 @@ def restore(
     Raises:
       PlanError: `model` is neither a module nor a factory, or the saved
         paths, shapes or dtypes differ from the model's (all listed).
-      CheckpointError: no checkpoint at `path`, no optimizer state saved
-        when one is asked for, or damaged files (the array is named).
+      CheckpointError: no checkpoint at `path` (or `path` is a file), no
+        optimizer state saved when one is asked for, a damaged manifest, or
+        damaged files (the array is named).
 
     Example:
       >>> import optax, tempfile

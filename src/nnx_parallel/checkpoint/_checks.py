@@ -105,6 +105,33 @@ def _manifest_entry(tree: dict) -> dict:
     }
 
 
+def _manifest_problem(manifest: dict) -> str:
+    """What is wrong with a manifest's structure ('' if nothing): see `save`."""
+    items = manifest.get("items")
+    if not isinstance(manifest.get("metadata"), bool):
+        return "its 'metadata' flag is missing"
+    if not isinstance(items, dict) or MODEL_ITEM not in items:
+        return f"its 'items' ({items!r:.40}) do not list the model"
+    for item, entries in items.items():
+        if not isinstance(entries, dict):
+            return f"item {item!r} lists {entries!r:.40}, not arrays"
+        for path, entry in entries.items():
+            keys = ("shape", "dtype", "checksum")
+            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                return f"the entry of {item}.{path} lacks {missing}"
+    return ""
+
+
+def _damaged_manifest(where: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"The checkpoint {where} has a damaged manifest (the '{MANIFEST_ITEM}' item, which "
+        f"lists every array's shape, dtype and checksum): {problem}. The arrays cannot be "
+        "checked without it, so nothing was restored. Restore another step (all_steps() lists "
+        "them), or save again from a live model."
+    )
+
+
 def _check_metadata(metadata: Any) -> None:
     if metadata is None:
         return
@@ -231,11 +258,21 @@ def _check_saveable(model: Any, optimizer: Any) -> None:
             f"save expects the optimizer to be an nnx.Optimizer (or another NNX object), got "
             f"{type(optimizer).__name__}."
         )
+    _pure(model, "model")  # before anything touches the disk
+    if optimizer is not None:
+        _pure(optimizer, "optimizer")
 
 
 def _pure(obj: Any, what: str) -> dict:
     """The pure dict of `obj`'s state; refuses an object without arrays."""
     tree = nnx.to_pure_dict(nnx.state(obj))
+    for path, leaf in _flat(tree).items():
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise PlanError(
+                f"save: {what} state {path!r} holds a {type(leaf).__name__} ({leaf!r:.40}), not "
+                "an array; a checkpoint stores arrays. Make it one where the model is built "
+                f"(e.g. nnx.Param(jnp.asarray({leaf!r:.40}))). Nothing was written."
+            )
     if not jax.tree_util.tree_leaves(tree):
         raise PlanError(
             f"save: the {what} ({type(obj).__name__}) holds no arrays: nothing to save."

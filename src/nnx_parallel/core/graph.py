@@ -44,6 +44,7 @@ def walk(model) -> tuple[dict[str, Any], dict[str, tuple[str, str, nnx.Variable]
         if _is_module(node):
             modules[join(path)] = node
         elif isinstance(node, nnx.Param):
+            _check_array(join(path), node)
             variables.append((path, node))
     params = {}
     for path, var in variables:
@@ -51,6 +52,19 @@ def walk(model) -> tuple[dict[str, Any], dict[str, tuple[str, str, nnx.Variable]
         name = join(path[len(owner) :]) if owner else join(path)
         params[join(path)] = (join(owner), name, var)
     return modules, params
+
+
+def _check_array(path: str, var: nnx.Variable) -> None:
+    """Raises `PlanError` for a Param whose value is not an array (a Python float)."""
+    value = var.get_value()
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return
+    raise PlanError(
+        f"{path!r} is an nnx.Param holding a {type(value).__name__} ({value!r:.40}), not an "
+        "array: it has no shape to shard, and jit and checkpoints need arrays. Make it one "
+        f"where the model is built: nnx.Param(jnp.asarray({value!r:.40})), or hold a constant "
+        "as a plain attribute instead of a Param."
+    )
 
 
 def _owner(path: tuple, modules: Mapping[str, Any]) -> tuple:

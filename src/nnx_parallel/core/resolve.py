@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel._paths import ancestors
-from nnx_parallel.core import layers, units
+from nnx_parallel.core import conflicts, layers, units
 from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
 from nnx_parallel.core.layouts import ModuleHooks, get_hooks
 from nnx_parallel.core.stacks import layer_stacks, stack_metadata
@@ -197,6 +197,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
         resolved.update(_entries(scope, owner, own, result))
         if result.hooks is not None:
             hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
+    _tied_gathers(scope, resolved, hooks)
     hooks = _units(scope, matches, params, hooks)
     if _compat.is_explicit(mesh) and "" in modules:  # see runtime/guard.py
         hooks[""] = dataclasses.replace(hooks.get("", ModuleHooks(mesh=mesh)), guard=True)
@@ -219,6 +220,12 @@ def _units(scope: _Scope, matches, params, hooks: dict[str, ModuleHooks]):
                 if getattr(style, "scan_axes", 0):  # an untagged stack: every param stacked
                     stacks = {p: ("",) for p in params if units.inside(p, matched)}
                 for unit in units.unit_roots(kind, matched, scope.modules, stacks):
+                    tied = sorted(o for _, o in scope.tied.values() if units.inside(o, unit))
+                    if tied:
+                        refused.setdefault(f"{tied[0]!r} reads a tied parameter", []).append(
+                            unit or "<root>"
+                        )
+                        continue
                     hooks, why = units.group(hooks, unit, scope.modules)
                     if why is not None:
                         refused.setdefault(why, []).append(unit or "<root>")
@@ -327,16 +334,22 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     hooks = get_hooks(module)
     metadata: dict[str, dict] = {}
     styles = _styles_for(scope, owner, module, shapes)
+    paths = {n: path for n, (path, _) in own.items()}
+    weight = max(paths, key=lambda n: len(shapes[n]), default=None)  # the kernel, not a bias
+    conflicts.check_axis_clash(owner, paths.get(weight), styles, scope.mesh)
     declared = {n: d for n, (_, v) in own.items() if (d := _compat.get_declared_spec(v, raw=True))}
+    setters: dict[str, Style] = {}  # param name -> the style of this plan that set its spec
     for pattern, style in styles:
         ctx = ModuleContext(
             owner, pattern, module, shapes, dict(current), scope.mesh, declared, stacked
         )
         with _explain_tied(scope, owner):
             new = style.param_specs(ctx)
+        conflicts.check_tuple_override(paths, current, new, setters, style, pattern)
         for name, spec in new.items():
             if spec != current.get(name):
                 sources[name] = pattern
+                setters[name] = style
             current[name] = spec
         hooks = (hooks or ModuleHooks()).merge(style.hooks(ctx, new))
         param_metadata = getattr(style, "param_metadata", None)  # optional protocol method
@@ -346,6 +359,30 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
     if styles:
         _check_conflicts(own, previous, current, sources)
     return _Module(current, sources, _layer_hooks(module, scope.mesh, hooks), metadata)
+
+
+def _tied_gathers(scope: _Scope, resolved: dict[str, ParamEntry], hooks: dict) -> None:
+    """Gives a module that reads a Param owned by another module (`b.kernel = a.kernel`)
+    the FSDP gather of that Param too, so each of the two calls sees it whole."""
+    extra: dict[str, dict[str, str]] = {}  # alias owner -> {name on it: first path}
+    for alias, (first, owner) in scope.tied.items():
+        if first in resolved:
+            extra.setdefault(owner, {})[alias[len(owner) + 1 :] if owner else alias] = first
+    for owner, names in extra.items():
+        module = scope.modules[owner]
+        own = {e.name: e for e in resolved.values() if e.module_path == owner}
+        own.update({n: resolved[first] for n, first in names.items()})
+        specs = {n: e.spec for n, e in own.items()}
+        shapes = {n: e.shape for n, e in own.items()}
+        for pattern, style in _styles_for(scope, owner, module, shapes):
+            if not style.subtree:
+                continue
+            ctx = ModuleContext(owner, pattern, module, shapes, specs, scope.mesh)
+            new = style.hooks(ctx, specs)
+            if new is not None and new.gather is not None:
+                base = hooks.get(owner) or ModuleHooks()
+                merged = base.merge(ModuleHooks(gather=new.gather, methods=new.methods))
+                hooks[owner] = dataclasses.replace(merged, mesh=scope.mesh)
 
 
 def _layer_hooks(module, mesh: Mesh, hooks: ModuleHooks | None) -> ModuleHooks | None:

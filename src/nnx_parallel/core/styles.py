@@ -410,9 +410,12 @@ class FSDP:
 
     Each parameter of at least `min_size` elements is sharded over `axis` on
     its largest dim that the axis size divides and that no other style
-    already shards. When its module is called, the parameter is all-gathered
-    inside a `shard_map` over the batch axes, so the backward pass
-    reduce-scatters its gradient: Ψ gathered + Ψ scattered per step, the
+    already shards. Over an axis of size 1 (one device) nothing is sharded
+    and nothing gathered. A tensor-parallel style on the same axis as FSDP
+    (or its batch axes) raises `PlanError`: use two axes (`plans.combine`).
+    When its module is called, the parameter is all-gathered inside a
+    `shard_map` over the batch axes, so the backward pass reduce-scatters
+    its gradient: Ψ gathered + Ψ scattered per step, the
     optimum, on every backend.
 
     Args:
@@ -504,8 +507,8 @@ class FSDP:
         for name, shape in ctx.shapes.items():
             current = ctx.current.get(name)
             out[name] = current if current is not None else _specs.replicated(len(shape))
-            if math.prod(shape) < self.min_size:
-                continue
+            if math.prod(shape) < self.min_size or size == 1:
+                continue  # size 1: nothing to shard over (a 1-device mesh), so no gather either
             used = _specs.pad(current, len(shape))
             if set(self._axes()) & _specs.spec_axes(used):
                 continue  # already sharded over this axis (parallelize called twice)
@@ -581,14 +584,30 @@ def _is_float_dtype(dtype: Any) -> bool:
         return False
 
 
+def _instance_hint(cls: type) -> str:
+    """How to write an instance of style class `cls`, checked by building it."""
+    name = cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if "specs" in fields:  # Shard: specs are keyword arguments
+        return f"{name}(kernel=P(None, 'model')) (a PartitionSpec per parameter name)"
+    try:
+        cls()
+    except Exception:  # a user's style with required arguments
+        return f"an instance, {name}(...) with its arguments"
+    axis = fields["axis"].default if "axis" in fields else None
+    if not isinstance(axis, str):
+        return f"{name}()"
+    arg = repr(axis) if next(iter(fields)) == "axis" else f"axis={axis!r}"
+    return f"{name}() or {name}({arg})"
+
+
 def as_styles(entry: Any) -> tuple[Style, ...]:
     """A plan value (a style or a tuple of styles) as a tuple of styles."""
     items = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
     for item in items:
         if isinstance(item, type):
             raise PlanError(
-                f"plan value {item.__name__} is a class, not a style: write {item.__name__}() "
-                f"(with its arguments, e.g. {item.__name__}('model'))."
+                f"plan value {item.__name__} is a class, not a style: write {_instance_hint(item)}."
             )
         if not isinstance(item, Style):
             raise PlanError(

@@ -17,6 +17,7 @@ lower peak.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +127,9 @@ def auto(
 
     Raises:
       PlanError: no candidate fits (the message names the smallest peak and
-        its candidate), or the mesh has more than 2 axes.
+        its candidate), the mesh has more than 2 axes, or `budget_bytes` is
+        not a positive, finite number. A candidate whose batch axes do not
+        divide the batch is skipped, with the reason in the report.
 
     Example:
       >>> f = lambda: nnx.Linear(256, 256, rngs=nnx.Rngs(0))
@@ -137,12 +140,17 @@ def auto(
       >>> report.chosen.name, plan[""].axis
       ('fsdp', 'model')
     """
+    _check_budget(budget_bytes)
     loss_fn = mean_square if loss_fn is None else loss_fn
     optimizer = default_optimizer() if optimizer is None else optimizer
     abstract = _abstract(model)
     blocks = repeated_blocks(abstract)
     rows, skipped = [], {}
     for name, plan, axes in _with_remat(_candidates(abstract, mesh), blocks):
+        misfit = _batch_misfit(batch, mesh, axes)
+        if misfit:
+            skipped[name] = misfit
+            continue
         try:
             est = _cached_estimate(abstract, mesh, name, plan, batch, axes, loss_fn, optimizer)
         except ParallelError as err:
@@ -156,6 +164,29 @@ def auto(
     if chosen is None:
         raise _no_fit(report)
     return chosen.plan, report
+
+
+def _check_budget(budget_bytes: Any) -> None:
+    ok = isinstance(budget_bytes, (int, float)) and not isinstance(budget_bytes, bool)
+    if not ok or not math.isfinite(budget_bytes) or budget_bytes <= 0:
+        raise PlanError(
+            f"plans.auto(budget_bytes={budget_bytes!r}): the budget must be a positive, finite "
+            "number of bytes one device may use, e.g. budget_bytes=16 * 2**30 for 16 GiB."
+        )
+
+
+def _batch_misfit(batch: Any, mesh: Mesh, axes: tuple[str, ...]) -> str:
+    """Why `batch` cannot be split over a candidate's batch axes ('' if it can)."""
+    size = math.prod(mesh.shape[a] for a in axes)
+    for x in batch if isinstance(batch, tuple) else (batch,):
+        shape = tuple(getattr(x, "shape", ()))
+        if size > 1 and (not shape or shape[0] % size):
+            return (
+                f"a batch array of shape {shape} does not split over this candidate's batch "
+                f"axes {axes} (size {size}). Give plans.auto a batch whose dim 0 is a multiple "
+                f"of {size}."
+            )
+    return ""
 
 
 def _no_fit(report: AutoReport) -> PlanError:

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 from flax import nnx
 
+from nnx_parallel import _compat
 from nnx_parallel.core.layouts import BASE_ATTR, HOOKS_ATTR, ModuleHooks, base_class
-from nnx_parallel.runtime import dispatch
+from nnx_parallel.runtime import dispatch, unpickle
+
+_compat.register_mesh_pickling()  # metadata and hooks hold the mesh
 
 # (base class, hooks) -> the hooked subclass.
 _REGISTRY: dict[tuple[type, ModuleHooks], type] = {}
@@ -47,8 +50,32 @@ def hooked_class(base: type, hooks: ModuleHooks) -> type:
         }
         for method in hooks.methods:
             namespace[method] = dispatch.wrap(getattr(base, method), method)
+        namespace["__reduce_ex__"] = _reduce_ex
+        namespace["__setstate__"] = _setstate
         cls = _REGISTRY[key] = type(name, (base,), namespace)
     return cls
+
+
+def _reduce_ex(self, protocol):
+    """Pickles a hooked module as (its user's class, its hooks) plus its state: the
+    generated class has no importable name, so it is rebuilt on unpickling."""
+    cls = type(self)
+    rv = super(cls, self).__reduce_ex__(protocol)
+    if not (isinstance(rv, tuple) and rv and rv[1] and rv[1][0] is cls):
+        return rv
+    hooks = getattr(cls, HOOKS_ATTR)
+    return (_new_hooked, (getattr(cls, BASE_ATTR), hooks, *rv[1][1:]), *rv[2:])
+
+
+def _setstate(self, state) -> None:
+    """Unpickling: the base's `__setstate__`, then the arrays laid out again."""
+    super(type(self), self).__setstate__(state)
+    unpickle.relayout(self, getattr(type(self), HOOKS_ATTR))
+
+
+def _new_hooked(base: type, hooks: ModuleHooks, *args):
+    cls = hooked_class(base, hooks)
+    return cls.__new__(cls, *args)
 
 
 def hooked_classes() -> tuple[type, ...]:

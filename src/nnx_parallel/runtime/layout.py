@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
@@ -223,7 +223,9 @@ def with_layout(method, layout: Layout, mesh: Mesh, record=None):
             return jax.tree.map(lambda y: lay(y) if fits(y) else y, out)
         spec = output_spec(module, method, layout, mesh, args, kwargs)
         if route == OUT_SHARDING:
-            out = method(module, *args, **{**kwargs, "out_sharding": spec})
+            # Outside `jax.set_mesh` a bare spec means nothing to JAX: name the mesh.
+            given = NamedSharding(mesh, spec) if _compat.current_mesh_is_empty() else spec
+            out = method(module, *args, **{**kwargs, "out_sharding": given})
             # A bias added after the op (Conv, Linear) can shard it again.
             return jax.tree.map(lambda y: _reshard_to(y, spec, mesh), out)
         return run_in_auto_axes(module, method, spec, mesh, args, kwargs)
