@@ -191,6 +191,9 @@ def _replacement(fn, ctx: ContextAttention, mesh: Mesh, seq: int, hits: list, ri
 def _gathered(fn, ctx: ContextAttention, mesh: Mesh, seq: int, query, key, value, *a, **kw):
     """all_gather: q rows sharded, K/V whole over the axis, masks on their rows."""
     rows = lambda x: _lay_out(x, x.ndim - 3, ctx.axis, mesh)  # noqa: E731
+    # K/V whole over the axis: GSPMD all-gathers them here. Its backward is
+    # an all-reduce of dK/dV plus a slice on XLA:CPU (no reduce-scatter
+    # creator pass there); GPU/TPU pipelines turn it into a reduce-scatter.
     whole = lambda x: layout.constrain(x, P(*[U] * (x.ndim - 3), None, U, U), mesh)  # noqa: E731
     query, key, value = rows(query), whole(key), whole(value)
 
