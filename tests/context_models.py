@@ -24,7 +24,7 @@ def rope(x, positions):
     """Rotary embedding of `x` [B, S, H, Dh] at `positions` [B, S]."""
     half = x.shape[-1] // 2
     freq = 1.0 / (10000 ** (jnp.arange(half) / half))
-    angle = positions[..., None, None].astype(jnp.float32) * freq
+    angle = positions[:, :, None, None].astype(jnp.float32) * freq[None, None, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
                             x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)  # fmt: skip
@@ -84,11 +84,11 @@ class DotProductAttention(nnx.Module):
 
 
 class DPALM(nnx.Module):
-    def __init__(self, kv_heads=2, window=None, layers=1, *, rngs: nnx.Rngs):
+    """One `DotProductAttention` layer per entry of `windows` (None: whole causal)."""
+
+    def __init__(self, kv_heads=2, windows=(None,), *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
-        self.layers = nnx.List(
-            [DotProductAttention(kv_heads, window, rngs=rngs) for _ in range(layers)]
-        )
+        self.layers = nnx.List([DotProductAttention(kv_heads, w, rngs=rngs) for w in windows])
         self.head = nnx.Linear(D, VOCAB, rngs=rngs)
 
     def __call__(self, tokens):

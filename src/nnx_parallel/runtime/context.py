@@ -316,6 +316,9 @@ def _block_mask(i, src, tq, tk, causal, window, mask, cols):
     return ok
 
 
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn's masked score
+
+
 def ring_attention(q, k, v, bias, mask, *, axis, size, scale, causal=False, window=None):
     """Exact attention of local queries over K/V blocks rotated around `axis`.
 
@@ -334,32 +337,36 @@ def ring_attention(q, k, v, bias, mask, *, axis, size, scale, causal=False, wind
     tk, kv_heads = k.shape[1], k.shape[2]
     groups = n_heads // kv_heads
     qg = q.reshape(b, tq, kv_heads, groups, h)
-    neg = -0.7 * float(jnp.finfo(jnp.float32).max)
-    m = jnp.full((b, kv_heads, groups, tq), neg, jnp.float32)
-    l_sum = jnp.zeros((b, kv_heads, groups, tq), jnp.float32)
-    acc = jnp.zeros((b, kv_heads, groups, tq, h), jnp.float32)
-    perm = [(d, (d + 1) % size) for d in range(size)]
-    for step in range(size):
-        src = (i - step) % size
 
-        def cols(x, src=src):
+    def merge(carry, k, v, src):
+        """Scores of q against the K/V block from device `src`, merged in."""
+        m, l_sum, acc = carry
+
+        def cols(x):
             x = x if x.shape[-1] == 1 else jax.lax.dynamic_slice_in_dim(x, src * tk, tk, -1)
             return _grouped(x, kv_heads, groups)
 
         s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
         if bias is not None:
             s = s + cols(bias).astype(jnp.float32)
-        ok = _block_mask(i, src, tq, tk, causal, window, mask, cols)
-        s = jnp.where(ok, s, neg)
+        s = jnp.where(_block_mask(i, src, tq, tk, causal, window, mask, cols), s, _NEG)
         m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        l_sum = l_sum * corr + p.sum(-1)
         pv = jnp.einsum("bkgts,bskh->bkgth", p, v.astype(jnp.float32))
-        acc = acc * corr[..., None] + pv
-        m = m_new
-        if step < size - 1:
-            k, v = jax.lax.ppermute((k, v), axis, perm)
+        return m_new, l_sum * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    perm = [(d, (d + 1) % size) for d in range(size)]
+
+    def hop(carry, step):
+        k, v, stats = carry
+        k, v = jax.lax.ppermute((k, v), axis, perm)
+        return (k, v, merge(stats, k, v, (i - step) % size)), None
+
+    rows = (b, kv_heads, groups, tq)
+    stats = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32))
+    stats = merge((*stats, jnp.zeros((*rows, h), jnp.float32)), k, v, i)
+    (_, _, (_, l_sum, acc)), _ = jax.lax.scan(hop, (k, v, stats), jnp.arange(1, size))
     out = (acc / l_sum[..., None]).astype(q.dtype)  # [b, k, g, t, h]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, n_heads, h)
 
