@@ -38,6 +38,11 @@ The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 input), `layout.constrain` (Auto axes: sharding constraints),
 `layout.out-sharding` (Explicit: passed to a layer that takes it) and
 `layout.auto-axes` (Explicit: the call runs in `auto_axes`).
+
+The context-parallel routes (`runtime/context.py`, the `ContextParallel`
+style): `context.constrain` (Auto axes), `context.auto-axes` (Explicit: the
+attention call runs in `auto_axes`), `context.decode` (a decoding call runs
+as written, warned once).
 """
 
 from __future__ import annotations
