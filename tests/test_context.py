@@ -225,3 +225,39 @@ def test_static_route():
     assert type(layer).__name__ == "ContextDotProductAttention"
     assert dispatch.static_route(layer, get_hooks(layer), explicit=False) == context.CONSTRAIN
     assert dispatch.static_route(layer, get_hooks(layer), explicit=True) == context.AUTO_AXES
+
+
+# plans.context_parallel ----------------------------------------------------------
+
+
+def test_plan_finds_attention_modules():
+    style = npx.ContextParallel("context", strategy="ring")
+    for model, pattern in [(cm.MHALM, "attn"), (cm.RopeLM, "attn"), (cm.DPALM, "layers.*")]:
+        plan, report = npx.plans.context_parallel(model(rngs=nnx.Rngs(0)), strategy="ring")
+        assert plan == {pattern: style}
+    assert report.roles == {"layers.0": "attention: projections ['k', 'q', 'v']"}
+    with pytest.raises(npx.PlanError, match="found no attention module.*ContextParallel"):
+        npx.plans.context_parallel(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(npx.PlanError, match="expects an nnx.Module"):
+        npx.plans.context_parallel({"not": "a module"})
+
+
+def test_composes_with_tensor_parallel_and_fsdp(kind):
+    """('fsdp', 'context', 'model') = (2, 2, 2): heads over 'model' (2 K/V heads),
+    the sequence over 'context', parameters and batch over 'fsdp'; exact."""
+    mesh = jax.make_mesh((2, 2, 2), ("fsdp", "context", "model"), axis_types=(kind,) * 3)
+    model, ref = (cm.DPALM(2, (None, (8, 0)), rngs=nnx.Rngs(0)) for _ in range(2))
+    tp, _ = npx.plans.tensor_parallel(model)
+    strategy = "ring" if kind == AxisType.Auto else "all_gather"
+    cp, _ = npx.plans.context_parallel(model, strategy=strategy)
+    npx.parallelize(model, mesh, npx.plans.combine({**tp, **cp}, npx.FSDP("fsdp", min_size=64)))
+    assert model.layers[0].q.kernel[...].sharding.spec == P("fsdp", "model")
+    tokens = _inputs("dpa")[0]
+    on_mesh = jax.device_put(tokens, NamedSharding(mesh, P("fsdp", "context")))
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        y, grads = jax.jit(_step(graphdef))(state, on_mesh)
+    y_ref, grads_ref = _reference("dpa")
+    assert_close(y, y_ref, FWD_TOL, "forward")
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert_close(g, g_ref, GRAD_TOL, "grad")
