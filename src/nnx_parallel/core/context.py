@@ -64,7 +64,7 @@ class ContextParallel:
       >>> attn = nnx.MultiHeadAttention(4, 32, decode=False, rngs=nnx.Rngs(0))
       >>> cp4 = jax.make_mesh((2, 4), ("data", "context"))
       >>> _ = parallelize(attn, cp4, ContextParallel("context"))
-      >>> x = jax.device_put(jax.numpy.ones((2, 32, 32)), jax.P("data", "context"))
+      >>> x = jax.device_put(jax.numpy.ones((2, 32, 32)), jax.NamedSharding(cp4, P("data", "context")))
       >>> with jax.set_mesh(cp4):
       ...     y = jax.jit(lambda x: attn(x))(x)
       >>> y.sharding.spec
