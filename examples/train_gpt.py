@@ -227,10 +227,10 @@ def main(argv=None):
     npx.initialize_from_args(args)  # before any JAX computation; a no-op in one process
 
     data = CharData(make_corpus())
+
     def make_model():
-        return GPT(
-            data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0)
-        )  # noqa: E731
+        return GPT(data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0))  # noqa: E731
+
     model = make_model()
     mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model, args.sequence_parallel)
     npx.parallelize(model, mesh, plan)

@@ -356,6 +356,11 @@ def ring_attention(q, k, v, bias, mask, *, axis, size, scale, causal=False, wind
         pv = jnp.einsum("bkgts,bskh->bkgth", p, v.astype(jnp.float32))
         return m_new, l_sum * corr + p.sum(-1), acc * corr[..., None] + pv
 
+    # Backward recomputes each block's scores from its K/V block and running
+    # stats (flash attention's trade) instead of keeping cp blocks of them:
+    # the recompute sits inside the backward loop, so XLA cannot merge it
+    # with the forward (as it does with a plain `jax.checkpoint` on XLA:CPU).
+    merge = jax.checkpoint(merge)
     perm = [(d, (d + 1) % size) for d in range(size)]
 
     def hop(carry, step):
