@@ -8,7 +8,8 @@ VOCAB, D, HEADS, DH = 50, 32, 4, 8
 
 
 class MHALM(nnx.Module):
-    """`nnx.MultiHeadAttention` with a causal mask the caller builds from the tokens."""
+    """`nnx.MultiHeadAttention` with a causal + padding mask (0 = padding) the
+    caller builds from the tokens; padded query rows are fully masked."""
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
@@ -17,7 +18,11 @@ class MHALM(nnx.Module):
 
     def __call__(self, tokens):
         x = self.embed(tokens)
-        return self.head(self.attn(x, mask=nnx.make_causal_mask(tokens)))
+        valid = tokens != 0
+        mask = nnx.combine_masks(
+            nnx.make_causal_mask(tokens), nnx.make_attention_mask(valid, valid)
+        )
+        return self.head(self.attn(x, mask=mask))
 
 
 def rope(x, positions):
