@@ -224,9 +224,10 @@ def test_decode_runs_whole_and_warns_once(kind):
 
 
 def test_static_route():
-    model = npx.parallelize(
-        cm.DPALM(rngs=nnx.Rngs(0)), _mesh(AxisType.Auto), _cp_plan("dpa", "ring")
-    )
+    mesh = _mesh(AxisType.Auto)
+    model = npx.parallelize(cm.DPALM(rngs=nnx.Rngs(0)), mesh, _cp_plan("dpa", "ring"))
+    text = str(npx.explain(cm.DPALM(rngs=nnx.Rngs(0)), mesh, _cp_plan("dpa", "ring")))
+    assert "layers.0  context  route context.constrain" in text
     layer = model.layers[0]
     assert type(layer).__name__ == "ContextDotProductAttention"
     assert dispatch.static_route(layer, get_hooks(layer), explicit=False) == context.CONSTRAIN
