@@ -23,8 +23,9 @@ where the module computes it:
 
 The arrays are global all along (a layout is not a change of meaning), so a
 causal mask the module builds from the sequence length (`tril(S, S)`) stays
-right. On Explicit axes the call runs inside `auto_axes`: sharding-in-types
-would refuse an einsum of two sequence-sharded operands. A decoding call
+right. On Explicit axes the call runs inside `auto_axes` (the region of
+`runtime/guard.py`): sharding-in-types would refuse an einsum of two
+sequence-sharded operands. A decoding call
 (`decode=True`, a one-token input) runs as written, once warned.
 """
 
@@ -42,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat
 from nnx_parallel.core.layouts import ContextAttention
 from nnx_parallel.errors import PlanError
-from nnx_parallel.runtime import layout
+from nnx_parallel.runtime import guard, layout
 
 CONSTRAIN = "context.constrain"  # Auto axes: sharding constraints around and inside
 AUTO_AXES = "context.auto-axes"  # Explicit axes: the call runs in auto_axes
@@ -52,8 +53,11 @@ ROUTES = (CONSTRAIN, AUTO_AXES, DECODE)
 U = _compat.UNCONSTRAINED
 
 
-def run(module, method, ctx: ContextAttention, mesh: Mesh, args, kwargs, record):
-    """One context-parallel call of `method` (see the module docstring)."""
+def run(module, method, ctx: ContextAttention, mesh: Mesh, args, kwargs, record, records=()):
+    """One context-parallel call of `method` (see the module docstring).
+
+    `record` notes the route; `records` are `dispatch.recording`'s logs, from
+    which the Explicit route takes back what its shape-only trace wrote."""
     x = args[0] if args else None
     if not layout.is_array(x) or _decoding(module, x, ctx, kwargs):
         name = type(module).__name__
@@ -67,8 +71,12 @@ def run(module, method, ctx: ContextAttention, mesh: Mesh, args, kwargs, record)
     seq = _check_length(module, x, ctx, mesh)
     call = _inner(method, ctx, mesh, seq)
     if layout.explicit_here(mesh):
+        # The guard's region (runtime/guard.py): state and modules in the
+        # arguments written back; outputs laid out like `x`, whose type now
+        # has the sequence over the axis.
         record(AUTO_AXES)
-        return _in_auto_axes(module, call, ctx, mesh, seq, args, kwargs)
+        args = (_sequence_sharded(x, ctx, mesh),) + tuple(args[1:])
+        return guard.in_auto_axes(module, call, mesh, args, kwargs, records)
     record(CONSTRAIN)
     return call(module, *args, **kwargs)
 
@@ -113,17 +121,17 @@ def _lay_out(x, dim: int | None, axis: str, mesh: Mesh):
 def _inner(method, ctx: ContextAttention, mesh: Mesh, seq: int):
     """The call with its inputs and outputs sequence-sharded and attention replaced."""
 
-    def lay(tree, first=False):
-        def one(i, x):
+    def lay(tree, first=None):
+        def one(x):
             if not layout.is_array(x) or not x.ndim:
-                return x
-            return _lay_out(x, _seq_dim_of(x, seq, first and i == 0, ctx), ctx.axis, mesh)
+                return x  # modules (caches, rngs) and scalars pass as they are
+            return _lay_out(x, _seq_dim_of(x, seq, x is first, ctx), ctx.axis, mesh)
 
-        leaves, treedef = jax.tree.flatten(tree)
-        return jax.tree.unflatten(treedef, [one(i, x) for i, x in enumerate(leaves)])
+        node = lambda x: isinstance(x, (nnx.Module, nnx.Variable))  # noqa: E731
+        return jax.tree.map(one, tree, is_leaf=node)
 
     def call(module, *args, **kwargs):
-        args, kwargs = lay(args, first=True), lay(kwargs)
+        args, kwargs = lay(args, first=args[0]), lay(kwargs)
         with _replaced(module, ctx, mesh, seq) as hits:
             out = method(module, *args, **kwargs)
         if ctx.strategy == "ring" and not hits:
@@ -210,48 +218,14 @@ def _gathered(fn, ctx: ContextAttention, mesh: Mesh, seq: int, query, key, value
 # Explicit axes -------------------------------------------------------------------
 
 
-def _in_auto_axes(module, call, ctx: ContextAttention, mesh: Mesh, seq: int, args, kwargs):
-    """`call` inside `auto_axes`; outputs of the first input's rank and length
-    leave with its batch entry and the sequence over the axis, the rest and
-    the module's state as they were (new state replicated)."""
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    at = [i for i, leaf in enumerate(leaves) if layout.is_array(leaf)]
-    graphdef, state = nnx.split(module)
-    before = {p: layout.type_spec(v) for p, v in _flat(nnx.state(module, nnx.Not(nnx.Param)))}
-
-    def region(state, arrays):
-        inner = nnx.merge(graphdef, state)
-        new = list(leaves)
-        for i, array in zip(at, arrays):
-            new[i] = array
-        a, kw = jax.tree.unflatten(treedef, new)
-        return call(inner, *a, **kw), nnx.state(inner, nnx.Not(nnx.Param))
-
-    arrays = [leaves[i] for i in at]
-    with layout.probe():
-        out_shapes, state_shapes = jax.eval_shape(
-            _compat.auto_axes(region, mesh=mesh, out_sharding=P()), state, arrays
-        )
-    x = args[0]
-    lead = layout.type_spec(x)[0]
-
-    def out_spec(s):
-        if getattr(s, "ndim", 0) != x.ndim or s.shape[ctx.seq_dim] != seq:
-            return P()
-        spec = [lead] + [None] * (x.ndim - 1)
-        spec[x.ndim + ctx.seq_dim] = ctx.axis
-        return P(*spec)
-
-    paths, state_def = jax.tree_util.tree_flatten_with_path(state_shapes)
-    state_specs = jax.tree.unflatten(state_def, [P(*before.get(p, ())) for p, _ in paths])
-    specs = (jax.tree.map(out_spec, out_shapes), state_specs)
-    out, rest = _compat.auto_axes(region, mesh=mesh, out_sharding=specs)(state, arrays)
-    nnx.update(module, rest)
-    return out
-
-
-def _flat(state):
-    return [(p, v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]]
+def _sequence_sharded(x, ctx: ContextAttention, mesh: Mesh):
+    """Explicit axes: `x` resharded so its type has the sequence over the axis."""
+    spec = list(layout.type_spec(x))
+    spec[x.ndim + ctx.seq_dim] = ctx.axis
+    spec = layout.drop_manual(P(*spec))
+    if tuple(spec) == tuple(layout.type_spec(x)):
+        return x
+    return layout.reshard_here(x, mesh, spec)
 
 
 # Ring attention --------------------------------------------------------------------

@@ -201,7 +201,7 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     lay = hooks.layout if name == "__call__" else None
     record = functools.partial(_note, module, name)
     if hooks.context is not None and name == "__call__":
-        return context.run(module, method, hooks.context, mesh, args, kwargs, record)
+        return context.run(module, method, hooks.context, mesh, args, kwargs, record, _records)
     if hooks.gather is None:
         if lay is None:
             record(PLAIN)
