@@ -199,9 +199,10 @@ def _replacement(fn, ctx: ContextAttention, mesh: Mesh, seq: int, hits: list, ri
 def _gathered(fn, ctx: ContextAttention, mesh: Mesh, seq: int, query, key, value, *a, **kw):
     """all_gather: q rows sharded, K/V whole over the axis, masks on their rows."""
     rows = lambda x: _lay_out(x, x.ndim - 3, ctx.axis, mesh)  # noqa: E731
-    # K/V whole over the axis: GSPMD all-gathers them here. Its backward is
-    # an all-reduce of dK/dV plus a slice on XLA:CPU (no reduce-scatter
-    # creator pass there); GPU/TPU pipelines turn it into a reduce-scatter.
+    # K/V whole over the axis: GSPMD all-gathers them here. XLA:CPU: the
+    # backward is an all-reduce of dK/dV plus a slice (cp x the bytes of a
+    # reduce-scatter); XLA's GPU pipeline has a reduce-scatter creator pass
+    # meant to fuse that pair (not measured here).
     whole = lambda x: layout.constrain(x, P(*[U] * (x.ndim - 3), None, U, U), mesh)  # noqa: E731
     query, key, value = rows(query), whole(key), whole(value)
 
