@@ -8,7 +8,7 @@ whole sequence one of two ways:
 - `"all_gather"` (MaxText's default): K and V are all-gathered over `axis`
   where attention is computed (after RoPE and norms, wherever the module's
   code applies them); the scores of a device are `[B, H, S/cp, S]`. Backward
-  reduce-scatters dK and dV. Works on any attention module, inline einsum
+  reduces dK and dV over the axis (an all-reduce on XLA:CPU). Works on any attention module, inline einsum
   attention included (there GSPMD places the gather).
 - `"ring"` (ring attention; PyTorch's `context_parallel`): K/V blocks rotate
   around `axis` with `ppermute`, merged by an online softmax in float32; no

@@ -13,7 +13,7 @@ where the module computes it:
   (a scoped patch, restored in `finally`; it only changes what is traced),
   and so is a module's own `attention_fn` attribute.
   `all_gather`: q keeps its sequence shard, K/V are laid out whole over the
-  axis (GSPMD all-gathers them; backward reduce-scatters dK/dV), the output
+  axis (GSPMD all-gathers them; backward reduces dK/dV over it), the output
   is sequence-sharded. `ring`: `ring_attention` below.
 - Inline attention (einsum + mask + softmax in the module's code): nothing to
   replace. `all_gather` leaves it to GSPMD: q and the output are
