@@ -101,3 +101,19 @@ class DPALM(nnx.Module):
         for layer in self.layers:
             x = x + layer(x)
         return self.head(x)
+
+
+class BiasedAttention(nnx.Module):
+    """`jax.nn.dot_product_attention` with a caller bias and mask and its own
+    scale; `lengths=True` also passes `key_value_seq_lengths`."""
+
+    def __init__(self, lengths=False, *, rngs: nnx.Rngs):
+        self.lengths = lengths
+        self.qkv = nnx.Linear(D, 3 * D, rngs=rngs)
+
+    def __call__(self, x, bias, mask):
+        b, s, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3 * HEADS, DH), 3, axis=2)
+        extra = {"key_value_seq_lengths": jnp.full((b,), s)} if self.lengths else {}
+        y = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=0.3, **extra)
+        return y.reshape(b, s, D)

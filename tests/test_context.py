@@ -268,3 +268,28 @@ def test_composes_with_tensor_parallel_and_fsdp(kind):
     assert_close(y, y_ref, FWD_TOL, "forward")
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         assert_close(g, g_ref, GRAD_TOL, "grad")
+
+
+def test_ring_with_caller_bias_mask_and_scale():
+    """Ring attention takes jax.nn's bias, mask (on their query rows) and scale."""
+    mesh = _mesh(AxisType.Auto)
+    model, ref = (cm.BiasedAttention(rngs=nnx.Rngs(0)) for _ in range(2))
+    npx.parallelize(model, mesh, npx.ContextParallel("context", strategy="ring"))
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (B, S, cm.D))
+    bias = jax.random.normal(keys[1], (B, 1, S, S))
+    mask = jax.random.bernoulli(keys[2], 0.7, (B, 1, S, S))
+    args = (x, bias, mask)
+    on_mesh = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in args]
+    loss = lambda m, *a: jnp.mean(m(*a) ** 2)  # noqa: E731
+    with jax.set_mesh(mesh), dispatch.recording() as routes:
+        y, grads = nnx.jit(lambda m, *a: (m(*a), nnx.grad(loss)(m, *a)))(model, *on_mesh)
+    assert ("ContextBiasedAttention", "__call__", context.CONSTRAIN) in routes
+    assert_close(y, ref(*args), FWD_TOL, "forward")
+    grads_ref = nnx.grad(loss)(ref, *args)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert_close(g, g_ref, GRAD_TOL, "grad")
+    ring = npx.ContextParallel("context", strategy="ring")
+    lengths = npx.parallelize(cm.BiasedAttention(True, rngs=nnx.Rngs(0)), mesh, ring)
+    with pytest.raises(npx.PlanError, match=r"does not take arguments \['key_value_seq_lengths'\]"):
+        _traced(lengths, mesh, *on_mesh)

@@ -236,7 +236,7 @@ _UNSUPPORTED = ("query_seq_lengths", "key_value_seq_lengths", "return_residual")
 
 def ring_call(query, key, value, bias=None, mask=None, *, ctx, mesh, **kwargs):
     """`jax.nn.dot_product_attention(...)` as ring attention over `ctx.axis`."""
-    bad = [k for k in _UNSUPPORTED if kwargs.get(k) not in (None, False)]
+    bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None and kwargs.get(k) is not False]
     if bad or query.ndim != 4:
         why = f"arguments {bad}" if bad else f"rank-{query.ndim} queries"
         raise PlanError(
