@@ -4,6 +4,8 @@
     python examples/train_gpt.py --parallel dp   # data parallel
     python examples/train_gpt.py --parallel fsdp # fully sharded (ZeRO-3)
     python examples/train_gpt.py --parallel 2d   # FSDP x tensor parallel
+    python examples/train_gpt.py --parallel cp --seq 512  # context parallel: the
+        # sequence split over a 'context' axis, K/V all-gathered in attention
     python examples/train_gpt.py --parallel fsdp --param-dtype bfloat16 --steps 51
         # FSDP mixed precision (bf16 gathers and compute, f32 gradients and
         # master params), trained next to the f32 run: both loss curves
@@ -142,6 +144,9 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False, param_dtype=No
     if kind == "fsdp":
         plan = {"": npx.FSDP("fsdp", min_size=512, **mixed)}
         return jax.make_mesh((n,), ("fsdp",)), "fsdp", plan, False
+    if kind == "cp":  # batch over 'data', sequence over 'context' (see `feeder`)
+        plan, _ = npx.plans.context_parallel(model, "context")  # {"blocks.*.attn": ...}
+        return jax.make_mesh((2, n // 2), ("data", "context")), "data", plan, False
     tp_plan, report = npx.plans.tensor_parallel(
         model, sequence_parallel=sequence_parallel and kind == "tp"
     )
@@ -151,6 +156,22 @@ def setup(kind: str, model: GPT, sequence_parallel: bool = False, param_dtype=No
         return jax.make_mesh((n,), ("model",)), None, tp_plan, True
     mesh = jax.make_mesh((2, n // 2), ("fsdp", "model"))
     return mesh, "fsdp", npx.plans.combine(tp_plan, npx.FSDP("fsdp", min_size=512, **mixed)), True
+
+
+def feeder(kind: str, mesh, batch_spec):
+    """Global arrays from this process's rows of a (B, seq + 1) token batch.
+    Context parallel: inputs and targets split into (B, seq) arrays laid out
+    on (batch, sequence), since seq + 1 does not split over the devices."""
+    if kind != "cp":
+        return lambda rows: npx.shard_batch(rows, mesh, batch_spec)
+    return lambda rows: npx.shard_batch(
+        {"inputs": rows[:, :-1], "targets": rows[:, 1:]}, mesh, batch_spec, seq_axis="context"
+    )
+
+
+def cp_loss(model, batch):
+    logits = model(batch["inputs"]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
 def reference_loss(model, batch):
@@ -177,7 +198,7 @@ def progress(step: int, total: int, loss: float, ms: float, width: int = 30) -> 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parallel", choices=["dp", "fsdp", "tp", "2d"], default="tp")
+    parser.add_argument("--parallel", choices=["dp", "fsdp", "tp", "2d", "cp"], default="tp")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
@@ -206,10 +227,10 @@ def main(argv=None):
     npx.initialize_from_args(args)  # before any JAX computation; a no-op in one process
 
     data = CharData(make_corpus())
+
     def make_model():
-        return GPT(
-            data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0)
-        )  # noqa: E731
+        return GPT(data.vocab, args.d, args.heads, args.layers, args.seq, rngs=nnx.Rngs(0))  # noqa: E731
+
     model = make_model()
     mesh, batch_axis, plan, vocab_parallel = setup(args.parallel, model, args.sequence_parallel)
     npx.parallelize(model, mesh, plan)
@@ -223,9 +244,10 @@ def main(argv=None):
         def loss_fn(m, batch):
             return npx.cross_entropy(m(batch[:, :-1]), batch[:, 1:], mesh, "model").mean()
     else:
-        loss_fn = reference_loss
+        loss_fn = cp_loss if args.parallel == "cp" else reference_loss
     train_step = make_train_step(loss_fn, args.accumulate)
     batch_spec = jax.P(batch_axis)
+    feed = feeder(args.parallel, mesh, batch_spec)
     rows = npx.local_batch_slice(args.batch, mesh, batch_spec)  # this process's rows of each batch
     log(
         f"processes: {jax.process_count()}, devices: {jax.device_count()} "
@@ -240,16 +262,14 @@ def main(argv=None):
     losses, reference_losses = [], []
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
-        example = npx.shard_batch(
-            np.zeros((args.batch, args.seq + 1), np.int32)[rows], mesh, batch_spec
-        )
+        example = feed(np.zeros((args.batch, args.seq + 1), np.int32)[rows])
         compiled = train_step.lower(model, optimizer, example).compile()
         counts = {k: n for k, n in npx.collectives.count_collectives(compiled, mesh).items() if n}
         log(f"collectives in one compiled train step: {counts}")
         start = time.perf_counter()
         for step in range(args.steps):
             batch = data.batch(args.batch, args.seq)  # the same on every process (same seed)
-            loss = train_step(model, optimizer, npx.shard_batch(batch[rows], mesh, batch_spec))
+            loss = train_step(model, optimizer, feed(batch[rows]))
             loss = npx.reduce_metrics(loss)  # a float, the same on every process
             losses.append(loss)
             if step < args.compare:

@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import re
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +158,10 @@ def assert_same(before, after):
             assert a[1:] == b[1:], k
         else:
             assert a is b, k
+
+
+def hlo_shapes(compiled, skip=("pred",)) -> set[tuple[int, ...]]:
+    """Every array shape (per device) in a compiled program's HLO text, but
+    those of the dtypes in `skip` (default: booleans, e.g. masks)."""
+    found = re.findall(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]", compiled.as_text())
+    return {tuple(int(d) for d in dims.split(",") if d) for t, dims in found if t not in skip}

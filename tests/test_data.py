@@ -87,3 +87,27 @@ def test_reduce_metrics(mesh2x4):
 def test_reduce_metrics_error():
     with pytest.raises(ParallelError, match=r"op must be one of \('mean', 'sum'\), got 'max'"):
         reduce_metrics({"loss": 1.0}, op="max")
+
+
+def test_shard_batch_seq_axis():
+    """Context parallelism: tokens/positions on (batch, sequence), masks on their query rows."""
+    from nnx_parallel import MeshError, ParallelError
+
+    mesh = jax.make_mesh((2, 4), ("data", "context"))
+    batch = {
+        "tokens": np.arange(16).reshape(2, 8),
+        "mask": np.ones((2, 1, 8, 8), bool),
+        "lengths": np.array([8, 5]),
+    }
+    out = shard_batch(batch, mesh, seq_axis="context")
+    assert out["tokens"].sharding.spec == P("data", "context")
+    assert out["mask"].sharding.spec == P("data", None, "context", None)
+    assert out["lengths"].sharding.spec == P("data")
+    np.testing.assert_array_equal(out["tokens"], batch["tokens"])
+    assert out["tokens"].addressable_shards[0].data.shape == (1, 2)
+    with pytest.raises(
+        ParallelError, match=r"\['tokens'\].*\(7\) does not split.*Pad the sequence to 8"
+    ):
+        shard_batch({"tokens": np.zeros((2, 7), int)}, mesh, seq_axis="context")
+    with pytest.raises(MeshError, match="seq_axis='ctx' is not an axis"):
+        shard_batch(batch, mesh, seq_axis="ctx")

@@ -36,6 +36,8 @@ STYLES = {
         "up": npx.SequenceColumnParallel("model"),
         "down": npx.SequenceRowParallel("model"),
     },
+    # The MLP's (8, 4, 16) input split on its length-4 dim; no attention to replace.
+    "context": {"": npx.ContextParallel("model")},
 }
 
 

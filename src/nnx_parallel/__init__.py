@@ -9,6 +9,7 @@ only code that mutates models or runs at call time, `views/` inspection.
 from nnx_parallel import checkpoint, plans, zero
 from nnx_parallel.accumulate import accumulate
 from nnx_parallel.checkpoint import CheckpointManager, restore, save
+from nnx_parallel.core.context import ContextParallel
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
 from nnx_parallel.core.sequence import (
@@ -52,6 +53,7 @@ __all__ = [
     "accumulate",
     "FSDP",
     "ColumnParallel",
+    "ContextParallel",
     "FallbackWarning",
     "MeshError",
     "ModuleContext",

@@ -101,7 +101,9 @@ def local_batch_slice(global_batch_size: int, mesh: Mesh, spec: P | None = None)
     return slice(rows[0][0], rows[-1][1])
 
 
-def shard_batch(batch: Any, mesh: Mesh, spec: P | None = None) -> Any:
+def shard_batch(
+    batch: Any, mesh: Mesh, spec: P | None = None, *, seq_axis: str | None = None
+) -> Any:
     """Builds global arrays from each process's local slice of a batch.
 
     Every process calls this with its own rows (numpy or JAX arrays, any
@@ -115,22 +117,37 @@ def shard_batch(batch: Any, mesh: Mesh, spec: P | None = None) -> Any:
       mesh: The mesh to place the batch on.
       spec: Layout of every leaf; default `batch_spec(mesh)` (dim 0 over
         'data'/'fsdp', replicated if the mesh has neither).
+      seq_axis: Context parallelism: also shard each leaf's sequence dim
+        over this mesh axis: dim 1 of tokens and positions `(B, S)` and of
+        activations `(B, S, D)`, dim 2 (the query rows) of a rank-4 mask
+        `(B, 1, S, S)`. Rank-1 leaves keep `spec`.
 
     Returns:
       The same pytree of global `jax.Array`s.
 
     Raises:
-      ParallelError: a leaf has fewer dims than `spec` names, or its rows
-        do not split evenly over this process's batch shards.
+      ParallelError: a leaf has fewer dims than `spec` names, its rows
+        do not split evenly over this process's batch shards, or its
+        sequence does not split over `seq_axis` (the message says what to
+        pad it to).
+      MeshError: `seq_axis` is not a mesh axis.
 
     Example:
       >>> x = shard_batch({"tokens": jax.numpy.zeros((8, 3), int)}, mesh2x4)["tokens"]
       >>> x.shape, x.sharding.spec
       ((8, 3), P('data',))
+      >>> cp = jax.make_mesh((2, 4), ("data", "context"))
+      >>> b = {"tokens": jax.numpy.zeros((2, 8), int), "mask": jax.numpy.ones((2, 1, 8, 8), bool)}
+      >>> {k: v.sharding.spec for k, v in shard_batch(b, cp, seq_axis="context").items()}
+      {'mask': P('data', None, 'context', None), 'tokens': P('data', 'context')}
     """
     spec = batch_spec(mesh) if spec is None else spec
     local_shards = _local_batch_shards(mesh, spec)
-    sharding = NamedSharding(mesh, spec)
+    if seq_axis is not None and seq_axis not in mesh.axis_names:
+        raise MeshError(
+            f"shard_batch: seq_axis={seq_axis!r} is not an axis of the mesh "
+            f"{tuple(mesh.axis_names)}. Pass one of them, or None."
+        )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
     out = []
     for path, leaf in leaves:
@@ -149,8 +166,27 @@ def shard_batch(batch: Any, mesh: Mesh, spec: P | None = None) -> Any:
                 f"devices hold on mesh {dict(mesh.shape)}. Make each process's batch a multiple of "
                 f"{local_shards} rows."
             )
-        out.append(jax.make_array_from_process_local_data(sharding, leaf))
+        leaf_spec = _with_sequence(spec, leaf, name, mesh, seq_axis)
+        out.append(jax.make_array_from_process_local_data(NamedSharding(mesh, leaf_spec), leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _with_sequence(spec: P, leaf: Any, name: str, mesh: Mesh, seq_axis: str | None) -> P:
+    """`spec` with the leaf's sequence dim over `seq_axis` (see `shard_batch`)."""
+    if seq_axis is None or leaf.ndim < 2:
+        return spec
+    dim = 2 if leaf.ndim == 4 else 1
+    size = mesh.shape[seq_axis]
+    if leaf.shape[dim] % size:
+        pad = -(-leaf.shape[dim] // size) * size
+        raise ParallelError(
+            f"shard_batch: leaf {name} has shape {leaf.shape}; its sequence dim {dim} "
+            f"({leaf.shape[dim]}) does not split over the {size} devices of seq_axis "
+            f"{seq_axis!r}. Pad the sequence to {pad} (and mask the padding)."
+        )
+    entries = list(spec) + [None] * (leaf.ndim - len(spec))
+    entries[dim] = seq_axis
+    return P(*entries)
 
 
 def reduce_metrics(metrics: Any, *, op: str = "mean") -> Any:

@@ -67,6 +67,18 @@ class Recompute:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextAttention:
+    """Context parallelism (`ContextParallel`): the call's sequence dim (of its
+    first input, `seq_dim` from the end) is sharded over `axis`; attention
+    gathers K/V (`"all_gather"`) or rotates them around the axis (`"ring"`).
+    See `runtime/context.py`."""
+
+    axis: str
+    strategy: str = "all_gather"
+    seq_dim: int = -2
+
+
+@dataclasses.dataclass(frozen=True)
 class ModuleHooks:
     """Everything a module does at call time, merged from all its styles."""
 
@@ -80,6 +92,8 @@ class ModuleHooks:
     # sharding-in-types refuses is traced again inside `auto_axes`
     # (`runtime/guard.py`).
     guard: bool = False
+    # Context-parallel attention (the `ContextParallel` style).
+    context: ContextAttention | None = None
 
     def merge(self, other: ModuleHooks | None) -> ModuleHooks:
         """These hooks with `other`'s fields taking precedence where set."""
@@ -92,12 +106,19 @@ class ModuleHooks:
             mesh=other.mesh or self.mesh,
             remat=other.remat or self.remat,
             guard=self.guard or other.guard,
+            context=other.context or self.context,
         )
 
     @property
     def guard_only(self) -> bool:
         """Only the Explicit-axes guard of a root: the call runs as written."""
-        return self.guard and self.layout is None and self.gather is None and self.remat is None
+        return (
+            self.guard
+            and self.layout is None
+            and self.gather is None
+            and self.remat is None
+            and self.context is None
+        )
 
     @property
     def kind(self) -> str:
@@ -108,6 +129,8 @@ class ModuleHooks:
             return "FSDP"
         if self.guard_only:
             return "Guarded"
+        if self.context is not None:
+            return "Context"
         return "Parallel" if self.layout is not None or self.remat is None else "Remat"
 
 

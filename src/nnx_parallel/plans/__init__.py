@@ -13,9 +13,23 @@ guessing. The plan is a plain dict: print it, edit it, pass it to
 ahead of time (data parallel, FSDP, tensor parallel, ZeRO, each with and
 without `Remat` on repeated blocks) and picks the one that fits with the
 fewest wire bytes.
+
+`context_parallel(model)` puts `ContextParallel` on every attention module
+(found by structure); merge it with a tensor-parallel plan and `combine`
+it with FSDP for ('data', 'context', 'model') meshes.
 """
 
 from nnx_parallel.plans._auto import AutoReport, Candidate, auto
+from nnx_parallel.plans._context import context_parallel
 from nnx_parallel.plans._recipes import PlanReport, combine, fsdp, tensor_parallel
 
-__all__ = ["AutoReport", "Candidate", "PlanReport", "auto", "combine", "fsdp", "tensor_parallel"]
+__all__ = [
+    "AutoReport",
+    "Candidate",
+    "PlanReport",
+    "auto",
+    "combine",
+    "context_parallel",
+    "fsdp",
+    "tensor_parallel",
+]

@@ -38,6 +38,11 @@ The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 input), `layout.constrain` (Auto axes: sharding constraints),
 `layout.out-sharding` (Explicit: passed to a layer that takes it) and
 `layout.auto-axes` (Explicit: the call runs in `auto_axes`).
+
+The context-parallel routes (`runtime/context.py`, the `ContextParallel`
+style): `context.constrain` (Auto axes), `context.auto-axes` (Explicit: the
+attention call runs in `auto_axes`), `context.decode` (a decoding call runs
+as written, warned once).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from flax import nnx
 
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import explicit, fsdp, guard, layout, remat
+from nnx_parallel.runtime import context, explicit, fsdp, guard, layout, remat
 
 PLAIN = "plain"
 REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
@@ -79,6 +84,7 @@ ROUTES = (
     layout.CONSTRAIN,
     layout.OUT_SHARDING,
     layout.AUTO_AXES,
+    *context.ROUTES,
 )
 
 _records: list[list[tuple[str, str, str]]] = []
@@ -159,6 +165,8 @@ def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
 
 def _static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
     lay, gather = hooks.layout, hooks.gather
+    if hooks.context is not None:
+        return context.AUTO_AXES if explicit else context.CONSTRAIN
     if gather is None:
         if lay is None or lay.output is None:
             return PLAIN if lay is None else layout.AS_WRITTEN
@@ -192,6 +200,8 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     mesh = hooks.mesh
     lay = hooks.layout if name == "__call__" else None
     record = functools.partial(_note, module, name)
+    if hooks.context is not None and name == "__call__":
+        return context.run(module, method, hooks.context, mesh, args, kwargs, record, _records)
     if hooks.gather is None:
         if lay is None:
             record(PLAIN)

@@ -15,9 +15,11 @@ can tell in advance whether it is clean; JAX tells at trace time, with a
 again inside `auto_axes` (`jax.sharding`) over every mesh axis, with a
 `FallbackWarning`. Inside, the hooked modules take their Auto routes. The
 outputs leave the region laid out like the batch: an output whose leading
-dim equals the first input's takes that input's leading sharding, the others
-are replicated; the module's non-Param state (caches, counters) keeps the
-sharding each array had before the call. Modules passed in the arguments
+dim equals the first input's takes that input's leading sharding (and its
+dim-1 sharding where the input's dim 1 is sharded and the sizes match: a
+sequence under context parallelism), the others are replicated; the
+module's non-Param state (caches, counters) keeps the sharding each array
+had before the call. Modules passed in the arguments
 (a list of caches as `cache=`) go into the region as state and are written
 back the same way.
 
@@ -140,18 +142,22 @@ def in_auto_axes(module, call, mesh: Mesh, args, kwargs, records=()):
     return out
 
 
-def _batch_entry(arrays) -> tuple[int, Any] | None:
-    """(size, spec entry) of the first array input's leading dim."""
+def _batch_entry(arrays) -> tuple[tuple, tuple] | None:
+    """(sizes, spec entries) of the first array input's leading dim, and of
+    its dim 1 where that is sharded (a sequence, under context parallelism)."""
     for x in arrays:
         if getattr(x, "ndim", 0):
-            return x.shape[0], layout.type_spec(x)[0]
+            spec = layout.type_spec(x)
+            n = 2 if x.ndim > 1 and spec[1] is not None else 1
+            return tuple(x.shape[:n]), tuple(spec[:n])
     return None
 
 
 def _batch_like(s, batch) -> P:
-    if batch is None or not getattr(s, "ndim", 0) or s.shape[0] != batch[0]:
+    if batch is None or not getattr(s, "ndim", 0) or s.shape[0] != batch[0][0]:
         return P()
-    return P(batch[1])
+    n = 2 if len(batch[0]) == 2 and s.ndim > 1 and s.shape[1] == batch[0][1] else 1
+    return P(*batch[1][:n])
 
 
 def _specs_by_path(state) -> dict:

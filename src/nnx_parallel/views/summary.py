@@ -309,7 +309,7 @@ def _hook_lines(res: Resolution, modules, explicit: bool) -> list[str]:
     for path, h in res.hooks.items():
         kinds = ", ".join(
             k
-            for k in ("layout", "gather", "remat", "guard")
+            for k in ("layout", "gather", "remat", "guard", "context")
             if getattr(h, k, None) not in (None, False)
         )
         route = dispatch.static_route(modules[path], h, explicit)
