@@ -9,6 +9,7 @@ only code that mutates models or runs at call time, `views/` inspection.
 from nnx_parallel import checkpoint, plans, zero
 from nnx_parallel.accumulate import accumulate
 from nnx_parallel.checkpoint import CheckpointManager, restore, save
+from nnx_parallel.core.experts import ExpertParallel
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
 from nnx_parallel.core.sequence import (
@@ -50,6 +51,7 @@ from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
     "accumulate",
+    "ExpertParallel",
     "FSDP",
     "ColumnParallel",
     "FallbackWarning",

@@ -52,7 +52,7 @@ from flax import nnx
 
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import explicit, fsdp, guard, layout, remat
+from nnx_parallel.runtime import experts, explicit, fsdp, guard, layout, remat
 
 PLAIN = "plain"
 REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
@@ -79,6 +79,7 @@ ROUTES = (
     layout.CONSTRAIN,
     layout.OUT_SHARDING,
     layout.AUTO_AXES,
+    *experts.ROUTES,
 )
 
 _records: list[list[tuple[str, str, str]]] = []
@@ -159,6 +160,8 @@ def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
 
 def _static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
     lay, gather = hooks.layout, hooks.gather
+    if hooks.experts is not None:
+        return f"{experts.LOCAL} (else {experts.GSPMD} where the call uses whole stacks)"
     if gather is None:
         if lay is None or lay.output is None:
             return PLAIN if lay is None else layout.AS_WRITTEN
@@ -192,6 +195,8 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     mesh = hooks.mesh
     lay = hooks.layout if name == "__call__" else None
     record = functools.partial(_note, module, name)
+    if hooks.experts is not None and name == "__call__":
+        return _expert_call(module, method, name, hooks, args, kwargs, record)
     if hooks.gather is None:
         if lay is None:
             record(PLAIN)
@@ -209,6 +214,19 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
         record(route)
         return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
     return _over_batch(module, call, hooks.gather, mesh, args, kwargs, record)
+
+
+def _expert_call(module, method, name: str, hooks: ModuleHooks, args, kwargs, record):
+    """`ExpertParallel`: the `expert.*` routes (`runtime/experts.py`); the
+    module's other hooks (FSDP, layouts) run on the GSPMD route."""
+    rest = dataclasses.replace(hooks, experts=None)
+
+    def rest_call(m, a, kw):
+        if rest.gather is None and rest.layout is None:
+            return method(m, *a, **kw)
+        return run(m, method, name, rest, a, kw)
+
+    return experts.call(module, method, hooks, args, kwargs, record, rest_call)
 
 
 def _over_batch(module, call, gather, mesh, args, kwargs, record=None):
