@@ -130,6 +130,14 @@ class ExpertParallel:
                 "capacity_factor=None (every token is kept)."
             )
 
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)[1:]
+            if getattr(self, f.name) != f.default
+        )
+        return f"ExpertParallel({self.axis!r}{extra})"
+
     def experts(self, ctx: ModuleContext) -> tuple[int, tuple[str, ...], int]:
         """(E, the names of the stacked expert params, untagged scan dims)."""
         routers = router_sizes(ctx.module, ctx.shapes)
