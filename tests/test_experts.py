@@ -44,13 +44,27 @@ def _flat(tree):
 _REF: dict = {}
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
 def _reference(cls):
-    """Loss, grads and params after one Adam step of the unsharded model (cached)."""
+    """Loss, grads, params after one Adam step, and FLOPs of the unsharded step (cached)."""
     if cls not in _REF:
         ref = cls(rngs=nnx.Rngs(0))
         opt = nnx.Optimizer(ref, optax.adam(1e-3), wrt=nnx.Param)
-        loss, grads = nnx.jit(_step)(ref, opt, X)
-        _REF[cls] = (loss, _flat(grads), _flat(nnx.state(ref, nnx.Param)))
+        graphdef, state = nnx.split((ref, opt))
+
+        def pure(state, x):
+            m, o = nnx.merge(graphdef, state)
+            loss, grads = _step(m, o, x)
+            return loss, grads, nnx.state((m, o))
+
+        compiled = jax.jit(pure).lower(state, X).compile()
+        loss, grads, state = compiled(state, X)
+        nnx.update((ref, opt), state)
+        _REF[cls] = (loss, _flat(grads), _flat(nnx.state(ref, nnx.Param)), _flops(compiled))
     return _REF[cls]
 
 
@@ -98,7 +112,7 @@ def _run(cls, mesh_name, explicit, plan_for=lambda m: ExpertParallel("expert")):
 
 
 def _check_numerics(cls, model, loss, grads):
-    loss_ref, grads_ref, params_ref = _reference(cls)
+    loss_ref, grads_ref, params_ref, _ = _reference(cls)
     assert_close(loss, loss_ref, 1e-5, "loss (forward)")
     got = _flat(grads)
     assert got.keys() == grads_ref.keys()
@@ -150,6 +164,10 @@ def test_train_step_equals_unsharded_and_moves_no_weights(idiom, explicit, mesh_
         moved = [c for c in ops if c.axes == ("expert",) and c.kind != "all-reduce"]
         on_expert = sorted((c.kind, c.size) for c in moved)
         assert on_expert == [("all-gather", token_bytes)] * 2 + [("reduce-scatter", token_bytes)]
+        # Each device computes only its own experts (runtime/pruning.py): on the
+        # gathered T/dp tokens, E/ep experts; unpruned it would be all E (ratio ~ 1/dp).
+        ratio = _flops(compiled) / _reference(cls)[3]
+        assert ratio < 1.6 / mesh.size, f"per-device FLOPs {ratio:.3f} of the unsharded step"
 
 
 def test_weight_collective_finder_sees_a_gathered_stack():

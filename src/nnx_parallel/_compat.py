@@ -312,3 +312,28 @@ def graph_children(node: Any) -> dict | None:
         return None
     impl = graphlib.get_node_impl(node)
     return None if impl is None else dict(impl.node_dict(node))
+
+
+# Jaxpr evaluation (the expert route's dead-expert pruning) ----------------------------
+
+
+def jaxpr_literal(var: Any) -> tuple[bool, Any]:
+    """(True, value) for a jaxpr `Literal`, else (False, None)."""
+    import jax.extend.core  # noqa: F401 - not imported by `import jax`
+
+    if isinstance(var, jax.extend.core.Literal):
+        return True, var.val
+    return False, None
+
+
+def bind_eqn(eqn: Any, invals: list) -> list:
+    """Runs one jaxpr equation on `invals` in the current trace, as
+    `jax.core.eval_jaxpr` does (jax 0.10: `get_bind_params` returns the params
+    only; earlier releases returned `(subfuns, params)`)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(params, tuple):
+        subfuns, params = params
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]

@@ -19,9 +19,10 @@ routes (`runtime/dispatch.py` records them):
   last op is a per-expert matmul plus bias). Code with an expert-free term
   in the same output (a shared expert added inside the layer) must keep it
   in a separate module.
-  Cost: the loop runs every expert on every gathered token, E - E/ep of them
-  with zero weights, so its FLOPs are ep times those of the same loop on
-  T/ep tokens (the loop idiom computes every expert densely anyway).
+  Each device then computes only the experts it owns: the call is traced
+  once and pruned per device (`runtime/pruning.py`); where it cannot be
+  (a collective inside the call) every expert runs, zeros where not owned,
+  at ep times the FLOPs.
 - `expert.gspmd`: the call uses whole stacks (`einsum`, `ragged_dot`): a
   `LocalStack` refuses to become an array, and the call runs as written on
   the sharded stacks (inside any FSDP hook it also has). GSPMD keeps the
@@ -34,6 +35,7 @@ routes (`runtime/dispatch.py` records them):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layouts import ModuleHooks
-from nnx_parallel.runtime import layout
+from nnx_parallel.runtime import layout, pruning
 
 LOCAL = "expert.local"
 GSPMD = "expert.gspmd"
@@ -93,6 +95,25 @@ class LocalStack:
 
     def __getattr__(self, attr):
         raise NotLocal(f"{self.__dict__.get('name', 'a stack')}.{attr} is read")
+
+
+class RowStack(LocalStack):
+    """A stack given as one value per expert: `w[i]` is `rows[i]` (pruning's
+    trace, where each expert's weights are an input of their own)."""
+
+    def __init__(self, rows, num_experts: int, name: str):
+        self.rows, self.num_experts, self.name = rows, num_experts, name
+        self.shape = (num_experts, *rows[0].shape)
+        self.dtype, self.ndim = rows[0].dtype, rows[0].ndim + 1
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            return self
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
+            raise NotLocal(f"{self.name} is indexed with {key!r}, not an expert number")
+        row = self.rows[int(first) % self.num_experts]
+        return row[rest] if rest else row
 
 
 def call(module, method, hooks: ModuleHooks, args, kwargs, record, rest_call):
@@ -205,11 +226,10 @@ def _local_call(module, method, hooks: ModuleHooks, args, kwargs):
         for i, a, bat in zip(where, arrays, batched):
             leaves[i] = jax.lax.all_gather(a, ex.axis, axis=0, tiled=True) if bat else a
         a, kw = jax.tree.unflatten(treedef, leaves)
-        inner = nnx.merge(graphdef, pstate)
-        for name in dims:
-            var = getattr(inner, name)
-            var.set_value(LocalStack(var.get_value(), ex.num_experts, ex.axis, name))
-        out = method(inner, *a, **kw)
+        call = functools.partial(_own_experts, graphdef, method, dims, ex)
+        out = _pruned(call, ex, pstate, a, kw)
+        if out is None:  # the dense fallback: every expert, zeros where not owned
+            out = call(pstate, a, kw, LocalStack)
         return jax.tree.map(lambda y: _combine(y, ex.axis, entry is not None), out)
 
     mapped = _compat.shard_map(
@@ -220,6 +240,59 @@ def _local_call(module, method, hooks: ModuleHooks, args, kwargs):
         axis_names=set(manual),
     )
     return mapped(pstate, arrays)
+
+
+def _own_experts(graphdef, method, dims, ex, pstate, a, kw, stack):
+    """The call with each expert stack's value a `stack(local, E, axis, name)`."""
+    inner = nnx.merge(graphdef, pstate)
+    for name in dims:
+        var = getattr(inner, name)
+        var.set_value(stack(var.get_value(), ex.num_experts, ex.axis, name))
+    return method(inner, *a, **kw)
+
+
+def _pruned(call, ex, pstate, a, kw):
+    """The call with each device computing only its own experts (see
+    `runtime/pruning.py`), or None where the call cannot be pruned."""
+    names, num = [n for n, _ in ex.params], ex.num_experts
+    stacks = {n: pstate[n].get_value() for n in names}
+    flat, tree = jax.tree.flatten((pstate, a, kw))
+    where = [i for i, x in enumerate(flat) if layout.is_array(x)]
+    out_tree = []
+
+    def traced(rows, arrays):
+        leaves = list(flat)
+        for i, x in zip(where, arrays):
+            leaves[i] = x
+        pst, a2, kw2 = jax.tree.unflatten(tree, leaves)
+        by_name = {n: rows[k * num : (k + 1) * num] for k, n in enumerate(names)}
+        out = call(pst, a2, kw2, lambda local, e, axis, name: RowStack(by_name[name], e, name))
+        leaves_out, treedef = jax.tree.flatten(out)
+        out_tree.append(treedef)
+        return leaves_out
+
+    rows = [stacks[n][0] for n in names for _ in range(num)]
+    arrays = [flat[i] for i in where]
+    try:
+        closed = jax.make_jaxpr(traced)(rows, arrays)
+    except (NotLocal, TypeError, ValueError) as e:
+        if isinstance(e, NotLocal) or _about_stack(e):
+            return None
+        raise
+    if pruning.has_collective(closed.jaxpr):
+        return None
+    per = next(iter(stacks.values())).shape[0]
+
+    def owned_rows(r, operands):
+        return {
+            k * num + r * per + j: operands[0][n][j]
+            for k, n in enumerate(names)
+            for j in range(per)
+        }
+
+    dead = [v.aval for v in closed.jaxpr.invars[: len(rows)]]
+    outs = pruning.per_device(closed, owned_rows, len(rows), ex.axis, (stacks, arrays), dead)
+    return jax.tree.unflatten(out_tree[0], outs)
 
 
 def _gather_params(pstate, specs, dims, axis: str, manual):
