@@ -33,6 +33,12 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
   call, on its own route, is traced again inside `auto_axes`
   (`runtime/guard.py`); recorded before the routes taken inside.
 
+- `expert.local`, `expert.gspmd`, `expert.auto-axes` (`ExpertParallel`): the
+  MoE layer's call in a shard_map with per-device expert slices (tokens
+  gathered, outputs reduce-scattered), or as written on the sharded stacks
+  (with its other hooks), or that inside `auto_axes` where Explicit axes
+  refuse the code (`runtime/experts.py`).
+
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
 input), `layout.constrain` (Auto axes: sharding constraints),
