@@ -262,7 +262,13 @@ def test_errors_name_the_module_and_the_fix():
         npx.resolve(model, _mesh("2x4", False), taken)
 
 
-def test_explain_names_the_route():
+def test_explain_and_communication_report_name_the_route():
     mesh = _mesh("8", False)
-    text = npx.explain(mm.LoopMoE(rngs=nnx.Rngs(0)), mesh, ExpertParallel("expert"))
-    assert "expert.local" in text and "expert.gspmd" in text
+    model = mm.DenseMoE(rngs=nnx.Rngs(0))
+    text = npx.explain(model, mesh, ExpertParallel("expert"))
+    assert "route expert.local (else expert.gspmd where the call uses whole stacks)" in text
+    npx.parallelize(model, mesh, ExpertParallel("expert"))
+    batch = jax.device_put(X, NamedSharding(mesh, P("expert")))
+    report = npx.communication_report(nnx.jit(lambda m, x: m(x)), model, batch, mesh=mesh)
+    assert report.routes == (("ExpertDenseMoE", "__call__", "expert.gspmd"),)
+    assert "routes: ExpertDenseMoE.__call__: expert.gspmd" in str(report)
