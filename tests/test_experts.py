@@ -272,3 +272,25 @@ def test_explain_and_communication_report_name_the_route():
     report = npx.communication_report(nnx.jit(lambda m, x: m(x)), model, batch, mesh=mesh)
     assert report.routes == (("ExpertDenseMoE", "__call__", "expert.gspmd"),)
     assert "routes: ExpertDenseMoE.__call__: expert.gspmd" in str(report)
+
+
+def test_expert_internal_tensor_parallel_explicit():
+    """Experts over 'expert', each expert's F dim over 'model' (Shard after
+    ExpertParallel): equal to unsharded, no stack moves, 'model' stays GSPMD's."""
+    MESHES["expert_model"] = ((2, 4), ("expert", "model"))
+    tp = npx.Shard(
+        gate_proj=P("expert", None, "model"),
+        up_proj=P("expert", None, "model"),
+        up_bias=P("expert", "model"),
+        down_proj=P("expert", "model", None),
+    )
+    run = _run(mm.LoopMoE, "expert_model", True, lambda m: (ExpertParallel("expert"), tp))
+    mesh, model, compiled, loss, grads, routes = run
+    # Explicit types refuse the matmul over the 'model'-sharded F dim inside:
+    # the local route runs again inside auto_axes.
+    assert [r for *_, r in routes] == ["expert.auto-axes", "expert.local"]
+    _check_numerics(mm.LoopMoE, model, loss, grads)
+    assert model.gate_proj.get_value().addressable_shards[0].data.shape == (4, 16, 8)
+    ops = collectives(compiled, mesh)
+    assert weight_collectives(ops, _stacks(model)) == []
+    assert any(c.kind == "all-reduce" and c.axes == ("model",) for c in ops)  # row-parallel down

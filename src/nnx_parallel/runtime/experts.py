@@ -124,7 +124,16 @@ def call(module, method, hooks: ModuleHooks, args, kwargs, record, rest_call):
     """
     try:
         out = _local_call(module, method, hooks, args, kwargs)
-    except (NotLocal, TypeError, ValueError) as e:
+    except Exception as e:
+        if _compat.is_sharding_type_error(e) and layout.explicit_here(hooks.mesh):
+            # Explicit types refuse the code inside (e.g. expert-internal TP's
+            # matmul over a 'model'-sharded dim): the same route in auto_axes.
+            record(AUTO_AXES)
+            record(LOCAL)
+            local = functools.partial(_local_call, method=method, hooks=hooks)
+            return _in_auto_axes(
+                module, lambda m, a, kw: local(m, args=a, kwargs=kw), hooks.mesh, args, kwargs
+            )
         if not isinstance(e, NotLocal) and not _about_stack(e):
             raise
     else:
