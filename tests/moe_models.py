@@ -134,6 +134,13 @@ class ScannedMoE(nnx.Module):
         return body(x, self.blocks)
 
 
+class SmallScannedMoE(ScannedMoE):
+    """`ScannedMoE` of loop layers with 4 experts (half the compile time)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        super().__init__(rngs=rngs, moe=lambda d, rngs: LoopMoE(d, e=4, rngs=rngs))
+
+
 class MoEGPTBlock(nnx.Module):
     def __init__(self, d, heads, moe, *, rngs: nnx.Rngs):
         self.ln1 = nnx.LayerNorm(d, rngs=rngs)

@@ -214,19 +214,19 @@ def test_scanned_stack_with_fsdp_and_remat(explicit=True):
     """A scanned stack of loop MoE blocks, experts also FSDP-sharded over
     'data' and recomputed in backward: equal to unsharded, no stack moves
     over the expert axis."""
-    cls = mm.ScannedMoE
+    cls = mm.SmallScannedMoE  # E = 4: one expert per device on the 'expert' axis
 
     def plan(mesh):
-        styles = (ExpertParallel("expert"), npx.FSDP("data", min_size=256), npx.Remat())
+        styles = (ExpertParallel("expert"), npx.FSDP("data", min_size=512), npx.Remat())
         return {"blocks.moe": styles}
 
     mesh, model, compiled, loss, grads, routes = _run(cls, "2x4", explicit, plan)
     assert {r for c, _, r in routes if c.startswith("Expert")} == {"remat", "expert.local"}
-    assert ("FSDPLinear", "__call__", "fsdp.nested") in routes  # the router, inside
+    assert "expert" not in str(model.blocks.moe.router.kernel.get_value().sharding.spec)
     _check_numerics(cls, model, loss, grads)
     ops = collectives(compiled, mesh)
     stacks = {k: v for k, v in _flat(nnx.state(model, nnx.Param)).items() if "proj" in k}
-    per_layer = {k: v[0] for k, v in stacks.items()}
+    per_layer = {k: v[0] for k, v in stacks.items() if "bias" not in k}
     assert not [c for c in weight_collectives(ops, per_layer) if "expert" in c.axes]
     spec = model.blocks.moe.gate_proj.get_value().sharding.spec
     assert tuple(spec)[:3] == (None, "expert", None) and "data" in tuple(spec)
