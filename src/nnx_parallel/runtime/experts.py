@@ -331,6 +331,8 @@ def _combine(y, axis: str, scatter: bool):
     if not layout.is_array(y) or axis not in _compat.varying_axes(y):
         raise NotLocal("an output does not come from the experts")
     if scatter:
+        if y.ndim == 0 or y.shape[0] % jax.lax.axis_size(axis):
+            raise NotLocal("an output has no batch dim to scatter")
         return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, axis)
 
