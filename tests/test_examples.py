@@ -80,3 +80,18 @@ def test_train_gpt_context_parallel_at_sequence_512():
         + ["--layers", "1", "--batch", "2", "--d", "32", "--heads", "4"]
     )
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
+
+
+def test_train_moe_example_matches_one_device():
+    """examples/train_moe.py: experts spread over ('data', 'expert') = (2, 4);
+    the sharded losses equal the unsharded run's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_moe", EXAMPLES / "train_moe.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--idiom", "ragged", "--steps", "2", "--compare", "2", "--layers", "1", "--d", "16"]
+    args += ["--seq", "8", "--batch", "8"]
+    losses, reference = example.main(args)  # the loop idiom: tests/test_experts.py
+    assert len(losses) == 2 and len(reference) == 2
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5

@@ -10,6 +10,7 @@ from nnx_parallel import checkpoint, plans, zero
 from nnx_parallel.accumulate import accumulate
 from nnx_parallel.checkpoint import CheckpointManager, restore, save
 from nnx_parallel.core.context import ContextParallel
+from nnx_parallel.core.experts import ExpertParallel
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
 from nnx_parallel.core.sequence import (
@@ -51,6 +52,7 @@ from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
     "accumulate",
+    "ExpertParallel",
     "FSDP",
     "ColumnParallel",
     "ContextParallel",

@@ -395,3 +395,28 @@ def axis_size(axes: tuple[str, ...]) -> int:
     if hasattr(jax.lax, "axis_size"):
         return math.prod(jax.lax.axis_size(a) for a in axes)
     return math.prod(int(jax.lax.psum(1, a)) for a in axes)  # older jax: a static psum
+
+
+# Jaxpr evaluation (the expert route's dead-expert pruning) ----------------------------
+
+
+def jaxpr_literal(var: Any) -> tuple[bool, Any]:
+    """(True, value) for a jaxpr `Literal`, else (False, None)."""
+    import jax.extend.core  # noqa: F401 - not imported by `import jax`
+
+    if isinstance(var, jax.extend.core.Literal):
+        return True, var.val
+    return False, None
+
+
+def bind_eqn(eqn: Any, invals: list) -> list:
+    """Runs one jaxpr equation on `invals` in the current trace, as
+    `jax.core.eval_jaxpr` does (jax 0.10: `get_bind_params` returns the params
+    only; earlier releases returned `(subfuns, params)`)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(params, tuple):
+        subfuns, params = params
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]

@@ -58,6 +58,18 @@ class Gather:
 
 
 @dataclasses.dataclass(frozen=True)
+class Experts:
+    """Expert parallelism (`ExpertParallel`): `params` ((name, dim from the
+    end) pairs) hold `num_experts` experts on that dim, sharded over `axis`;
+    the batch (dim 0 of the inputs) is sharded over `batch_axes`."""
+
+    axis: str
+    num_experts: int
+    params: tuple[tuple[str, int], ...]
+    batch_axes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Recompute:
     """What a module's backward recomputes: all of it (`policy` None) or
     what `policy` (a `jax.checkpoint_policies` policy) does not save."""
@@ -94,6 +106,9 @@ class ModuleHooks:
     guard: bool = False
     # Context-parallel attention (the `ContextParallel` style).
     context: ContextAttention | None = None
+    # Stacked experts sharded over an axis: the call moves tokens, not
+    # weights (`runtime/experts.py`).
+    experts: Experts | None = None
 
     def merge(self, other: ModuleHooks | None) -> ModuleHooks:
         """These hooks with `other`'s fields taking precedence where set."""
@@ -107,6 +122,7 @@ class ModuleHooks:
             remat=other.remat or self.remat,
             guard=self.guard or other.guard,
             context=other.context or self.context,
+            experts=other.experts or self.experts,
         )
 
     @property
@@ -118,6 +134,7 @@ class ModuleHooks:
             and self.gather is None
             and self.remat is None
             and self.context is None
+            and self.experts is None
         )
 
     @property
@@ -125,6 +142,8 @@ class ModuleHooks:
         """The prefix of the hooked class's name: `FSDP` where parameters are
         gathered per call, `Parallel` with activation layouts, `Remat` with a
         recompute only, `Guarded` for a root that only has the Explicit-axes guard."""
+        if self.experts is not None:
+            return "Expert"
         if self.gather is not None:
             return "FSDP"
         if self.guard_only:

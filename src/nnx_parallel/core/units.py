@@ -145,9 +145,16 @@ def why_not(unit: str, modules: Mapping[str, Any], hooks: Mapping[str, ModuleHoo
     layout = next((p for p, h in members.items() if h.layout is not None), None)
     if layout is not None:
         return f"{layout or '<root>'!r} has an activation layout (tensor parallel)"
+    routed = next((p for p, h in members.items() if _own_route(h)), None)
+    if routed is not None:
+        return f"{routed or '<root>'!r} runs its own call route (experts or context parallel)"
     if jax.tree.leaves(nnx.state(node, nnx.Not(nnx.Param))):
         return "it holds state (caches, batch statistics, rngs) a shard_map cannot carry"
     return None
+
+
+def _own_route(hooks: ModuleHooks) -> bool:
+    return any(getattr(hooks, f, None) is not None for f in ("context", "experts"))
 
 
 def group(

@@ -9,6 +9,10 @@ vocab-parallel. What it cannot classify it lists in the report instead of
 guessing. The plan is a plain dict: print it, edit it, pass it to
 `parallelize`.
 
+`expert_parallel(model)` finds Mixture-of-Experts layers (stacked `[E, ...]`
+params next to a router with E outputs) and spreads their experts over an
+`'expert'` axis.
+
 `auto(model, mesh, batch, budget_bytes=...)` compiles each candidate layout
 ahead of time (data parallel, FSDP, tensor parallel, ZeRO, each with and
 without `Remat` on repeated blocks) and picks the one that fits with the
@@ -21,6 +25,7 @@ it with FSDP for ('data', 'context', 'model') meshes.
 
 from nnx_parallel.plans._auto import AutoReport, Candidate, auto
 from nnx_parallel.plans._context import context_parallel
+from nnx_parallel.plans._experts import expert_parallel
 from nnx_parallel.plans._recipes import PlanReport, combine, fsdp, tensor_parallel
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "auto",
     "combine",
     "context_parallel",
+    "expert_parallel",
     "fsdp",
     "tensor_parallel",
 ]

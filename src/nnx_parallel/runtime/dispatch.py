@@ -33,6 +33,12 @@ routes a trace took, and each has a test of its own (tests/test_dispatch.py).
   call, on its own route, is traced again inside `auto_axes`
   (`runtime/guard.py`); recorded before the routes taken inside.
 
+- `expert.local`, `expert.gspmd`, `expert.auto-axes` (`ExpertParallel`): the
+  MoE layer's call in a shard_map with per-device expert slices (tokens
+  gathered, outputs reduce-scattered), or as written on the sharded stacks
+  (with its other hooks), or that inside `auto_axes` where Explicit axes
+  refuse the code (`runtime/experts.py`).
+
 The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
 `out_sharding=` wins), `layout.as-written` (no output layout or no array
 input), `layout.constrain` (Auto axes: sharding constraints),
@@ -57,7 +63,7 @@ from flax import nnx
 
 from nnx_parallel.core import layers
 from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import context, explicit, fsdp, guard, layout, remat
+from nnx_parallel.runtime import context, experts, explicit, fsdp, guard, layout, remat
 
 PLAIN = "plain"
 REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
@@ -85,6 +91,7 @@ ROUTES = (
     layout.OUT_SHARDING,
     layout.AUTO_AXES,
     *context.ROUTES,
+    *experts.ROUTES,
 )
 
 _records: list[list[tuple[str, str, str]]] = []
@@ -167,6 +174,8 @@ def _static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
     lay, gather = hooks.layout, hooks.gather
     if hooks.context is not None:
         return context.AUTO_AXES if explicit else context.CONSTRAIN
+    if hooks.experts is not None:
+        return f"{experts.LOCAL} (else {experts.GSPMD} where the call uses whole stacks)"
     if gather is None:
         if lay is None or lay.output is None:
             return PLAIN if lay is None else layout.AS_WRITTEN
@@ -202,6 +211,8 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     record = functools.partial(_note, module, name)
     if hooks.context is not None and name == "__call__":
         return context.run(module, method, hooks.context, mesh, args, kwargs, record, _records)
+    if hooks.experts is not None and name == "__call__":
+        return _expert_call(module, method, name, hooks, args, kwargs, record)
     if hooks.gather is None:
         if lay is None:
             record(PLAIN)
@@ -219,6 +230,19 @@ def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
         record(route)
         return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
     return _over_batch(module, call, hooks.gather, mesh, args, kwargs, record)
+
+
+def _expert_call(module, method, name: str, hooks: ModuleHooks, args, kwargs, record):
+    """`ExpertParallel`: the `expert.*` routes (`runtime/experts.py`); the
+    module's other hooks (FSDP, layouts) run on the GSPMD route."""
+    rest = dataclasses.replace(hooks, experts=None)
+
+    def rest_call(m, a, kw):
+        if rest.gather is None and rest.layout is None:
+            return method(m, *a, **kw)
+        return run(m, method, name, rest, a, kw)
+
+    return experts.call(module, method, hooks, args, kwargs, record, rest_call)
 
 
 def _over_batch(module, call, gather, mesh, args, kwargs, record=None):

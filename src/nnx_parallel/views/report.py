@@ -57,6 +57,9 @@ class CommunicationReport:
         alias_bytes: Per-device figures from `compiled.memory_analysis()`
         (None where the backend gives none).
       mesh: The mesh used to name axes.
+      routes: `(class, method, route)` of every hooked call traced while
+        lowering (which path each module took, e.g. `expert.local` for an
+        MoE layer); empty for an already compiled program.
 
     Example:
       >>> hlo = "%ar = f32[16]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add"
@@ -75,6 +78,7 @@ class CommunicationReport:
     generated_code_bytes: int | None = None
     alias_bytes: int | None = None
     mesh: Mesh | None = None
+    routes: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def from_compiled(cls, compiled: Any, mesh: Mesh | None = None) -> CommunicationReport:
@@ -139,6 +143,9 @@ class CommunicationReport:
         known = [(name, n) for name, n in memory if n is not None]
         if known:
             lines.append("memory per device: " + ", ".join(f"{name} {n:,} B" for name, n in known))
+        taken = dict.fromkeys(f"{c}.{m}: {r}" for c, m, r in self.routes if r != "plain")
+        if taken:
+            lines.append("routes: " + ", ".join(taken))
         return "\n".join(lines)
 
 
@@ -188,9 +195,13 @@ def communication_report(
             if isinstance(current, Mesh) and not current.empty
             else _find_mesh((args, kwargs))
         )
-    if mesh is not None:
-        with jax.set_mesh(mesh):
+    from nnx_parallel.runtime import dispatch  # views sit above the runtime
+
+    with dispatch.recording() as routes:
+        if mesh is not None:
+            with jax.set_mesh(mesh):
+                compiled = jitted_fn.lower(*args, **kwargs).compile()
+        else:
             compiled = jitted_fn.lower(*args, **kwargs).compile()
-    else:
-        compiled = jitted_fn.lower(*args, **kwargs).compile()
-    return CommunicationReport.from_compiled(compiled, mesh)
+    report = CommunicationReport.from_compiled(compiled, mesh)
+    return dataclasses.replace(report, routes=tuple(routes))
