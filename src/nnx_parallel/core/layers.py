@@ -150,6 +150,32 @@ def in_out_sizes(module: Any, shape: tuple) -> tuple[int, int] | None:
     return None
 
 
+_KERNEL_SHAPED = (nnx.Conv, nnx.ConvTranspose, nnx.Einsum)  # keep a `kernel_shape` attribute
+_NORMS = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+
+
+def unstacked_shape(module: Any, name: str) -> tuple | None:
+    """The shape param `name` of a known layer has outside any layer stack.
+
+    Read from the layer's own attributes (`kernel_shape`, `in_features`,
+    `num_features`, ...), which `nnx.vmap` leaves per layer: a param with
+    more leading dims than this was stacked. None for unknown layers.
+    """
+    kernel = getattr(module, "kernel_shape", None)
+    if name == "kernel" and isinstance(kernel, tuple) and isinstance(module, _KERNEL_SHAPED):
+        return kernel
+    if isinstance(module, nnx.Linear):
+        shapes = {"kernel": (module.in_features, module.out_features)}
+        return {**shapes, "bias": (module.out_features,)}.get(name)
+    if isinstance(module, (nnx.Conv, nnx.ConvTranspose)) and name == "bias":
+        return (module.out_features,)
+    if isinstance(module, nnx.Embed) and name == "embedding":
+        return (module.num_embeddings, module.features)
+    if isinstance(module, _NORMS) and name in ("scale", "bias"):
+        return (module.num_features,)
+    return None
+
+
 def known_output_rank(module: Any) -> bool:
     """True if the styles compute this layer's output rank statically."""
     return isinstance(module, _KNOWN_RANK)
