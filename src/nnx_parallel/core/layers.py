@@ -171,6 +171,8 @@ def unstacked_shape(module: Any, name: str) -> tuple | None:
         return (module.out_features,)
     if isinstance(module, nnx.Embed) and name == "embedding":
         return (module.num_embeddings, module.features)
+    if isinstance(module, nnx.GroupNorm) and name in ("scale", "bias"):
+        return (module.num_groups * module.group_size,)
     if isinstance(module, _NORMS) and name in ("scale", "bias"):
         return (module.num_features,)
     return None
@@ -187,14 +189,19 @@ def local_safe(module: Any) -> bool:
 
 
 def needs_whole_features(module: Any, explicit: bool) -> bool:
-    """True for a features-last `nnx.BatchNorm` on Explicit axes.
+    """True for a features-last `nnx.BatchNorm` or `nnx.GroupNorm` on Explicit axes.
 
     Its running statistics are replicated `BatchStat`s. From a feature-sharded
     input (after a ColumnParallel conv) they come out sharded, and Explicit
     axes refuse to write those into the replicated variable. Resharding the
     features first (an all-gather where they were sharded, nothing where they
     were not) keeps the model running unmodified. Auto axes need nothing.
+    A `GroupNorm` maps its group statistics back to channels with
+    `jnp.repeat`, which Explicit axes refuse on sharded channels without an
+    `out_sharding` the layer cannot pass: the same gather.
     """
+    if isinstance(module, nnx.GroupNorm):  # its group stats go back through jnp.repeat
+        return explicit and getattr(module, "feature_axis", -1) == -1
     return explicit and isinstance(module, nnx.BatchNorm) and getattr(module, "axis", -1) == -1
 
 
