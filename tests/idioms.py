@@ -171,21 +171,24 @@ class Up(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """The classic UNet (milesial/Pytorch-UNet layout), two levels deep."""
+    """The classic UNet (milesial/Pytorch-UNet layout), `depth` levels deep."""
 
-    def __init__(self, channels=3, classes=2, c=16, *, rngs: nnx.Rngs):
+    def __init__(self, channels=3, classes=2, c=16, depth=2, *, rngs: nnx.Rngs):
         self.inc = DoubleConv(channels, c, rngs=rngs)
-        self.down1 = Down(c, 2 * c, rngs=rngs)
-        self.down2 = Down(2 * c, 4 * c, rngs=rngs)
-        self.up1 = Up(4 * c, 2 * c, rngs=rngs)
-        self.up2 = Up(2 * c, c, rngs=rngs)
+        widths = [c * 2**i for i in range(depth + 1)]
+        self.downs = nnx.List([Down(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])])
+        ups = [Up(b, a, rngs=rngs) for a, b in zip(widths, widths[1:])]
+        self.ups = nnx.List(ups[::-1])
         self.outc = nnx.Conv(c, classes, (1, 1), rngs=rngs)
 
     def __call__(self, x):
-        x1 = self.inc(x)
-        x2 = self.down1(x1)
-        x3 = self.down2(x2)
-        return self.outc(self.up2(self.up1(x3, x2), x1))
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
 
 
 # Flax's scan-over-layers MLP ---------------------------------------------------------

@@ -83,9 +83,10 @@ class Flow:
     stacked: set = dataclasses.field(default_factory=set)
     order: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
+    named: Any = None
 
 
-def trace_flow(model: nnx.Module, example: Any = None, *, local=None) -> Flow:
+def trace_flow(model: nnx.Module, example: Any = None, *, local=None, named=None) -> Flow:
     """The data flow between `model`'s layers on one abstract call.
 
     Args:
@@ -94,6 +95,10 @@ def trace_flow(model: nnx.Module, example: Any = None, *, local=None) -> Flow:
         `ShapeDtypeStruct` or a tuple of them); None: guessed.
       local: Extra predicate `module -> bool` for layers that keep
         features apart (e.g. a GroupNorm that fits the mesh).
+      named: `(path, role) -> bool`: whether the name of `path` suggests
+        `role` ("column" or "row"). Only breaks ties: in a chain A -> B -> C
+        where both (A, B) and (B, C) could pair, (B, C) is taken if the
+        names suggest it and not (A, B).
     """
     modules = walk(model)[0]
     kinds = {p: _kind(m, local) for p, m in modules.items() if isinstance(m, _LEAVES)}
@@ -109,6 +114,7 @@ def trace_flow(model: nnx.Module, example: Any = None, *, local=None) -> Flow:
             continue
         n_params = len(jax.tree.leaves(state))
         flow = Flow()
+        flow.named = named or (lambda path, role: False)
         _Scope(jaxpr.jaxpr, kinds, set(jaxpr.jaxpr.invars[:n_params]), flow).read()
         return flow
     return Flow(error="no input fits the model (" + "; ".join(errors) + "); pass example=")
@@ -310,19 +316,36 @@ class _Scope:
                     out.add(MIX)
         return out
 
+    def _partner(self, a: str, used: set) -> str | None:
+        return _partner_of(self.flow, a, used)
+
+    def _names_favour(self, a: str, b: str) -> bool:
+        return self.flow.named(a, "column") or self.flow.named(b, "row")
+
     def _pair(self, order: list[str]) -> None:
         """Greedy in call order: A feeds only B and B reads only A."""
         flow, used = self.flow, set()
         for a in order:
-            b = _single(flow.feeds[a])
-            if a in used or b is None or b in used or flow.reads.get(b) != {a}:
+            b = self._partner(a, used)
+            if b is None:
                 continue
+            c = self._partner(b, used)
+            if c is not None and self._names_favour(b, c) and not self._names_favour(a, b):
+                a, b = b, c  # the tie-break: names say the pair starts one layer later
             flow.pairs[a] = b
             used |= {a, b}
         for a in order:
             if self.stacked and a not in used:
                 if flow.reads[a] <= {CARRY} and flow.feeds[a] <= {CARRY_OUT}:
                     flow.chains.append(a)
+
+
+def _partner_of(flow: Flow, a: str, used: set) -> str | None:
+    """The layer `a` alone feeds, if that layer reads only `a` (both free)."""
+    b = _single(flow.feeds.get(a, set()))
+    if a in used or b is None or b in used or flow.reads.get(b) != {a}:
+        return None
+    return b
 
 
 def _literal(v) -> bool:

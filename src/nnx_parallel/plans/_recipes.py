@@ -359,7 +359,7 @@ def _flow_roles(model, modules, weighted, example, draft: _Draft, mesh) -> dict:
     ]
     if not governed and example is None:
         return {}
-    flow = trace_flow(model, example, local=_fits(mesh, draft.axis))
+    flow = trace_flow(model, example, local=_fits(mesh, draft.axis), named=_named)
     if flow.error is not None:
         for p in governed:
             draft.unclassified[p] = f"no data flow ({flow.error}); left replicated"
@@ -368,6 +368,11 @@ def _flow_roles(model, modules, weighted, example, draft: _Draft, mesh) -> dict:
     roles, unpaired = flow_roles(flow, [p for p in layers if p in weighted])
     draft.unclassified.update(unpaired)
     return roles
+
+
+def _named(path: str, role: str) -> bool:
+    """Whether the last segment of `path` is a name public code gives `role`."""
+    return path.rpartition(".")[2].lower() in (COLUMN_NAMES if role == "column" else ROW_NAMES)
 
 
 def _fits(mesh: Mesh | None, axis: str):
