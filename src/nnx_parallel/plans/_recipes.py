@@ -289,6 +289,17 @@ def tensor_parallel(
       >>> _ = parallelize(mlp := TinyMLP(rngs=nnx.Rngs(0)), mesh8, plan)
       >>> mlp.up.kernel[...].sharding.spec, mlp.down.kernel[...].sharding.spec
       (P(None, 'model'), P('model', None))
+
+      A conv net is planned by data flow (channel parallelism):
+
+      >>> rngs = nnx.Rngs(0)
+      >>> convs = nnx.Sequential(
+      ...     nnx.Conv(3, 16, (3, 3), rngs=rngs), nnx.relu, nnx.Conv(16, 8, (3, 3), rngs=rngs)
+      ... )
+      >>> image = jax.ShapeDtypeStruct((1, 8, 8, 3), "float32")
+      >>> plan, _ = plans.tensor_parallel(convs, example=image)
+      >>> {pattern: type(style).__name__ for pattern, style in plan.items()}
+      {'layers.0': 'ColumnParallel', 'layers.2': 'RowParallel'}
     """
     if not isinstance(model, nnx.Module):
         raise PlanError(f"tensor_parallel expects an nnx.Module, got {type(model).__name__}.")
