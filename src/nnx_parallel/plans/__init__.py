@@ -8,8 +8,8 @@ out-projections (o, down) row-parallel, the token embedding and LM head
 vocab-parallel. Conv nets and scanned layer stacks are paired by the data
 flow of one abstract trace instead (`_flow.py`): channel parallelism, a conv
 sharded on its output channels feeding one sharded on its input channels.
-What it cannot classify it lists in the report instead of guessing. The plan is a plain dict: print it, edit it, pass it to
-`parallelize`.
+What it cannot classify it lists in the report instead of guessing. The plan
+is a plain dict: print it, edit it, pass it to `parallelize`.
 
 `auto(model, mesh, batch, budget_bytes=...)` compiles each candidate layout
 ahead of time (data parallel, FSDP, tensor parallel, ZeRO, each with and
