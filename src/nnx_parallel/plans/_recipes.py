@@ -262,9 +262,9 @@ def tensor_parallel(
         are reported as unclassified and left replicated, instead of making
         `parallelize` raise.
       example: Positional args of one model call (arrays or
-        `ShapeDtypeStruct`s), traced abstractly to read the data flow
-        (see below). None: guessed from the layers where the model has
-        convs or layer stacks.
+        `ShapeDtypeStruct`s), traced abstractly to read the data flow of a
+        model with convs or layer stacks (see below). None: guessed from
+        the layers.
 
     Conv nets and layer stacks (`nnx.vmap` + `nnx.scan`) are planned by data
     flow, not names: the model is traced once abstractly (nothing runs; see
@@ -357,27 +357,26 @@ _NO_MESH = types.SimpleNamespace(axis_names=())  # layer stacks without a mesh: 
 def _flow_roles(model, modules, weighted, example, draft: _Draft, mesh) -> dict:
     """Roles of the conv and stacked layers, by data flow (see `plans._flow`).
 
-    Traced only where the model has convs or stacks, or `example` is given;
-    those layers are never classified by name alone (a failed trace leaves
-    them replicated, with the reason).
+    Traced only where the model has convs or layer stacks. Convs are never
+    classified by name: without a partner by data flow (or without a
+    trace) they stay replicated, with the reason. Stacked Linear/Einsum
+    layers the flow leaves unpaired (attention projections, whose partner
+    is past the attention's own matmuls) go on to the name rules.
     """
     stacked = layer_stacks(walk(model)[1], mesh or _NO_MESH, modules)
-    governed = [
-        p
-        for p in weighted
-        if isinstance(modules[p], (nnx.Conv, nnx.ConvTranspose))
-        or any(k.startswith(p + ".") for k in stacked)
+    convs = [p for p in weighted if isinstance(modules[p], (nnx.Conv, nnx.ConvTranspose))]
+    governed = convs + [
+        p for p in weighted if p not in convs and any(k.startswith(p + ".") for k in stacked)
     ]
-    if not governed and example is None:
+    if not governed:
         return {}
     flow = trace_flow(model, example, local=_fits(mesh, draft.axis), named=_named)
     if flow.error is not None:
-        for p in governed:
+        for p in convs:
             draft.unclassified[p] = f"no data flow ({flow.error}); left replicated"
         return {}
-    layers = list(dict.fromkeys(governed + (flow.order if example is not None else [])))
-    roles, unpaired = flow_roles(flow, [p for p in layers if p in weighted])
-    draft.unclassified.update(unpaired)
+    roles, unpaired = flow_roles(flow, governed)
+    draft.unclassified.update({p: why for p, why in unpaired.items() if p in convs})
     return roles
 
 
