@@ -59,3 +59,7 @@ def test_runtime_facts():
     bn = nnx.BatchNorm(4, rngs=R)
     assert layers.needs_whole_features(bn, explicit=True)
     assert not layers.needs_whole_features(bn, explicit=False)
+    gn = nnx.GroupNorm(8, num_groups=4, rngs=R)  # jnp.repeat of group stats: Explicit refuses
+    assert layers.needs_whole_features(gn, explicit=True)
+    assert not layers.needs_whole_features(gn, explicit=False)
+    assert layers.unstacked_shape(gn, "scale") == (8,)

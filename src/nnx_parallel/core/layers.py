@@ -150,6 +150,34 @@ def in_out_sizes(module: Any, shape: tuple) -> tuple[int, int] | None:
     return None
 
 
+_KERNEL_SHAPED = (nnx.Conv, nnx.ConvTranspose, nnx.Einsum)  # keep a `kernel_shape` attribute
+_NORMS = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+
+
+def unstacked_shape(module: Any, name: str) -> tuple | None:
+    """The shape param `name` of a known layer has outside any layer stack.
+
+    Read from the layer's own attributes (`kernel_shape`, `in_features`,
+    `num_features`, ...), which `nnx.vmap` leaves per layer: a param with
+    more leading dims than this was stacked. None for unknown layers.
+    """
+    kernel = getattr(module, "kernel_shape", None)
+    if name == "kernel" and isinstance(kernel, tuple) and isinstance(module, _KERNEL_SHAPED):
+        return kernel
+    if isinstance(module, nnx.Linear):
+        shapes = {"kernel": (module.in_features, module.out_features)}
+        return {**shapes, "bias": (module.out_features,)}.get(name)
+    if isinstance(module, (nnx.Conv, nnx.ConvTranspose)) and name == "bias":
+        return (module.out_features,)
+    if isinstance(module, nnx.Embed) and name == "embedding":
+        return (module.num_embeddings, module.features)
+    if isinstance(module, nnx.GroupNorm) and name in ("scale", "bias"):
+        return (module.num_groups * module.group_size,)
+    if isinstance(module, _NORMS) and name in ("scale", "bias"):
+        return (module.num_features,)
+    return None
+
+
 def known_output_rank(module: Any) -> bool:
     """True if the styles compute this layer's output rank statically."""
     return isinstance(module, _KNOWN_RANK)
@@ -161,14 +189,19 @@ def local_safe(module: Any) -> bool:
 
 
 def needs_whole_features(module: Any, explicit: bool) -> bool:
-    """True for a features-last `nnx.BatchNorm` on Explicit axes.
+    """True for a features-last `nnx.BatchNorm` or `nnx.GroupNorm` on Explicit axes.
 
     Its running statistics are replicated `BatchStat`s. From a feature-sharded
     input (after a ColumnParallel conv) they come out sharded, and Explicit
     axes refuse to write those into the replicated variable. Resharding the
     features first (an all-gather where they were sharded, nothing where they
     were not) keeps the model running unmodified. Auto axes need nothing.
+    A `GroupNorm` maps its group statistics back to channels with
+    `jnp.repeat`, which Explicit axes refuse on sharded channels without an
+    `out_sharding` the layer cannot pass: the same gather.
     """
+    if isinstance(module, nnx.GroupNorm):  # its group stats go back through jnp.repeat
+        return explicit and getattr(module, "feature_axis", -1) == -1
     return explicit and isinstance(module, nnx.BatchNorm) and getattr(module, "axis", -1) == -1
 
 

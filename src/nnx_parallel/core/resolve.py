@@ -184,7 +184,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
     alias, tied = aliases(model, modules, params)
     matches = _matches(entries, modules, strict, alias)
     chosen = choose(entries, matches)
-    scope = _Scope(mesh, entries, chosen, modules, layer_stacks(params, mesh), [], tied)
+    scope = _Scope(mesh, entries, chosen, modules, layer_stacks(params, mesh, modules), [], tied)
     by_owner: dict[str, dict[str, tuple[str, nnx.Variable]]] = {}
     for path, (owner, name, var) in params.items():
         by_owner.setdefault(owner, {})[name] = (path, var)

@@ -5,9 +5,11 @@ and the layout that fits a memory budget.
 shapes) and writes the Megatron plan a person would write by hand: the
 in-projections of attention and MLP (q/k/v, up/gate) column-parallel, the
 out-projections (o, down) row-parallel, the token embedding and LM head
-vocab-parallel. What it cannot classify it lists in the report instead of
-guessing. The plan is a plain dict: print it, edit it, pass it to
-`parallelize`.
+vocab-parallel. Conv nets and scanned layer stacks are paired by the data
+flow of one abstract trace instead (`_flow.py`): channel parallelism, a conv
+sharded on its output channels feeding one sharded on its input channels.
+What it cannot classify it lists in the report instead of guessing. The plan
+is a plain dict: print it, edit it, pass it to `parallelize`.
 
 `expert_parallel(model)` finds Mixture-of-Experts layers (stacked `[E, ...]`
 params next to a router with E outputs) and spreads their experts over an

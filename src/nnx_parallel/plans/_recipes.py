@@ -4,6 +4,7 @@ tensor-parallel auto-plan for transformers."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,10 @@ from nnx_parallel.core.graph import walk
 from nnx_parallel.core.layers import einsum_parts, in_out_sizes, weight_name
 from nnx_parallel.core.resolve import resolve
 from nnx_parallel.core.sequence import SequenceColumnParallel, SequenceParallel, SequenceRowParallel
+from nnx_parallel.core.stacks import layer_stacks
 from nnx_parallel.core.styles import FSDP, ColumnParallel, Replicated, RowParallel, as_styles
 from nnx_parallel.errors import ParallelError, PlanError
+from nnx_parallel.plans._flow import flow_roles, trace_flow
 
 # Names public transformer code gives its layers (last path segment, lower case).
 COLUMN_NAMES = frozenset(
@@ -230,6 +233,7 @@ def tensor_parallel(
     sequence_parallel: bool = False,
     vocab_parallel: bool = True,
     mesh: Mesh | None = None,
+    example: Any = None,
 ) -> tuple[dict[str, Any], PlanReport]:
     """Writes a Megatron tensor-parallel plan for a transformer.
 
@@ -257,6 +261,22 @@ def tensor_parallel(
         dims the axis does not divide (e.g. 2 key/value heads on 8 devices)
         are reported as unclassified and left replicated, instead of making
         `parallelize` raise.
+      example: Positional args of one model call (arrays or
+        `ShapeDtypeStruct`s), traced abstractly to read the data flow of a
+        model with convs or layer stacks (see below). None: guessed from
+        the layers.
+
+    Conv nets and layer stacks (`nnx.vmap` + `nnx.scan`) are planned by data
+    flow, not names: the model is traced once abstractly (nothing runs; see
+    `plans._flow`) and a layer whose output reaches only the next layer,
+    through elementwise ops, pooling, per-channel norms (`BatchNorm`, a
+    `GroupNorm` whose groups the axis divides) or dropout, gets
+    `ColumnParallel` (output channels) and that layer `RowParallel` (input
+    channels): channel parallelism, one all-reduce per pair. Stacked pairs
+    shard the dims after the layer axis; a stacked block with one layer is
+    `RowParallel` (its output is the next layer's input). Layers with no
+    such partner (a skip concatenation after them, a residual sum before
+    their partner) stay replicated and are reported with the reason.
 
     Returns:
       `(plan, report)`: a plan dict with `*` for layer indices, and a
@@ -269,6 +289,17 @@ def tensor_parallel(
       >>> _ = parallelize(mlp := TinyMLP(rngs=nnx.Rngs(0)), mesh8, plan)
       >>> mlp.up.kernel[...].sharding.spec, mlp.down.kernel[...].sharding.spec
       (P(None, 'model'), P('model', None))
+
+      A conv net is planned by data flow (channel parallelism):
+
+      >>> rngs = nnx.Rngs(0)
+      >>> convs = nnx.Sequential(
+      ...     nnx.Conv(3, 16, (3, 3), rngs=rngs), nnx.relu, nnx.Conv(16, 8, (3, 3), rngs=rngs)
+      ... )
+      >>> image = jax.ShapeDtypeStruct((1, 8, 8, 3), "float32")
+      >>> plan, _ = plans.tensor_parallel(convs, example=image)
+      >>> {pattern: type(style).__name__ for pattern, style in plan.items()}
+      {'layers.0': 'ColumnParallel', 'layers.2': 'RowParallel'}
     """
     if not isinstance(model, nnx.Module):
         raise PlanError(f"tensor_parallel expects an nnx.Module, got {type(model).__name__}.")
@@ -286,7 +317,9 @@ def tensor_parallel(
     token = _place_embeddings(draft, embeds)
     vocab = embeds[token]["embedding"][0] if token else None
     weighted = {p: shapes for p, shapes in own.items() if p not in embeds and weight_name(shapes)}
-    classified = _classify(weighted, modules, vocab, draft.unclassified)
+    by_flow = _flow_roles(model, modules, weighted, example, draft, mesh)
+    rest = {p: s for p, s in weighted.items() if p not in by_flow and p not in draft.unclassified}
+    classified = {**_classify(rest, modules, vocab, draft.unclassified), **by_flow}
     for path, (role, why) in classified.items():
         _place_projection(draft, path, modules[path], weighted[path], role, why)
     if token is not None and vocab_parallel and all(r != "head" for r, _ in classified.values()):
@@ -316,6 +349,50 @@ class _Draft:
     roles: dict[str, str] = dataclasses.field(default_factory=dict)
     unclassified: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+
+
+_NO_MESH = types.SimpleNamespace(axis_names=())  # layer stacks without a mesh: no axis names
+
+
+def _flow_roles(model, modules, weighted, example, draft: _Draft, mesh) -> dict:
+    """Roles of the conv and stacked layers, by data flow (see `plans._flow`).
+
+    Traced only where the model has convs or layer stacks. Convs are never
+    classified by name: without a partner by data flow (or without a
+    trace) they stay replicated, with the reason. Stacked Linear/Einsum
+    layers the flow leaves unpaired (attention projections, whose partner
+    is past the attention's own matmuls) go on to the name rules.
+    """
+    stacked = layer_stacks(walk(model)[1], mesh or _NO_MESH, modules)
+    convs = [p for p in weighted if isinstance(modules[p], (nnx.Conv, nnx.ConvTranspose))]
+    governed = convs + [
+        p for p in weighted if p not in convs and any(k.startswith(p + ".") for k in stacked)
+    ]
+    if not governed:
+        return {}
+    flow = trace_flow(model, example, local=_fits(mesh, draft.axis), named=_named)
+    if flow.error is not None:
+        for p in convs:
+            draft.unclassified[p] = f"no data flow ({flow.error}); left replicated"
+        return {}
+    roles, unpaired = flow_roles(flow, governed)
+    draft.unclassified.update({p: why for p, why in unpaired.items() if p in convs})
+    return roles
+
+
+def _named(path: str, role: str) -> bool:
+    """Whether the last segment of `path` is a name public code gives `role`."""
+    return path.rpartition(".")[2].lower() in (COLUMN_NAMES if role == "column" else ROW_NAMES)
+
+
+def _fits(mesh: Mesh | None, axis: str):
+    """A GroupNorm keeps channels apart if the axis size divides its groups."""
+    size = dict(mesh.shape).get(axis, 1) if mesh is not None else 1
+
+    def local(module) -> bool:
+        return isinstance(module, nnx.GroupNorm) and module.num_groups % size == 0
+
+    return local
 
 
 def _place_embeddings(draft: _Draft, embeds) -> str | None:
