@@ -80,10 +80,14 @@ def weight_collectives(ops, stacks):
         shapes.add(tuple(sorted(v.shape)))
         if v.ndim >= 3:
             shapes.add(tuple(sorted(v.shape[1:])))
+    biggest = max(v.nbytes for v in stacks.values())
     moving = []
     for c in ops:
         if c.kind == "all-reduce":
             continue  # gradient sums over data replicas; a stack is never gathered by them
+        if c.size >= biggest:  # e.g. FSDP's flat buffer holding the stacks
+            moving.append(c)
+            continue
         for part in c.shape.split("]")[:-1]:
             dims = tuple(sorted(int(d) for d in part.split("[")[-1].split(",") if d))
             if dims in shapes:

@@ -108,6 +108,8 @@ def check_axis_clash(
     """
     for tp_pattern, tp in styles:
         for fsdp_pattern, fsdp in styles:
+            if fsdp is tp:  # one style using its axis for both (ExpertParallel) means it
+                continue
             both = [a for a in _tp_axes(tp) if a in _fsdp_axes(fsdp, mesh)]
             if not both:
                 continue

@@ -178,7 +178,9 @@ def _about_stack(error: BaseException) -> bool:
 
 
 def _param_spec(var) -> P:
-    declared = _compat.get_declared_spec(var) or ()
+    # A stack's params may carry no `out_sharding` (an untagged `nnx.vmap`
+    # stack, core/stacks.py): then the value's own type says the layout.
+    declared = _compat.get_declared_spec(var) or tuple(_compat.spec_of(var.get_value()) or ())
     ndim = var.get_value().ndim
     return P(*_specs.pad(declared[max(len(declared) - ndim, 0) :], ndim))
 

@@ -312,6 +312,8 @@ def _hook_lines(res: Resolution, modules, explicit: bool) -> list[str]:
             for k in ("layout", "gather", "remat", "guard", "context")
             if getattr(h, k, None) not in (None, False)
         )
+        if h.gather is not None and any("." in name for name, _ in h.gather.params):
+            kinds = kinds.replace("gather", f"unit gather ({len(h.gather.params)} params)")
         route = dispatch.static_route(modules[path], h, explicit)
         lines.append(f"  {(path or '<root>').ljust(width)}  {kinds or 'none'}  route {route}")
     return lines
