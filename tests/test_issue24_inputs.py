@@ -86,18 +86,10 @@ def test_fsdp_over_a_size_one_axis_of_a_bigger_mesh():
 # d: nnx.update with host weights into an FSDP x TP model --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "runtime/fsdp.py _param_specs: nnx.update(model, nnx.state(fresh)) replaces each "
-        "Variable's metadata with the fresh model's, so out_sharding is gone; the fallback "
-        "spec comes from Gather.params (the FSDP dim only) and drops the TP axis: Auto gives "
-        "wrong numbers, Explicit a shard_map in_specs error. Fix: Gather carries each "
-        "param's full spec; _param_specs uses it when metadata is missing, and the "
-        "shard_map call reshards param values whose type differs from it."
-    ),
-)
 def test_update_with_host_weights_into_fsdp_x_tp(mesh2x4):
+    # nnx.update replaces each Variable's metadata (out_sharding is gone) and
+    # value (on one device): the FSDP gather keeps each param's full spec
+    # (Gather.specs) and, on Explicit axes, lays the values out again.
     mesh = mesh2x4
     model, fresh = MLP(rngs=nnx.Rngs(0)), MLP(rngs=nnx.Rngs(1))
     npx.parallelize(model, mesh, npx.plans.combine(TP, FSDP("data", min_size=1)))

@@ -55,6 +55,9 @@ class Gather:
     prefetch: int = 0
     param_dtype: Any = None
     reduce_dtype: Any = None
+    # (name, full spec) of each param the module owns: its layout where its own
+    # metadata is gone (`nnx.update` with another model's state).
+    specs: tuple[tuple[str, tuple], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

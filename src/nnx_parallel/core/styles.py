@@ -566,6 +566,7 @@ class FSDP:
                 axes=self._axes(),
                 batch_axes=self.batch_axes_for(ctx.mesh),
                 params=tuple(gathered),
+                specs=tuple((n, tuple(s)) for n, s in specs.items()),
                 remat=self.reshard_after_forward,
                 prefetch=self.prefetch,
                 param_dtype=self.param_dtype,

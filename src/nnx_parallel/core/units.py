@@ -139,7 +139,9 @@ def why_not(unit: str, modules: Mapping[str, Any], hooks: Mapping[str, ModuleHoo
     if not callable(getattr(type(node), "__call__", None)) or _is_container(node):
         return "it is a container, not a module with a __call__"
     members = {p: h for p, h in hooks.items() if inside(p, unit)}
-    gathers = {dataclasses.replace(h.gather, params=()) for h in members.values() if h.gather}
+    gathers = {
+        dataclasses.replace(h.gather, params=(), specs=()) for h in members.values() if h.gather
+    }
     if len(gathers) > 1:
         return "FSDP styles with different settings meet in it"
     layout = next((p for p, h in members.items() if h.layout is not None), None)
@@ -170,11 +172,13 @@ def group(
     why = why_not(unit, modules, hooks)
     if why is not None:
         return hooks, why
-    params = []
+    params, specs = [], []
     for owner in members:
         prefix = owner[len(unit) :].lstrip(".") if unit else owner
-        params += [(f"{prefix}.{n}" if prefix else n, d) for n, d in hooks[owner].gather.params]
-    gather = dataclasses.replace(hooks[members[0]].gather, params=tuple(params))
+        name = lambda n, prefix=prefix: f"{prefix}.{n}" if prefix else n  # noqa: E731
+        params += [(name(n), d) for n, d in hooks[owner].gather.params]
+        specs += [(name(n), s) for n, s in hooks[owner].gather.specs]
+    gather = dataclasses.replace(hooks[members[0]].gather, params=tuple(params), specs=tuple(specs))
     out = dict(hooks)
     for owner in members:
         rest = dataclasses.replace(out[owner], gather=None, methods=("__call__",))

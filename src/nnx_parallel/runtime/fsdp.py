@@ -247,8 +247,10 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
     in_spec = _manual_io_spec(x.ndim, batch_entry, layout.input)
     out_spec = _manual_io_spec(x.ndim + layout.rank_delta, batch_entry, layout.output)
     graphdef, pstate = nnx.split(module, nnx.Param)
+    param_in = _param_specs(pstate, gather)
     if _explicit_here(mesh):
         x = _compat.reshard(x, mesh, in_spec)
+        pstate = _laid_out(pstate, param_in, mesh)
 
     def body(pstate, x):
         return _gathered(compute, gather, pstate, x)
@@ -277,7 +279,6 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
                 y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
 
-    param_in = _param_specs(pstate, gather)
     mapped = _compat.shard_map(
         body,
         mesh=_context_mesh(mesh),
@@ -286,6 +287,21 @@ def local_call(module, method, hooks: ModuleHooks, mesh: Mesh, args, kwargs):
         axis_names=manual,
     )
     return mapped(pstate, x)
+
+
+def _laid_out(pstate, specs, mesh: Mesh):
+    """Explicit axes: each param value resharded to its spec where its type
+    differs (values loaded from elsewhere, e.g. `nnx.update`)."""
+
+    def put(var, spec):
+        value = var.get_value()
+        if _compat.spec_of(value) == spec:
+            return var
+        return var.replace(_compat.reshard(value, _context_mesh(mesh), spec))
+
+    return jax.tree.map(
+        put, pstate, specs, is_leaf=lambda v: isinstance(v, (nnx.Variable, P))
+    )
 
 
 def base_name(module) -> str:
@@ -305,9 +321,13 @@ def _param_specs(pstate, gather: Gather | None = None):
     dims = dict(gather.params) if gather is not None else {}
     axes = None if gather is None else _specs.entry_of(gather.axes)
 
+    full = dict(gather.specs) if gather is not None else {}
+
     def spec(path, var):
         declared = _compat.get_declared_spec(var)
         ndim = var.get_value().ndim
+        if declared is None:
+            declared = full.get(join(keys(path)))  # metadata replaced by nnx.update
         if declared is None:
             dim = dims.get(join(keys(path)))
             if dim is None or dim < -ndim:
