@@ -52,10 +52,13 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """Two-layer GPT: token + position embeddings, blocks, LM head."""
 
-    def __init__(self, vocab=64, d=32, heads=8, layers=2, max_len=16, *, rngs: nnx.Rngs):
+    def __init__(
+        self, vocab=64, d=32, heads=8, layers=2, max_len=16, *, block=None, rngs: nnx.Rngs
+    ):
+        block = Block if block is None else block  # (d, heads, *, rngs) -> a block module
         self.embed = nnx.Embed(vocab, d, rngs=rngs)
         self.pos = nnx.Embed(max_len, d, rngs=rngs)
-        self.blocks = nnx.List([Block(d, heads, rngs=rngs) for _ in range(layers)])
+        self.blocks = nnx.List([block(d, heads, rngs=rngs) for _ in range(layers)])
         self.ln_f = nnx.LayerNorm(d, rngs=rngs)
         self.head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
 

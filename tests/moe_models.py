@@ -13,11 +13,13 @@ this library:
   by dense router scores, per-expert biases (a public gpt-oss port).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tests.models import Attention
+from tests.models import GPT, Attention
 
 E, K, D, F = 8, 2, 16, 32
 
@@ -153,18 +155,9 @@ class MoEGPTBlock(nnx.Module):
         return x + self.moe(self.ln2(x))
 
 
-class MoEGPT(nnx.Module):
+class MoEGPT(GPT):
     """A two-layer GPT whose MLPs are MoE layers (`moe` picks the idiom)."""
 
     def __init__(self, vocab=64, d=32, heads=4, layers=2, max_len=16, moe=LoopMoE, *, rngs):
-        self.embed = nnx.Embed(vocab, d, rngs=rngs)
-        self.pos = nnx.Embed(max_len, d, rngs=rngs)
-        self.blocks = nnx.List([MoEGPTBlock(d, heads, moe, rngs=rngs) for _ in range(layers)])
-        self.ln_f = nnx.LayerNorm(d, rngs=rngs)
-        self.head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
-
-    def __call__(self, tokens):
-        x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[1]))[None]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+        block = functools.partial(MoEGPTBlock, moe=moe)
+        super().__init__(vocab, d, heads, layers, max_len, block=block, rngs=rngs)

@@ -44,6 +44,16 @@ def ancestors(path: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
+def within(path: str, root: str) -> bool:
+    """True if `path` is `root` or below it (every path is within the root `""`).
+
+    Example:
+      >>> within("blocks.0.mlp", "blocks.0"), within("blocks.01", "blocks.0")
+      (True, False)
+    """
+    return root == "" or path == root or path.startswith(root + ".")
+
+
 def generalize(path: str) -> str:
     """`path` with every integer segment replaced by `*` (a plan pattern)."""
     return ".".join("*" if seg.isdigit() else seg for seg in path.split("."))

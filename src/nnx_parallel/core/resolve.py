@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
-from nnx_parallel._paths import ancestors
+from nnx_parallel._paths import ancestors, within
 from nnx_parallel.core import conflicts, layers, units
 from nnx_parallel.core.graph import aliases, choose, match, normalize_plan, suggest, walk
 from nnx_parallel.core.layouts import ModuleHooks, get_hooks
@@ -218,9 +218,9 @@ def _units(scope: _Scope, matches, params, hooks: dict[str, ModuleHooks]):
                     continue  # a more specific pattern chose this module
                 stacks = scope.stacks
                 if getattr(style, "scan_axes", 0):  # an untagged stack: every param stacked
-                    stacks = {p: ("",) for p in params if units.inside(p, matched)}
+                    stacks = {p: ("",) for p in params if within(p, matched)}
                 for unit in units.unit_roots(kind, matched, scope.modules, stacks):
-                    tied = sorted(o for _, o in scope.tied.values() if units.inside(o, unit))
+                    tied = sorted(o for _, o in scope.tied.values() if within(o, unit))
                     if tied:
                         refused.setdefault(f"{tied[0]!r} reads a tied parameter", []).append(
                             unit or "<root>"

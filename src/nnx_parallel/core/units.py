@@ -40,6 +40,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from nnx_parallel._paths import within
 from nnx_parallel.core.layouts import ModuleHooks
 
 UNITS = ("auto", "module", "leaf")
@@ -55,19 +56,14 @@ def _last(path: str) -> str:
     return path.rpartition(".")[2]
 
 
-def inside(path: str, root: str) -> bool:
-    """True if `path` is `root` or below it."""
-    return root == "" or path == root or path.startswith(root + ".")
-
-
 def _is_container(node: Any) -> bool:
     return isinstance(node, (nnx.List, nnx.Dict, list, tuple, dict))
 
 
 def repeated_blocks(
-    modules: Mapping[str, Any], within: str, stacks: Mapping[str, Any] | None = None
+    modules: Mapping[str, Any], root: str, stacks: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """The outermost repeated blocks in the subtree of `within` (see the module doc).
+    """The outermost repeated blocks in the subtree of `root` (see the module doc).
 
     `stacks` (param path -> stack names, from `core.stacks.layer_stacks`)
     marks scanned stacks: a module all of whose params are stacked is the
@@ -75,7 +71,7 @@ def repeated_blocks(
     """
     groups: dict[tuple, list[str]] = {}
     for path, node in modules.items():
-        if not path or not inside(path, within) or not isinstance(node, nnx.Module):
+        if not path or not within(path, root) or not isinstance(node, nnx.Module):
             continue
         if _is_container(node):
             continue
@@ -88,17 +84,17 @@ def repeated_blocks(
             continue
         groups.setdefault(key, []).append(path)
     found = [p for paths in groups.values() if len(paths) > 1 for p in paths]
-    found += _scanned_layers(modules, within, stacks or {})
+    found += _scanned_layers(modules, root, stacks or {})
     return _outermost(found)
 
 
-def _scanned_layers(modules, within: str, stacks: Mapping[str, Any]) -> list[str]:
-    """Modules under `within` whose params (at least two leaves) are all stacked."""
+def _scanned_layers(modules, root: str, stacks: Mapping[str, Any]) -> list[str]:
+    """Modules under `root` whose params (at least two leaves) are all stacked."""
     if not stacks:
         return []
     out = []
     for path, node in modules.items():
-        if not path or not inside(path, within) or not isinstance(node, nnx.Module):
+        if not path or not within(path, root) or not isinstance(node, nnx.Module):
             continue
         names = [_join(path, k) for k, _ in nnx.to_flat_state(nnx.state(node, nnx.Param))]
         if len(names) > 1 and all(n in stacks for n in names):
@@ -113,7 +109,7 @@ def _join(path: str, keys: tuple) -> str:
 
 def _outermost(paths: list[str]) -> list[str]:
     chosen = set(paths)
-    keep = [p for p in paths if not any(inside(p, q) and p != q for q in chosen if q)]
+    keep = [p for p in paths if not any(within(p, q) and p != q for q in chosen if q)]
     return sorted(dict.fromkeys(keep), key=_sort_key)
 
 
@@ -138,7 +134,7 @@ def why_not(unit: str, modules: Mapping[str, Any], hooks: Mapping[str, ModuleHoo
     node = modules[unit]
     if not callable(getattr(type(node), "__call__", None)) or _is_container(node):
         return "it is a container, not a module with a __call__"
-    members = {p: h for p, h in hooks.items() if inside(p, unit)}
+    members = {p: h for p, h in hooks.items() if within(p, unit)}
     gathers = {
         dataclasses.replace(h.gather, params=(), specs=()) for h in members.values() if h.gather
     }
@@ -166,7 +162,7 @@ def group(
 
     Returns the new hooks and None, or the old hooks and why not.
     """
-    members = [p for p, h in hooks.items() if inside(p, unit) and h.gather is not None]
+    members = [p for p, h in hooks.items() if within(p, unit) and h.gather is not None]
     if not members or members == [unit]:
         return hooks, None
     why = why_not(unit, modules, hooks)

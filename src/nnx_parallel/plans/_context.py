@@ -6,7 +6,7 @@ from typing import Any
 
 from flax import nnx
 
-from nnx_parallel._paths import generalize
+from nnx_parallel._paths import generalize, within
 from nnx_parallel.core.context import ContextParallel
 from nnx_parallel.core.graph import walk
 from nnx_parallel.errors import PlanError
@@ -75,8 +75,9 @@ def context_parallel(
             children.setdefault(parent, set()).add(name.lower())
     found = {p: _attention_role(p, m, children.get(p, set())) for p, m in modules.items()}
     found = {p: role for p, role in found.items() if role is not None}
-    inside = lambda p, a: a != p and (a == "" or p.startswith(a + "."))  # noqa: E731
-    roles = {p: role for p, role in found.items() if not any(inside(p, a) for a in found)}
+    roles = {
+        p: role for p, role in found.items() if not any(a != p and within(p, a) for a in found)
+    }
     if not roles:
         raise PlanError(
             "plans.context_parallel: found no attention module (an nnx.MultiHeadAttention, or "

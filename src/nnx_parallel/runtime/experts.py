@@ -80,12 +80,15 @@ class LocalStack:
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
         if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
             raise NotLocal(f"{self.name} is indexed with {key!r}, not an expert number")
-        i = int(first) % self.num_experts
+        row = self._row(int(first) % self.num_experts)
+        return row[rest] if rest else row
+
+    def _row(self, i: int):
+        """Expert `i`'s weights: this device's slice where it owns `i`, else zeros."""
         n = self.local.shape[0]
         j = i - jax.lax.axis_index(self.axis) * n
         row = jax.lax.dynamic_index_in_dim(self.local, jnp.clip(j, 0, n - 1), 0, keepdims=False)
-        row = jnp.where((j >= 0) & (j < n), row, jnp.zeros_like(row))
-        return row[rest] if rest else row
+        return jnp.where((j >= 0) & (j < n), row, jnp.zeros_like(row))
 
     def __jax_array__(self):
         raise NotLocal(f"{self.name} is used as a whole stack")
@@ -106,14 +109,8 @@ class RowStack(LocalStack):
         self.shape = (num_experts, *rows[0].shape)
         self.dtype, self.ndim = rows[0].dtype, rows[0].ndim + 1
 
-    def __getitem__(self, key):
-        if key is Ellipsis:
-            return self
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
-        if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
-            raise NotLocal(f"{self.name} is indexed with {key!r}, not an expert number")
-        row = self.rows[int(first) % self.num_experts]
-        return row[rest] if rest else row
+    def _row(self, i: int):
+        return self.rows[i]
 
 
 def call(module, method, hooks: ModuleHooks, args, kwargs, record, rest_call):
