@@ -14,6 +14,7 @@ from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import nnx_parallel  # noqa: E402
+from nnx_parallel.runtime import trace  # noqa: E402
 from tests import models  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -41,6 +42,14 @@ def mesh2x4(kind):
 @pytest.fixture
 def fsdp8(kind):
     return _mesh((8,), ("fsdp",), kind)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace():
+    """Each test gets its own call-time trace state: route logs, warn-once
+    warnings, the prefetch token (`nnx_parallel.runtime.trace`)."""
+    with trace.fresh():
+        yield
 
 
 @pytest.fixture(autouse=True)

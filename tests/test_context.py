@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import nnx_parallel as npx
 from nnx_parallel.core.layouts import get_hooks
-from nnx_parallel.runtime import context, dispatch
+from nnx_parallel.runtime import dispatch
+from nnx_parallel.runtime import routes as R
 from nnx_parallel.views.collectives import collectives
 from tests import context_models as cm
 from tests.helpers import FWD_TOL, GRAD_TOL, assert_close, guard_warning, hlo_shapes
@@ -87,7 +88,6 @@ def _compiled(name, kind, strategy):
     inputs = [jax.device_put(x, s) for x, s in zip(_inputs(name, LENGTH[name]), inputs)]
     # The mha caller's padding mask (an outer product of two sequence-sharded
     # arrays) is refused by Explicit types: the root guard runs it in auto_axes.
-    context.layout._warned.clear()  # each case sees its own warn-once warnings
     with guard_warning(kind == AxisType.Explicit and name == "mha" and strategy is not None):
         with jax.set_mesh(mesh), dispatch.recording() as routes:
             compiled = jax.jit(_step(graphdef)).lower(state, *inputs).compile()
@@ -109,7 +109,7 @@ def test_equal_to_unsharded(kind, case):
     seq = LENGTH[name]
     compiled, state, inputs, routes = _compiled(name, kind, strategy)
     explicit = kind == AxisType.Explicit
-    assert context.AUTO_AXES if explicit else context.CONSTRAIN in routes
+    assert R.CONTEXT_AUTO_AXES.name if explicit else R.CONTEXT_CONSTRAIN.name in routes
     y, grads = compiled(state, *inputs)
     y_ref, grads_ref = _reference(name)
     assert_close(y, y_ref, FWD_TOL, "forward")
@@ -215,11 +215,10 @@ def test_decode_runs_whole_and_warns_once(kind):
         m.init_cache((B, 8, cm.D))
     npx.parallelize(model, mesh, npx.ContextParallel("context"))
     x = jax.random.normal(jax.random.key(1), (B, 1, cm.D))
-    context.layout._warned.clear()
     with pytest.warns(npx.FallbackWarning, match="decoding call.*without context parallelism"):
         with jax.set_mesh(mesh), dispatch.recording() as routes:
             y = nnx.jit(lambda m, x: m(x))(model, x)
-    assert ("ContextMultiHeadAttention", "__call__", context.DECODE) in routes
+    assert ("ContextMultiHeadAttention", "__call__", R.CONTEXT_DECODE.name) in routes
     assert_close(y, ref(x), FWD_TOL, "decode step")
 
 
@@ -230,8 +229,8 @@ def test_static_route():
     assert "layers.0  context  route context.constrain" in text
     layer = model.layers[0]
     assert type(layer).__name__ == "ContextDotProductAttention"
-    assert dispatch.static_route(layer, get_hooks(layer), explicit=False) == context.CONSTRAIN
-    assert dispatch.static_route(layer, get_hooks(layer), explicit=True) == context.AUTO_AXES
+    assert dispatch.static_route(layer, get_hooks(layer), explicit=False) == R.CONTEXT_CONSTRAIN.name
+    assert dispatch.static_route(layer, get_hooks(layer), explicit=True) == R.CONTEXT_AUTO_AXES.name
 
 
 # plans.context_parallel ----------------------------------------------------------
@@ -285,7 +284,7 @@ def test_ring_with_caller_bias_mask_and_scale():
     both = nnx.jit(lambda m, *a: (m(*a), nnx.grad(loss)(m, *a)))
     with jax.set_mesh(mesh), dispatch.recording() as routes:
         y, grads = both(model, *on_mesh)
-    assert ("ContextBiasedAttention", "__call__", context.CONSTRAIN) in routes
+    assert ("ContextBiasedAttention", "__call__", R.CONTEXT_CONSTRAIN.name) in routes
     y_ref, grads_ref = both(ref, *args)
     assert_close(y, y_ref, FWD_TOL, "forward")
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):

@@ -1,4 +1,4 @@
-"""One test per named call-time route (see `nnx_parallel.runtime.dispatch`).
+"""One test per named call-time route (see `nnx_parallel.runtime.routes`) and per retry.
 
 Each test builds the smallest model that takes the route, checks with
 `dispatch.recording()` that it was taken, and compares the output with the
@@ -16,7 +16,8 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import nnx_parallel as npx
-from nnx_parallel.runtime import dispatch, layout
+from nnx_parallel.runtime import dispatch, trace
+from nnx_parallel.runtime import routes as R
 from tests import models
 from tests.helpers import guard_warning
 
@@ -46,26 +47,28 @@ def _assert_close(a, b):
 X = jax.random.normal(jax.random.key(0), (8, 16), jnp.float32)
 
 
-def test_every_route_is_listed_once():
-    assert len(set(dispatch.ROUTES)) == len(dispatch.ROUTES) == 20
-    for route in dispatch.ROUTES:
-        assert route in dispatch.__doc__, route
+def test_every_route_is_named_once():
+    names = [r.name for r in R.ROUTES]
+    assert len(set(names)) == len(names) == 21
+    assert not set(names) & set(R.WRAPPERS)
+    for retry in dispatch.RETRIES:  # every retry goes from a route to a route
+        assert {retry.source, retry.target} <= set(names) | {R.GUARD}, retry
 
 
-def test_plain_while_probing():
+def test_nothing_recorded_while_probing():
     layer = npx.parallelize(
         nnx.Linear(16, 64, rngs=nnx.Rngs(0)), _mesh((8,), ("fsdp",), AUTO), npx.FSDP(min_size=16)
     )
-    with dispatch.recording() as routes, layout.probe():
+    with dispatch.recording() as routes, trace.probe():
         jax.eval_shape(lambda x: layer(x), X)
-    assert [r for _, _, r in routes] == [dispatch.PLAIN]
+    assert routes == []
 
 
 def test_layout_constrain_on_auto_axes():
     mesh = _mesh((8,), ("model",), AUTO)
     ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
     out, routes = _routes(layer, mesh, X)
-    assert routes == [layout.CONSTRAIN]
+    assert routes == [R.CONSTRAIN.name]
     _assert_close(out, ref(X))
 
 
@@ -73,7 +76,7 @@ def test_layout_out_sharding_on_explicit_axes():
     mesh = _mesh((8,), ("model",), EXPLICIT)
     ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
     out, routes = _routes(layer, mesh, X)
-    assert routes == [layout.OUT_SHARDING]
+    assert routes == [R.OUT_SHARDING.name]
     assert out.sharding.spec == P(None, "model")
     _assert_close(out, ref(X))
 
@@ -82,7 +85,7 @@ def test_layout_caller_out_sharding_wins():
     mesh = _mesh((8,), ("model",), EXPLICIT)
     ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.ColumnParallel())
     out, routes = _routes(layer, mesh, X, out_sharding=P(None, None))
-    assert routes == [layout.CALLER]
+    assert routes == [R.CALLER.name]
     assert out.sharding.spec == P(None, None)  # the plan's layout would be P(None, 'model')
     _assert_close(out, ref(X))
 
@@ -92,7 +95,7 @@ def test_layout_auto_axes_for_a_layer_without_out_sharding():
     ref, norm = _twin(lambda: nnx.LayerNorm(16, rngs=nnx.Rngs(0)), mesh, npx.SequenceParallel())
     x = X.reshape(1, 8, 16)
     out, routes = _routes(norm, mesh, x)
-    assert routes == [layout.AUTO_AXES]
+    assert routes == [R.AUTO_AXES.name]
     assert out.sharding.spec == P(None, "model", None)
     _assert_close(out, ref(x))
 
@@ -102,7 +105,7 @@ def test_layout_as_written_without_an_output_layout():
     plan = npx.Shard(kernel=P(None, None), input_spec=(None,))
     ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, plan)
     out, routes = _routes(layer, mesh, X)
-    assert routes == [layout.AS_WRITTEN]
+    assert routes == [R.AS_WRITTEN.name]
     _assert_close(out, ref(X))
 
 
@@ -111,17 +114,16 @@ def test_fsdp_shard_map(kind):
     mesh = _mesh((8,), ("fsdp",), kind)
     ref, mlp = _twin(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
     out, routes = _routes(mlp, mesh, X)
-    assert routes == [dispatch.FSDP_SHARD_MAP] * 2
+    assert routes == [R.FSDP_SHARD_MAP.name] * 2
     _assert_close(out, ref(X))
 
 
 def test_fsdp_gspmd_fallback_on_an_indivisible_batch(monkeypatch):
-    monkeypatch.setattr(layout, "_warned", set())
     mesh = _mesh((8,), ("fsdp",), AUTO)
     ref, layer = _twin(lambda: nnx.Linear(16, 64, rngs=nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
     with pytest.warns(npx.FallbackWarning, match="does not split over the batch axes"):
         out, routes = _routes(layer, mesh, X[:3])
-    assert routes == [dispatch.FSDP_GSPMD]
+    assert routes == [R.FSDP_GSPMD.name]
     _assert_close(out, ref(X[:3]))
 
 
@@ -140,9 +142,9 @@ def test_fsdp_nested_inside_a_gathered_parent():
     mesh = _mesh((8,), ("fsdp",), AUTO)
     ref, model = _twin(lambda: _Scaled(nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
     out, routes = _routes(model, mesh, X)
-    # The parent's batch probe traces the child twice (full and per-device
-    # batch) with hooks aside; then the child runs inside the parent's shard_map.
-    assert routes == [dispatch.PLAIN] * 2 + [dispatch.FSDP_NESTED, dispatch.FSDP_SHARD_MAP]
+    # The parent's batch probe traces the child with hooks aside and records
+    # nothing; then the child runs inside the parent's shard_map.
+    assert routes == [R.FSDP_SHARD_MAP.name, R.FSDP_NESTED.name]
     _assert_close(out, ref(X))
 
 
@@ -153,7 +155,7 @@ def test_fsdp_tp_manual_region(kind):
     plan = npx.plans.combine(tp, npx.FSDP("fsdp", min_size=16))
     ref, mlp = _twin(lambda: models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
     out, routes = _routes(mlp, mesh, X)
-    assert routes == [dispatch.FSDP_TP_MANUAL] * 2
+    assert routes == [R.FSDP_TP.name] * 2
     _assert_close(out, ref(X))
 
 
@@ -171,7 +173,7 @@ def test_fsdp_auto_axes_for_a_layout_layer_on_explicit_axes():
     ref, net = _twin(lambda: Net(nnx.Rngs(0)), mesh, plan)
     x = X.reshape(2, 4, 16)
     out, routes = _routes(net, mesh, x)
-    assert routes == [dispatch.FSDP_AUTO_AXES]
+    assert routes == [R.FSDP_AUTO_AXES.name]
     _assert_close(out, ref(x))
 
 
@@ -192,15 +194,14 @@ class _OwnConstraint(nnx.Module):
 
 @pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
 def test_fsdp_own_sharding_takes_the_gspmd_route(kind, monkeypatch):
-    monkeypatch.setattr(layout, "_warned", set())
     mesh = _mesh((8,), ("fsdp",), kind)
     x = jnp.tile(X, (8, 1))  # 8 rows a device: the shape probe's batch splits over 'fsdp' too
     with jax.set_mesh(mesh):
         expected = jax.jit(lambda x: _OwnConstraint(nnx.Rngs(0))(x))(x)
     model = npx.parallelize(_OwnConstraint(nnx.Rngs(0)), mesh, npx.FSDP(min_size=16))
-    with pytest.warns(npx.FallbackWarning, match="own sharding code names a batch axis"):
+    with pytest.warns(npx.FallbackWarning, match="refuses to run per batch shard"):
         out, routes = _routes(model, mesh, x)
-    assert routes == [dispatch.FSDP_OWN_SHARDING]
+    assert routes == [R.FSDP_GSPMD.name]
     assert model.w[...].sharding.spec == P(None, "fsdp")
     _assert_close(out, expected)
 
@@ -245,22 +246,20 @@ def _guarded_call(factory, kind):
 
 @pytest.mark.parametrize("kind", [AUTO, EXPLICIT], ids=["auto", "explicit"])
 def test_guard_auto_axes_retries_what_explicit_types_refuse(kind, monkeypatch):
-    monkeypatch.setattr(layout, "_warned", set())
     ref = _Refused(nnx.Rngs(0))
     expected = ref.proj(ref.table[...][jnp.arange(8) % 64])
     with guard_warning(kind == EXPLICIT):
         model, out, routes = _guarded_call(_Refused, kind)
     if kind == EXPLICIT:
-        assert routes[0] == dispatch.GUARD_AUTO_AXES and routes.count(routes[0]) == 1
+        assert routes[0] == R.GUARD and routes.count(routes[0]) == 1
         assert out.sharding.spec == P("data", None)  # batch-sharded like the ids
     else:
-        assert dispatch.GUARD_AUTO_AXES not in routes
+        assert R.GUARD not in routes
     _assert_close(out, expected)
     assert int(model.calls[...]) == 1  # the refused trace's write was taken back
 
 
 def test_guard_reports_the_refusal_when_the_retry_fails_too(monkeypatch):
-    monkeypatch.setattr(layout, "_warned", set())
     with pytest.warns(npx.FallbackWarning), pytest.raises(ShardingTypeError) as info:
         _guarded_call(_AlwaysRefused, EXPLICIT)
     assert "the retry inside auto_axes failed too" in "\n".join(info.value.__notes__)

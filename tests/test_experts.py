@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import nnx_parallel as npx
 from nnx_parallel import ExpertParallel, PlanError
+from nnx_parallel.runtime import routes as R
 from nnx_parallel.runtime.dispatch import recording
 from nnx_parallel.views.collectives import collectives
 from tests import moe_models as mm
@@ -138,12 +139,12 @@ def _check_local(model, grads, mesh):
 
 
 ROUTE = {
-    ("loop", False): "expert.local",
-    ("loop", True): "expert.local",
-    ("ragged", False): "expert.gspmd",
-    ("ragged", True): "expert.auto-axes",  # ragged_dot/argsort refused on Explicit types
-    ("dense", False): "expert.gspmd",
-    ("dense", True): "expert.auto-axes",
+    ("loop", False): R.EXPERTS_MANUAL.name,
+    ("loop", True): R.EXPERTS_MANUAL.name,
+    ("ragged", False): R.EXPERTS_AS_WRITTEN.name,
+    ("ragged", True): R.EXPERTS_AUTO_AXES_GSPMD.name,  # ragged_dot/argsort refused on Explicit types
+    ("dense", False): R.EXPERTS_AS_WRITTEN.name,
+    ("dense", True): R.EXPERTS_AUTO_AXES_GSPMD.name,
 }
 
 
@@ -225,7 +226,7 @@ def test_scanned_stack_with_fsdp_and_remat(explicit=True):
         return {"blocks.moe": styles}
 
     mesh, model, compiled, loss, grads, routes = _run(cls, "2x4", explicit, plan)
-    assert {r for c, _, r in routes if c.startswith("Expert")} == {"remat", "expert.local"}
+    assert {r for c, _, r in routes if c.startswith("Expert")} == {"remat", R.EXPERTS_MANUAL.name}
     assert "expert" not in str(model.blocks.moe.router.kernel.get_value().sharding.spec)
     _check_numerics(cls, model, loss, grads)
     ops = collectives(compiled, mesh)
@@ -274,7 +275,7 @@ def test_explain_and_communication_report_name_the_route():
     npx.parallelize(model, mesh, ExpertParallel("expert"))
     batch = jax.device_put(X, NamedSharding(mesh, P("expert")))
     report = npx.communication_report(nnx.jit(lambda m, x: m(x)), model, batch, mesh=mesh)
-    assert report.routes == (("ExpertDenseMoE", "__call__", "expert.gspmd"),)
+    assert report.routes == (("ExpertDenseMoE", "__call__", R.EXPERTS_AS_WRITTEN.name),)
     assert "routes: ExpertDenseMoE.__call__: expert.gspmd" in str(report)
 
 
@@ -292,7 +293,7 @@ def test_expert_internal_tensor_parallel_explicit():
     mesh, model, compiled, loss, grads, routes = run
     # Explicit types refuse the matmul over the 'model'-sharded F dim inside:
     # the local route runs again inside auto_axes.
-    assert [r for *_, r in routes] == ["expert.auto-axes", "expert.local"]
+    assert [r for *_, r in routes] == [R.EXPERTS_AUTO_AXES_GSPMD.name, R.EXPERTS_MANUAL.name]
     _check_numerics(mm.LoopMoE, model, loss, grads)
     assert model.gate_proj.get_value().addressable_shards[0].data.shape == (4, 16, 8)
     ops = collectives(compiled, mesh)

@@ -14,15 +14,11 @@ import pytest
 from flax import nnx
 
 import nnx_parallel as npx
-from nnx_parallel.runtime import dispatch, layout
+from nnx_parallel.runtime import dispatch
+from nnx_parallel.runtime import routes as R
 from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
 from tests.helpers import assert_trees_close, guard_warning
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(layout, "_warned", set())
 
 
 @pytest.fixture
@@ -77,14 +73,14 @@ def _run(make, plan_name, mesh, x, loss, ref_loss, batch_sharded=True, ref_key=N
 # Patterns 1, 5, 6: a GPT with nnx.Embed, its logits through cross_entropy ---------------
 
 GPT_ROUTES = {
-    "dp": {dispatch.PLAIN, layout.AS_WRITTEN, layout.OUT_SHARDING},
-    "fsdp": {dispatch.PLAIN, dispatch.FSDP_SHARD_MAP},
-    "tp": {layout.CONSTRAIN, layout.OUT_SHARDING},
+    "dp": {R.AS_WRITTEN.name, R.AS_WRITTEN.name, R.OUT_SHARDING.name},
+    "fsdp": {R.AS_WRITTEN.name, R.FSDP_SHARD_MAP.name},
+    "tp": {R.CONSTRAIN.name, R.OUT_SHARDING.name},
     "2d": {
-        dispatch.PLAIN,
-        dispatch.FSDP_SHARD_MAP,
-        dispatch.FSDP_TP_MANUAL,
-        dispatch.FSDP_AUTO_AXES,
+        R.AS_WRITTEN.name,
+        R.FSDP_SHARD_MAP.name,
+        R.FSDP_TP.name,
+        R.FSDP_AUTO_AXES.name,
     },
 }
 
@@ -124,8 +120,8 @@ def test_gpt_fsdp_tp_batch_not_dividing_fsdp(mesh, kind):
             ref_key="gpt-b3",
         )
     auto_axes = kind == jax.sharding.AxisType.Explicit
-    assert (dispatch.FSDP_AUTO_AXES in routes) == auto_axes
-    assert (dispatch.FSDP_GSPMD in routes) != auto_axes  # inside auto_axes: not recorded apart
+    assert (R.FSDP_AUTO_AXES.name in routes) == auto_axes
+    assert (R.FSDP_GSPMD.name in routes) != auto_axes  # inside auto_axes: not recorded apart
 
 
 # Pattern 7: the Flax GSPMD guide's layer stack, with its own sharding constraints --------
@@ -151,7 +147,7 @@ def test_guide_stack_own_constraints(mesh, kind, plan):
         return
     with pytest.warns(npx.FallbackWarning, match="own sharding code names a batch axis"):
         model, _, routes = _run(make, plan, mesh, x, loss, loss, ref_key=("guide", explicit))
-    assert routes == {dispatch.FSDP_OWN_SHARDING}
+    assert routes == {R.FSDP_GSPMD.name}
     assert "fsdp" in model.layers.w1[...].sharding.spec
     with jax.set_mesh(mesh):
         compiled = nnx.jit(lambda m, x: m(x)).lower(model, x).compile()
@@ -183,7 +179,7 @@ def test_model_code_explicit_types_refuse(mesh, kind, name, plan):
         x = jax.random.normal(jax.random.key(1), (8, 4, 32))
     with guard_warning(explicit):
         model, _, routes = _run(make, plan, mesh, x, MSE, MSE, ref_key=name)
-    assert (dispatch.GUARD_AUTO_AXES in routes) == explicit
+    assert (R.GUARD in routes) == explicit
     specs = {p: v[...].sharding.spec for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert any("fsdp" in s for s in specs.values()) == (plan != "tp")
     assert any("model" in s for s in specs.values()) == (plan != "fsdp")
@@ -225,7 +221,7 @@ def test_cache_list_passed_as_argument(mesh, kind, plan):
             got, cache = decode(model, xs)
     assert_trees_close(got, expected)
     assert_trees_close(nnx.state(cache), nnx.state(ref_cache))
-    assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == explicit
+    assert (R.GUARD in {r for _, _, r in routes}) == explicit
     assert [int(c.index[...]) for c in cache] == [8]
     if explicit:
         assert cache[0].k[...].sharding.spec == jax.P(None, None, None, None)
@@ -251,7 +247,7 @@ def test_guard_cost_of_a_replicated_cache():
         with jax.set_mesh(mesh), dispatch.recording() as routes, guard_warning(not laid):
             xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("fsdp")))
             compiled = nnx.jit(lambda m, x: m(x)).lower(model, xs).compile()
-        assert (dispatch.GUARD_AUTO_AXES in {r for _, _, r in routes}) == (not laid)
+        assert (R.GUARD in {r for _, _, r in routes}) == (not laid)
         ops = collectives(compiled, mesh)
         assert {c.kind for c in ops} == {"all-gather"} and {c.axes for c in ops} == {("fsdp",)}
         gathers[laid] = sorted((c.shape.split("{")[0], c.size) for c in ops)

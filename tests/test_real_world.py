@@ -15,7 +15,6 @@ from flax import nnx
 
 import nnx_parallel as npl
 from nnx_parallel.core.layouts import get_hooks
-from nnx_parallel.runtime import layout
 from nnx_parallel.views.collectives import collectives
 from tests import real_models as rm
 from tests.helpers import assert_trees_close, guard_warning
@@ -23,11 +22,6 @@ from tests.helpers import assert_trees_close, guard_warning
 LLM_METHODS = ("__call__", "encode", "decode")
 COL, ROW = npl.ColumnParallel("model"), npl.RowParallel("model")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    """FallbackWarnings are issued once per process; each test sees its own."""
-    monkeypatch.setattr(layout, "_warned", set())
 
 
 def _spec(var):

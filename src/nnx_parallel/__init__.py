@@ -37,13 +37,13 @@ from nnx_parallel.memory import Estimate, estimate
 from nnx_parallel.mesh import make_mesh
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.reshard import gather, move, reshard
-from nnx_parallel.runtime.layout import FallbackWarning
 from nnx_parallel.runtime.sharded_init import (
     InitMemory,
     abstract_parallelize,
     init_memory,
     sharded_init,
 )
+from nnx_parallel.runtime.trace import FallbackWarning
 from nnx_parallel.views import collectives as collectives
 from nnx_parallel.views import report as report
 from nnx_parallel.views.report import CommunicationReport, communication_report

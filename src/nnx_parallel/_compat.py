@@ -324,6 +324,18 @@ def fully_addressable(tree: Any) -> bool:
     return all(x.is_fully_addressable for x in jax.tree.leaves(values) if isinstance(x, jax.Array))
 
 
+def symbolic_dim(name: str) -> Any:
+    """A symbolic dimension (shape polymorphism) for shape-only traces."""
+    from jax import export  # noqa: PLC0415 - not imported by `import jax` on every version
+
+    return export.symbolic_shape(name)[0]
+
+
+def is_symbolic(dim: Any) -> bool:
+    """True for a dimension that is an expression of symbolic dims, not a number."""
+    return not isinstance(dim, int)
+
+
 def trace_state() -> Any:
     """A comparable handle on the current JAX trace (equal within one trace)."""
     import jax.extend.core  # noqa: F401 - not imported by `import jax`

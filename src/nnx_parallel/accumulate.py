@@ -352,7 +352,7 @@ def _resharded(model) -> bool:
     """True if an FSDP module frees its gathered parameters after use (the default)."""
     for _, node in nnx.iter_graph(model):
         hooks = get_hooks(node)
-        if hooks is not None and hooks.gather is not None and hooks.gather.remat:
+        if hooks is not None and hooks.gather is not None and hooks.gather.reshard_after_forward:
             return True
     return False
 

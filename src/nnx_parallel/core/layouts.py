@@ -50,7 +50,9 @@ class Gather:
     axes: tuple[str, ...]
     batch_axes: tuple[str, ...]
     params: tuple[tuple[str, int], ...]
-    remat: bool = True
+    # FSDP's `reshard_after_forward`: gather again in backward (False: keep
+    # the forward's gathered copy until backward).
+    reshard_after_forward: bool = True
     # See FSDP: prefetch depth, and the mixed-precision policy.
     prefetch: int = 0
     param_dtype: Any = None
@@ -105,7 +107,7 @@ class ModuleHooks:
     remat: Recompute | None = None
     # The root of a model on a mesh with Explicit axes: a call that JAX's
     # sharding-in-types refuses is traced again inside `auto_axes`
-    # (`runtime/guard.py`).
+    # (`runtime/regions.py`, `runtime/dispatch.py`).
     guard: bool = False
     # Context-parallel attention (the `ContextParallel` style).
     context: ContextAttention | None = None

@@ -199,7 +199,7 @@ def resolve(model: Any, mesh: Mesh, plan: Any, *, strict: bool = True) -> Resolu
             hooks[owner] = dataclasses.replace(result.hooks, mesh=mesh)
     _tied_gathers(scope, resolved, hooks)
     hooks = _units(scope, matches, params, hooks)
-    if _compat.is_explicit(mesh) and "" in modules:  # see runtime/guard.py
+    if _compat.is_explicit(mesh) and "" in modules:  # see runtime/regions.py
         hooks[""] = dataclasses.replace(hooks.get("", ModuleHooks(mesh=mesh)), guard=True)
     ordered = {p: resolved[p] for p in params}
     return Resolution(mesh, ordered, hooks, matches, tuple(scope.notes))

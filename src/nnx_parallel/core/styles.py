@@ -567,7 +567,7 @@ class FSDP:
                 batch_axes=self.batch_axes_for(ctx.mesh),
                 params=tuple(gathered),
                 specs=tuple((n, tuple(s)) for n, s in specs.items()),
-                remat=self.reshard_after_forward,
+                reshard_after_forward=self.reshard_after_forward,
                 prefetch=self.prefetch,
                 param_dtype=self.param_dtype,
                 reduce_dtype=self.reduce_dtype,

@@ -24,7 +24,7 @@ where the module computes it:
 The arrays are global all along (a layout is not a change of meaning), so a
 causal mask the module builds from the sequence length (`tril(S, S)`) stays
 right. On Explicit axes the call runs inside `auto_axes` (the region of
-`runtime/guard.py`): sharding-in-types would refuse an einsum of two
+`runtime/regions.py`): sharding-in-types would refuse an einsum of two
 sequence-sharded operands. A decoding call
 (`decode=True`, a one-token input) runs as written, once warned.
 """
@@ -43,49 +43,45 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat
 from nnx_parallel.core.layouts import ContextAttention
 from nnx_parallel.errors import PlanError
-from nnx_parallel.runtime import guard, layout
-
-CONSTRAIN = "context.constrain"  # Auto axes: sharding constraints around and inside
-AUTO_AXES = "context.auto-axes"  # Explicit axes: the call runs in auto_axes
-DECODE = "context.decode"  # a decoding call: as written, warned once
-ROUTES = (CONSTRAIN, AUTO_AXES, DECODE)
+from nnx_parallel.runtime import layout, regions, trace
 
 U = _compat.UNCONSTRAINED
 
 
-def run(module, method, ctx: ContextAttention, mesh: Mesh, args, kwargs, record, records=()):
-    """One context-parallel call of `method` (see the module docstring).
-
-    `record` notes the route; `records` are `dispatch.recording`'s logs, from
-    which the Explicit route takes back what its shape-only trace wrote."""
+def decoding(module, args, ctx: ContextAttention, kwargs) -> bool:
+    """True for a decoding call (`decode=True`, a one-token or no array
+    input): it runs as written (route `context as-written/as-is/as-is`)."""
     x = args[0] if args else None
-    if not layout.is_array(x) or _decoding(module, x, ctx, kwargs):
-        name = type(module).__name__
-        layout.warn_once(
-            (name, "context-decode"),
-            f"{name}: a decoding call (decode=True or a one-token input) runs without "
-            f"context parallelism over {ctx.axis!r}: its K/V cache is not sequence-sharded.",
-        )
-        record(DECODE)
-        return method(module, *args, **kwargs)
-    seq = _check_length(module, x, ctx, mesh)
-    call = _inner(method, ctx, mesh, seq)
-    if layout.explicit_here(mesh):
-        # The guard's region (runtime/guard.py): state and modules in the
-        # arguments written back; outputs laid out like `x`, whose type now
-        # has the sequence over the axis.
-        record(AUTO_AXES)
-        args = (_sequence_sharded(x, ctx, mesh),) + tuple(args[1:])
-        return guard.in_auto_axes(module, call, mesh, args, kwargs, records)
-    record(CONSTRAIN)
-    return call(module, *args, **kwargs)
-
-
-def _decoding(module, x, ctx: ContextAttention, kwargs) -> bool:
+    if not layout.is_array(x):
+        return True
     flag = kwargs.get("decode")
     if flag is True or flag is None and vars(module).get("decode") is True:
         return True
     return x.ndim < -ctx.seq_dim or x.shape[ctx.seq_dim] == 1
+
+
+def warn_decoding(module, ctx: ContextAttention) -> None:
+    name = type(module).__name__
+    trace.warn_once(
+        (name, "context-decode"),
+        f"{name}: a decoding call (decode=True or a one-token input) runs without "
+        f"context parallelism over {ctx.axis!r}: its K/V cache is not sequence-sharded.",
+        stacklevel=7,
+    )
+
+
+def call(module, method, ctx: ContextAttention, mesh: Mesh, args, kwargs, auto_axes=False):
+    """One context-parallel call of `method` (see the module docstring); with
+    `auto_axes` (Explicit axes), inside the `auto_axes` region: state and
+    modules in the arguments written back, outputs laid out like the first
+    input, whose type then has the sequence over the axis."""
+    x = args[0]
+    seq = _check_length(module, x, ctx, mesh)
+    inner = _inner(method, ctx, mesh, seq)
+    if not auto_axes:
+        return inner(module, *args, **kwargs)
+    args = (_sequence_sharded(x, ctx, mesh),) + tuple(args[1:])
+    return regions.auto_axes_call(module, inner, mesh, args, kwargs)
 
 
 def _check_length(module, x, ctx: ContextAttention, mesh: Mesh) -> int:
@@ -151,8 +147,6 @@ _NO_RING = (
 
 # Replacing the attention call -------------------------------------------------
 
-_inside: list[bool] = []  # an attention call we replaced is being traced
-
 
 @contextlib.contextmanager
 def _replaced(module, ctx: ContextAttention, mesh: Mesh, seq: int):
@@ -180,18 +174,15 @@ def _replacement(fn, ctx: ContextAttention, mesh: Mesh, seq: int, hits: list, ri
     (a ring strategy then still replaces the `jax.nn` call inside it)."""
 
     def attention(query, key, value, *args, **kwargs):
-        if _inside or query.shape[-3] != seq or key.shape[-3] != seq:
+        if trace.has("attention") or query.shape[-3] != seq or key.shape[-3] != seq:
             return fn(query, key, value, *args, **kwargs)  # nested, or not self-attention
         if ctx.strategy == "ring" and not ring:
             return fn(query, key, value, *args, **kwargs)
         hits.append(ctx.strategy)
-        _inside.append(True)
-        try:
+        with trace.flagged("attention"):  # an attention call we replaced is traced
             if ctx.strategy == "ring":
                 return ring_call(query, key, value, *args, ctx=ctx, mesh=mesh, **kwargs)
             return _gathered(fn, ctx, mesh, seq, query, key, value, *args, **kwargs)
-        finally:
-            _inside.pop()
 
     return attention
 

@@ -1,270 +1,316 @@
-"""Call-time dispatch: which path a hooked module's call takes, and why.
+"""Call-time dispatch: one decision, one executor, one retry table.
 
-A hooked method (see `runtime/install.py`) runs `run(...)`, which picks one
-route from the table below at trace time, the first whose condition holds. The choice depends on the hooks,
-on the axis types of the mesh, on the inputs and on whether an enclosing
-module is already manual. Every route has a name; `recording()` lists the
-routes a trace took, and each has a test of its own (tests/test_dispatch.py).
+A hooked method (see `runtime/install.py`) runs `wrap`'s body:
 
-- `plain`: probing output shapes, or hooks with nothing to do for this
-  method: the method as written.
-- `remat` (`Remat` style): not a route but a wrapper: the call, on its
-  own route, runs inside a `custom_vjp` that recomputes it in backward
-  (`runtime/remat.py`); recorded before the route it wraps.
-- `layout.*`: activation layouts only (no FSDP gather); see below.
-- `fsdp.tp-manual`: FSDP x TP on a local-safe layer (`layers.local_safe`):
-  one fully manual shard_map that gathers only the FSDP axis and sums the
-  tensor-parallel partial results itself.
-- `fsdp.auto-axes`: FSDP plus a layout on Explicit axes: gather and layout
-  run inside `auto_axes`; the output gets the layout.
-- `fsdp.nested`: FSDP inside an enclosing module's shard_map that is
-  already manual over our axes: all-gather our own params there.
-- `fsdp.shard-map`: FSDP whose batch splits over the batch axes: a
-  shard_map over them; params all-gathered, gradients reduce-scattered.
-- `fsdp.gspmd`: FSDP whose call holds state or whose batch does not split
-  (a `FallbackWarning`): sharding constraints, and GSPMD all-reduces the
-  gradients.
-- `fsdp.own-sharding`: FSDP whose module code names a batch axis that is
-  manual inside our shard_map (its own `with_sharding_constraint`,
-  `reshard` or `out_sharding=`): JAX refuses it there, so the call is
-  traced again on the GSPMD route (`runtime/explicit.py`).
-- `guard.auto-axes` (the root on Explicit axes): not a route but a retry:
-  where JAX's sharding-in-types refuses the model's own code, the whole
-  call, on its own route, is traced again inside `auto_axes`
-  (`runtime/guard.py`); recorded before the routes taken inside.
+1. the wrappers, recorded apart from routes: the root's Explicit-axes guard
+   (`wrapper:guard`, only recorded when it retries) and `Remat`
+   (`wrapper:remat`, `runtime/remat.py`);
+2. the decision: `routes.route(module, hooks, trace, args, kwargs)`;
+3. `execute`, which runs that route and nothing else;
+4. where the route fails in a way `RETRIES` names (matched on error types,
+   never on message text), one take-back (the state of the module and of
+   modules passed in the arguments, the route records, the prefetch token)
+   and the fallback route, recorded in its place.
 
-- `expert.local`, `expert.gspmd`, `expert.auto-axes` (`ExpertParallel`): the
-  MoE layer's call in a shard_map with per-device expert slices (tokens
-  gathered, outputs reduce-scattered), or as written on the sharded stacks
-  (with its other hooks), or that inside `auto_axes` where Explicit axes
-  refuse the code (`runtime/experts.py`).
-
-The layout routes (`runtime/layout.py`): `layout.caller` (the caller's own
-`out_sharding=` wins), `layout.as-written` (no output layout or no array
-input), `layout.constrain` (Auto axes: sharding constraints),
-`layout.out-sharding` (Explicit: passed to a layer that takes it) and
-`layout.auto-axes` (Explicit: the call runs in `auto_axes`).
-
-The context-parallel routes (`runtime/context.py`, the `ContextParallel`
-style): `context.constrain` (Auto axes), `context.auto-axes` (Explicit: the
-attention call runs in `auto_axes`), `context.decode` (a decoding call runs
-as written, warned once).
+`describe` is what `explain` prints: the route `route(..., args=None)`
+chooses and every route the arguments or a retry can turn it into, so the
+routes a trace records (`trace.recording()`) are always among those it
+lists (`tests/test_routes.py` checks this on every model of the suite).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import inspect
+from collections.abc import Callable
 
-import jax
 from flax import nnx
 
-from nnx_parallel.core import layers
-from nnx_parallel.core.layouts import HOOKS_ATTR, Layout, ModuleHooks
-from nnx_parallel.runtime import context, experts, explicit, fsdp, guard, layout, remat
+from nnx_parallel import _compat
+from nnx_parallel.core.layouts import HOOKS_ATTR, ModuleHooks
+from nnx_parallel.runtime import context, experts, fsdp, fsdp_tp, layout, regions, remat, trace
+from nnx_parallel.runtime import routes as R
+from nnx_parallel.runtime.batch import NotPerShard
+from nnx_parallel.runtime.experts import NotLocal
+from nnx_parallel.runtime.flat import Flat
+from nnx_parallel.runtime.trace import recording
 
-PLAIN = "plain"
-REMAT = "remat"  # not a route of its own: wraps the route below in a recompute
-FSDP_NESTED = "fsdp.nested"
-FSDP_TP_MANUAL = "fsdp.tp-manual"
-FSDP_AUTO_AXES = "fsdp.auto-axes"
-FSDP_SHARD_MAP = "fsdp.shard-map"
-FSDP_GSPMD = "fsdp.gspmd"
-FSDP_OWN_SHARDING = "fsdp.own-sharding"
-GUARD_AUTO_AXES = guard.AUTO_AXES
+__all__ = ["RETRIES", "Retry", "describe", "execute", "possible", "recording", "wrap"]
 
-ROUTES = (
-    PLAIN,
-    REMAT,
-    FSDP_NESTED,
-    FSDP_TP_MANUAL,
-    FSDP_AUTO_AXES,
-    FSDP_SHARD_MAP,
-    FSDP_GSPMD,
-    FSDP_OWN_SHARDING,
-    GUARD_AUTO_AXES,
-    layout.CALLER,
-    layout.AS_WRITTEN,
-    layout.CONSTRAIN,
-    layout.OUT_SHARDING,
-    layout.AUTO_AXES,
-    *context.ROUTES,
-    *experts.ROUTES,
+
+def _sharding_types(error: BaseException, hooks: ModuleHooks) -> bool:
+    """JAX's sharding-in-types refusal, on Explicit axes outside our manual regions."""
+    return _compat.is_sharding_type_error(error) and regions.active(hooks.mesh)
+
+
+def _is(kind: type) -> Callable[[BaseException, ModuleHooks], bool]:
+    return lambda error, hooks: isinstance(error, kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """Where `source` fails with an error `matches` accepts, run `target`."""
+
+    source: str
+    matches: Callable[[BaseException, ModuleHooks], bool]
+    target: str
+    why: str
+
+
+RETRIES = (
+    Retry(R.FSDP_SHARD_MAP.name, _is(NotPerShard), R.FSDP_GSPMD.name, "not per batch shard"),
+    Retry(
+        R.FSDP_SHARD_MAP_LAYOUT.name,
+        _is(NotPerShard),
+        R.FSDP_GSPMD_LAYOUT.name,
+        "not per batch shard",
+    ),
+    Retry(
+        R.FSDP_AUTO_AXES.name, _is(NotPerShard), R.FSDP_AUTO_AXES_GSPMD.name, "not per batch shard"
+    ),
+    Retry(R.EXPERTS_MANUAL.name, _sharding_types, R.EXPERTS_AUTO_AXES.name, "Explicit types"),
+    Retry(R.EXPERTS_MANUAL.name, _is(NotLocal), R.EXPERTS_AS_WRITTEN.name, "whole stacks"),
+    Retry(
+        R.EXPERTS_AS_WRITTEN.name, _sharding_types, R.EXPERTS_AUTO_AXES_GSPMD.name, "Explicit types"
+    ),
+    Retry(R.GUARD, _sharding_types, R.AUTO_AXES.name, "Explicit types"),
 )
 
-_records: list[list[tuple[str, str, str]]] = []
+_BY_NAME = {r.name: r for r in R.ROUTES}
 
 
-@contextlib.contextmanager
-def recording():
-    """Collects `(class name, method, route)` for every hooked call traced inside.
-
-    Example:
-      >>> layer = parallelize(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), mesh8, ColumnParallel())
-      >>> with recording() as routes, jax.set_mesh(mesh8):
-      ...     _ = jax.jit(lambda x: layer(x))(jax.numpy.ones((2, 16)))
-      >>> routes
-      [('ParallelLinear', '__call__', 'layout.constrain')]
-    """
-    log: list[tuple[str, str, str]] = []
-    _records.append(log)
-    try:
-        yield log
-    finally:
-        _records.remove(log)
+def retries(source: str) -> tuple[Retry, ...]:
+    return tuple(r for r in RETRIES if r.source == source)
 
 
-def _note(module, name: str, route: str) -> None:
-    for log in _records:
-        log.append((type(module).__name__, name, route))
+# Describing ------------------------------------------------------------------------
 
 
-def wrap(method, name: str):
-    """`method` of a hooked class: runs through `run` with the class's hooks."""
-
-    @functools.wraps(method)
-    def hooked(self, *args, **kwargs):
-        if layout.probing():
-            _note(self, name, PLAIN)
-            return method(self, *args, **kwargs)
-        hooks: ModuleHooks = getattr(type(self), HOOKS_ATTR)
-        if hooks.guard:
-            record = functools.partial(_note, self, name)
-            call = functools.partial(_call, method, name, hooks)
-            return guard.guarded(self, call, name, hooks.mesh, args, kwargs, record, _records)
-        return _call(method, name, hooks, self, *args, **kwargs)
-
-    return hooked
-
-
-def _call(method, name: str, hooks: ModuleHooks, module, *args, **kwargs):
-    """The hooked call on its route, inside a recompute for the `Remat` style."""
-    if hooks.guard_only:
-        return method(module, *args, **kwargs)  # a root with only the guard
-    if hooks.remat is not None and name == "__call__":
-        _note(module, name, REMAT)
-
-        def call(m, *a, **kw):
-            return run(m, method, name, hooks, a, kw)
-
-        return remat.recompute_call(module, call, hooks.remat, args, kwargs)
-    return run(module, method, name, hooks, args, kwargs)
+def possible(module, hooks: ModuleHooks, name: str = "__call__") -> tuple[str, ...]:
+    """Every route (and wrapper) a call of `module.name` can record, the
+    first the one chosen before any input is seen."""
+    first = R.route(module, hooks, trace.Trace(), name=name)
+    seen = [R.REMAT] if hooks.remat is not None and name == "__call__" else []
+    todo = [first.name]
+    while todo:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.append(current)
+        todo += [r.target for r in retries(current)]
+        todo += [r.name for r in R.ALTERNATIVES.get(_BY_NAME[current], ())]
+        if current in (R.EXPERTS_AS_WRITTEN.name, R.EXPERTS_AUTO_AXES_GSPMD.name):
+            rest = dataclasses.replace(hooks, experts=None, remat=None)
+            if rest.gather is not None or rest.layout is not None:
+                todo += list(possible(module, rest, name))
+        if current == R.EXPERTS_AUTO_AXES.name:
+            todo.append(R.EXPERTS_MANUAL.name)
+    if hooks.guard:
+        seen.append(R.GUARD)
+    return tuple(seen)
 
 
-def static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
-    """The route a hooked module's `__call__` takes, as far as it is known
-    before any input is seen (for `explain`); what depends on the inputs is
-    named with the alternatives. The guarded root names its retry.
+def describe(module, hooks: ModuleHooks, name: str = "__call__") -> str:
+    """The route `explain` prints for `module.name`, then what else it can take.
 
     Example:
       >>> from nnx_parallel.core.layouts import get_hooks
       >>> layer = parallelize(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), mesh8, ColumnParallel())
-      >>> static_route(layer, get_hooks(layer), explicit=False)
-      'layout.constrain'
+      >>> describe(layer, get_hooks(layer))
+      'as-written/as-is/constrained (else as-written/as-is/caller, as-written/as-is/as-is)'
     """
-    route = _static_route(module, hooks, explicit)  # `plain` for a root with only the guard
-    if hooks.guard:
-        return f"{route}; where Explicit types refuse the model's code: {GUARD_AUTO_AXES}"
-    return route
+    names = [n for n in possible(module, hooks, name) if n != R.REMAT]
+    if hooks.guard_only:
+        return f"{R.GUARD}: {R.AS_WRITTEN.name}, else in {R.AUTO_AXES.name}"
+    text = names[0] + (f" (else {', '.join(names[1:])})" if len(names) > 1 else "")
+    return f"{R.REMAT}: {text}" if R.REMAT in possible(module, hooks, name) else text
 
 
-def _static_route(module, hooks: ModuleHooks, explicit: bool) -> str:
-    lay, gather = hooks.layout, hooks.gather
-    if hooks.context is not None:
-        return context.AUTO_AXES if explicit else context.CONSTRAIN
-    if hooks.experts is not None:
-        return f"{experts.LOCAL} (else {experts.GSPMD} where the call uses whole stacks)"
-    if gather is None:
-        if lay is None or lay.output is None:
-            return PLAIN if lay is None else layout.AS_WRITTEN
-        if not explicit or lay.force_auto:
-            return layout.CONSTRAIN
-        accepts = "out_sharding" in inspect.signature(type(module).__call__).parameters
-        return layout.OUT_SHARDING if accepts else layout.AUTO_AXES
-    if lay is not None and layers.local_safe(module):
-        return f"{FSDP_TP_MANUAL} (else {FSDP_AUTO_AXES if explicit else FSDP_SHARD_MAP})"
-    if lay is not None and explicit:
-        return FSDP_AUTO_AXES
-    if jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param))):
-        return f"{FSDP_GSPMD} (it holds state)"
-    return f"{FSDP_SHARD_MAP} (else {FSDP_GSPMD} or {FSDP_OWN_SHARDING}, at trace time)"
+# Running ---------------------------------------------------------------------------
 
 
-def choose(module, hooks: ModuleHooks, lay: Layout | None, args, kwargs) -> str:
-    """The FSDP route of a call with a gather (see the table above)."""
-    mesh = hooks.mesh
-    if lay is not None and fsdp.local_ok(module, hooks, mesh, args, kwargs):
-        return FSDP_TP_MANUAL
-    if lay is not None and layout.explicit_here(mesh) and args and layout.is_array(args[0]):
-        return FSDP_AUTO_AXES
-    if fsdp.nested(hooks.gather):
-        return FSDP_NESTED
-    return FSDP_SHARD_MAP  # `fsdp.batch_call` may still fall back to FSDP_GSPMD
+def wrap(method, name: str):
+    """`method` of a hooked class: runs through the hooks on its route."""
+
+    @functools.wraps(method)
+    def hooked(self, *args, **kwargs):
+        hooks: ModuleHooks = getattr(type(self), HOOKS_ATTR)
+        if hooks.guard and not trace.probing() and regions.active(hooks.mesh):
+            return _guarded(self, method, name, hooks, args, kwargs)
+        return _remat(self, method, name, hooks, args, kwargs)
+
+    return hooked
 
 
-def run(module, method, name: str, hooks: ModuleHooks, args, kwargs):
-    """Runs one hooked call on its route."""
-    mesh = hooks.mesh
+def _remat(module, method, name: str, hooks: ModuleHooks, args, kwargs):
+    """The call on its route, inside a recompute for the `Remat` style."""
+    if hooks.guard_only:
+        return method(module, *args, **kwargs)  # a root with only the guard
+    if hooks.remat is None or name != "__call__" or trace.probing():
+        return _run(module, method, name, hooks, args, kwargs)
+    trace.record(module, name, R.REMAT)
+
+    def call(m, *a, **kw):
+        return _run(m, method, name, hooks, a, kw)
+
+    return remat.recompute_call(module, call, hooks.remat, args, kwargs)
+
+
+def _run(module, method, name: str, hooks: ModuleHooks, args, kwargs, first=None):
+    """The call on its route; on an error `RETRIES` names, taken back and run
+    on the fallback route."""
+    r = first or R.route(module, hooks, trace.current(), args, kwargs, name)
+    while True:
+        fallbacks = retries(r.name)
+        undo = _undo(module, args, kwargs) if fallbacks else None
+        trace.record(module, name, r.name)
+        try:
+            return execute(r, module, method, name, hooks, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - only what RETRIES names is retried
+            retry = next((f for f in fallbacks if f.matches(error, hooks)), None)
+            if retry is None:
+                raise
+            undo()
+            _warn(module, name, retry, error)
+            r = _BY_NAME[retry.target]
+
+
+def _undo(module, args, kwargs):
+    """A function that puts back what a refused trace changed: the variables
+    of `module` and of modules in the arguments (only those it rewrote, so a
+    module closed over by `jax.jit` is left alone), the records, the token."""
+    nodes = (module,) + Flat.of((args, kwargs)).nodes
+    saved = [
+        (var, var.get_value()) for _, var in nnx.iter_graph(nodes) if isinstance(var, nnx.Variable)
+    ]
+    at = trace.mark()
+
+    def undo():
+        for var, value in saved:
+            if var.get_value() is not value:
+                var.set_value(value)
+        trace.take_back(at)
+
+    return undo
+
+
+def _warn(module, name: str, retry: Retry, error: BaseException) -> None:
+    if isinstance(error, NotPerShard):
+        fsdp.warn_gspmd(module, str(error))
+    elif retry.source == R.GUARD:
+        first = str(error).strip().splitlines()[0][:200]
+        where = f"{type(module).__name__}.{name}"
+        trace.warn_once(
+            (where, "guard"),
+            f"{where}: JAX's Explicit axes refuse this call's own code ({first}); tracing it "
+            "again inside auto_axes, where GSPMD picks the layouts; outputs come "
+            "back batch-sharded like the input (or replicated).",
+            stacklevel=6,
+        )
+
+
+def _guarded(module, method, name: str, hooks: ModuleHooks, args, kwargs):
+    """The root on Explicit axes: the call as written; where JAX's sharding
+    types refuse the model's own code, again inside `auto_axes` (`regions`)."""
+    undo = _undo(module, args, kwargs)
+    try:
+        return _remat(module, method, name, hooks, args, kwargs)
+    except Exception as error:  # noqa: BLE001 - only what RETRIES names is retried
+        retry = next((f for f in retries(R.GUARD) if f.matches(error, hooks)), None)
+        if retry is None:
+            raise
+        undo()
+        _warn(module, name, retry, error)
+        trace.record(module, name, R.GUARD)
+        call = functools.partial(_remat, method=method, name=name, hooks=hooks)
+        try:
+            return regions.auto_axes_call(
+                module, lambda m, *a, **kw: call(m, args=a, kwargs=kw), hooks.mesh, args, kwargs
+            )
+        except Exception as again:  # noqa: BLE001 - report the original refusal
+            error.add_note(f"nnx_parallel: the retry inside auto_axes failed too: {again!r}")
+            raise error from again
+
+
+def execute(r: R.Route, module, method, name: str, hooks: ModuleHooks, args, kwargs):
+    """Runs `module.method(*args, **kwargs)` on route `r`."""
     lay = hooks.layout if name == "__call__" else None
-    record = functools.partial(_note, module, name)
-    if hooks.context is not None and name == "__call__":
-        return context.run(module, method, hooks.context, mesh, args, kwargs, record, _records)
-    if hooks.experts is not None and name == "__call__":
-        return _expert_call(module, method, name, hooks, args, kwargs, record)
-    if hooks.gather is None:
-        if lay is None:
-            record(PLAIN)
+    mesh = hooks.mesh
+    if r.body == "context":
+        if r == R.CONTEXT_DECODE:
+            context.warn_decoding(module, hooks.context)
             return method(module, *args, **kwargs)
-        return layout.with_layout(method, lay, mesh, record)(module, *args, **kwargs)
-    route = choose(module, hooks, lay, args, kwargs)
-    if route == FSDP_TP_MANUAL:
-        record(route)
-        return fsdp.local_call(module, method, hooks, mesh, args, kwargs)
-    if route == FSDP_AUTO_AXES:
-        record(route)
-        return _fsdp_in_auto_axes(module, method, hooks, lay, args, kwargs)
-    call = method if lay is None else layout.with_layout(method, lay, mesh)
-    if route == FSDP_NESTED:
-        record(route)
-        return fsdp.nested_call(module, call, hooks.gather, args, kwargs)
-    return _over_batch(module, call, hooks.gather, mesh, args, kwargs, record)
+        auto = r.region == "auto-axes"
+        return context.call(module, method, hooks.context, mesh, args, kwargs, auto_axes=auto)
+    if r.body == "experts":
+        return _experts(r, module, method, name, hooks, args, kwargs)
+    if r.params == "as-is":  # activation layouts only
+        if lay is None:
+            return method(module, *args, **kwargs)
+        laid = layout.with_layout(method, lay, mesh, r.output, regions.auto_axes_call)
+        return laid(module, *args, **kwargs)
+    return _fsdp(r, module, method, hooks, lay, args, kwargs)
 
 
-def _expert_call(module, method, name: str, hooks: ModuleHooks, args, kwargs, record):
-    """`ExpertParallel`: the `expert.*` routes (`runtime/experts.py`); the
-    module's other hooks (FSDP, layouts) run on the GSPMD route."""
-    rest = dataclasses.replace(hooks, experts=None)
+def _laid_out_inside(method, lay, mesh):
+    """`method` with its layout, whose output choice is made inside the region."""
+    if lay is None:
+        return method
 
-    def rest_call(m, a, kw):
+    def call(m, *a, **kw):
+        output = R.layout_route(m, lay, mesh, a, kw).output
+        return layout.with_layout(method, lay, mesh, output, regions.auto_axes_call)(m, *a, **kw)
+
+    return call
+
+
+def _fsdp(r: R.Route, module, method, hooks: ModuleHooks, lay, args, kwargs):
+    mesh, gather = hooks.mesh, hooks.gather
+    if r == R.FSDP_TP:
+        return fsdp_tp.call(module, method, hooks, args, kwargs)
+    if r.region == "auto-axes":
+        # Explicit axes: the gather and the layout run with Auto axes inside
+        # and the result gets the layout's sharding (JAX cannot yet transpose a
+        # gather inside a partly-manual shard_map over Explicit axes).
+        x = args[0]
+        full = layout.full_spec(x, lay.output or (), mesh, x.ndim + lay.rank_delta, lay.out_from)
+        inner = _laid_out_inside(method, dataclasses.replace(lay, force_auto=True), mesh)
+        inside = R.FSDP_NESTED if fsdp.nested(gather) else R.FSDP_SHARD_MAP
+        inside = R.FSDP_GSPMD if r.params == "constrained" else inside
+
+        def call(clone, *a, **kw):
+            return _fsdp(inside, clone, inner, hooks, None, a, kw)
+
+        out_specs = layout.drop_manual(full)
+        return regions.auto_axes_call(module, call, mesh, args, kwargs, out_specs=out_specs)
+    call = _laid_out_inside(method, lay if r.output == "constrained" else None, mesh)
+    if r.region == "nested":
+        return fsdp.nested_call(module, call, gather, args, kwargs)
+    if r.region == "shard-map":
+        return fsdp.shard_call(module, call, gather, mesh, args, kwargs)
+    reason = fsdp.not_per_shard(module, gather, mesh, args, kwargs)
+    if reason is not None:
+        fsdp.warn_gspmd(module, reason)
+    return fsdp.gspmd_call(module, call, gather, mesh, args, kwargs)
+
+
+def _experts(r: R.Route, module, method, name: str, hooks: ModuleHooks, args, kwargs):
+    rest = dataclasses.replace(hooks, experts=None, remat=None, guard=False)
+
+    def as_written(m, *a, **kw):  # the module's other hooks (FSDP, layouts)
         if rest.gather is None and rest.layout is None:
             return method(m, *a, **kw)
-        return run(m, method, name, rest, a, kw)
+        return _run(m, method, name, rest, a, kw)
 
-    return experts.call(module, method, hooks, args, kwargs, record, rest_call)
+    if r == R.EXPERTS_MANUAL:
+        return experts.local_call(module, method, hooks, args, kwargs)
+    if r == R.EXPERTS_AS_WRITTEN:
+        return as_written(module, *args, **kwargs)
 
+    def manual(m, *a, **kw):
+        return _run(m, method, name, hooks, a, kw, first=R.EXPERTS_MANUAL)
 
-def _over_batch(module, call, gather, mesh, args, kwargs, record=None):
-    """The shard_map route, or a GSPMD one (`fsdp.batch_call`, `explicit.call_or_gspmd`)."""
-    out, fallback, own = explicit.call_or_gspmd(module, call, gather, mesh, args, kwargs)
-    if record is not None:
-        record(FSDP_OWN_SHARDING if own else FSDP_GSPMD if fallback else FSDP_SHARD_MAP)
-    return out
-
-
-def _fsdp_in_auto_axes(module, method, hooks: ModuleHooks, lay: Layout, args, kwargs):
-    """Explicit axes: run the gather + layout with Auto axes inside and give
-    the result the layout's sharding (JAX cannot yet transpose a gather
-    inside a partly-manual shard_map over Explicit axes)."""
-    mesh = hooks.mesh
-    x = args[0]
-    full = layout.full_spec(x, lay.output or (), mesh, x.ndim + lay.rank_delta, lay.out_from)
-    inner = layout.with_layout(method, dataclasses.replace(lay, force_auto=True), mesh)
-
-    def call(clone, *a, **kw):
-        if fsdp.nested(hooks.gather):
-            return fsdp.nested_call(clone, inner, hooks.gather, a, kw)
-        return _over_batch(clone, inner, hooks.gather, mesh, a, kw)
-
-    return layout.run_in_auto_axes(module, call, layout.drop_manual(full), mesh, args, kwargs)
+    inner = manual if r == R.EXPERTS_AUTO_AXES else as_written
+    spec = experts.output_spec(args)
+    call = experts.constrained(inner, hooks.mesh)
+    return regions.auto_axes_call(module, call, hooks.mesh, args, kwargs, out_specs=spec)

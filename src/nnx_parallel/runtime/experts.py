@@ -2,9 +2,9 @@
 
 A module styled `ExpertParallel` holds its stacked experts sharded over the
 expert axis: each device owns E / ep of them. Its call takes one of these
-routes (`runtime/dispatch.py` records them):
+routes (`runtime/routes.py`; `runtime/dispatch.py` runs them):
 
-- `expert.local`: a `shard_map` manual over the batch axes (which include
+- `experts manual/as-is/as-is`: a `shard_map` manual over the batch axes (which include
   the expert axis). Inside, each stack is the device's own slice, wrapped in
   a `LocalStack` that maps a global expert id to it: `w[i]` is the owned
   slice where this device owns expert i and zeros elsewhere. The tokens are
@@ -23,11 +23,11 @@ routes (`runtime/dispatch.py` records them):
   once and pruned per device (`runtime/pruning.py`); where it cannot be
   (a collective inside the call) every expert runs, zeros where not owned,
   at ep times the FLOPs.
-- `expert.gspmd`: the call uses whole stacks (`einsum`, `ragged_dot`): a
+- `experts as-written/as-is/as-is`: the call uses whole stacks (`einsum`, `ragged_dot`): a
   `LocalStack` refuses to become an array, and the call runs as written on
   the sharded stacks (inside any FSDP hook it also has). GSPMD keeps the
   stacks put and gathers tokens over the expert axis.
-- `expert.auto-axes`: as `expert.gspmd`, where JAX's Explicit sharding
+- `experts auto-axes/...`: either of the above, where JAX's Explicit sharding
   types refuse the call's own code (`ragged_dot` of replicated tokens,
   `argsort` along a sharded dim): the call runs inside `auto_axes`, its
   output laid out like its first input.
@@ -48,11 +48,6 @@ from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.runtime import layout, pruning
 
-LOCAL = "expert.local"
-GSPMD = "expert.gspmd"
-AUTO_AXES = "expert.auto-axes"
-ROUTES = (LOCAL, GSPMD, AUTO_AXES)
-
 
 class NotLocal(Exception):
     """The call cannot run with per-device expert slices; the reason."""
@@ -61,7 +56,7 @@ class NotLocal(Exception):
 class LocalStack:
     """One device's slice of a stack of experts, indexed by global expert id.
 
-    Inside the `expert.local` shard_map a stacked param's value is a
+    Inside the `experts manual` shard_map a stacked param's value is a
     `LocalStack`: `w[i]` (or `w[i, ...]`) is expert i's weights where this
     device owns expert i and zeros elsewhere, so gradients reach only owned
     experts. `w[...]` returns the stack itself. Any use of the whole stack
@@ -113,65 +108,37 @@ class RowStack(LocalStack):
         return self.rows[i]
 
 
-def call(module, method, hooks: ModuleHooks, args, kwargs, record, rest_call):
-    """The hooked `__call__` of an `ExpertParallel` module, on its route.
-
-    `rest_call(module, args, kwargs)` runs the call with the module's other
-    hooks (FSDP, layouts): the GSPMD route.
-    """
+def local_call(module, method, hooks: ModuleHooks, args, kwargs):
+    """The `experts manual/as-is/as-is` route: per-device expert slices in a
+    shard_map. Raises `NotLocal` where the call cannot run that way: a
+    `LocalStack` used as a whole stack, or JAX refusing one as an operand
+    (`ragged_dot` and other primitives check for `__jax_array__` without
+    calling it, and raise a `TypeError` or `ValueError`)."""
     try:
-        out = _local_call(module, method, hooks, args, kwargs)
-    except Exception as e:
-        if _compat.is_sharding_type_error(e) and layout.explicit_here(hooks.mesh):
-            # Explicit types refuse the code inside (e.g. expert-internal TP's
-            # matmul over a 'model'-sharded dim): the same route in auto_axes.
-            record(AUTO_AXES)
-            record(LOCAL)
-            local = functools.partial(_local_call, method=method, hooks=hooks)
-            return _in_auto_axes(
-                module, lambda m, a, kw: local(m, args=a, kwargs=kw), hooks.mesh, args, kwargs
-            )
-        if not isinstance(e, NotLocal) and not _about_stack(e):
-            raise
-    else:
-        record(LOCAL)
-        return out
-    try:
-        out = rest_call(module, args, kwargs)
-    except Exception as e:
-        if not (_compat.is_sharding_type_error(e) and layout.explicit_here(hooks.mesh)):
-            raise
-    else:
-        record(GSPMD)
-        return out
-    record(AUTO_AXES)
-    return _in_auto_axes(module, rest_call, hooks.mesh, args, kwargs)
+        return _local_call(module, method, hooks, args, kwargs)
+    except (TypeError, ValueError) as e:
+        raise NotLocal(f"{type(e).__name__}: {e}") from e
 
 
-def _in_auto_axes(module, rest_call, mesh, args, kwargs):
-    """The call inside `auto_axes`, output laid out like its first input.
-
-    Each param is constrained to its own spec inside, so its gradient comes
-    back sharded as the param is (not replicated).
-    """
-    x = next(a for a in args if layout.is_array(a))
-    spec = layout.drop_manual(P(*layout.type_spec(x)[:1]))
+def constrained(call, mesh):
+    """`call` with each of the module's params constrained to its own spec
+    first (inside `auto_axes`, so its gradient comes back sharded as the
+    param is, not replicated)."""
 
     def inner(m, *a, **kw):
         here = layout.context_mesh(mesh)
         for _, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
             value = var.get_value()
             var.set_value(_compat.with_sharding_constraint(value, here, _param_spec(var)))
-        return rest_call(m, a, kw)
+        return call(m, *a, **kw)
 
-    return layout.run_in_auto_axes(module, inner, spec, mesh, args, kwargs)
+    return inner
 
 
-def _about_stack(error: BaseException) -> bool:
-    """True if JAX refused a `LocalStack` as an array operand (`ragged_dot`
-    and other primitives check for `__jax_array__` without calling it)."""
-    text = str(error)
-    return "LocalStack" in text or "__jax_array__" in text
+def output_spec(args) -> P:
+    """Leaving `auto_axes`: the output laid out like the first input's batch dim."""
+    x = next(a for a in args if layout.is_array(a))
+    return layout.drop_manual(P(*layout.type_spec(x)[:1]))
 
 
 def _param_spec(var) -> P:
@@ -283,10 +250,8 @@ def _pruned(call, ex, pstate, a, kw):
     arrays = [flat[i] for i in where]
     try:
         closed = jax.make_jaxpr(traced)(rows, arrays)
-    except (NotLocal, TypeError, ValueError) as e:
-        if isinstance(e, NotLocal) or _about_stack(e):
-            return None
-        raise
+    except (NotLocal, TypeError, ValueError):
+        return None  # the dense fallback below meets the same code, and says why
     if pruning.has_collective(closed.jaxpr):
         return None
     per = next(iter(stacks.values())).shape[0]

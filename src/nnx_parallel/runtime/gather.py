@@ -23,8 +23,8 @@ gathers are different values, and neither can run before its dependency is
 ready. An `optimization_barrier` does not do this: XLA:CPU expands barriers
 before CSE, and the gathers merge again.
 
-`GatherPlan.keep` (FSDP's `reshard_after_forward=False`) saves the gathered
-copy for backward instead: one all-gather per parameter per step, memory
+`GatherPlan.regather=False` (FSDP's `reshard_after_forward=False`) saves the
+gathered copy for backward instead: one all-gather per parameter per step, memory
 O(depth).
 """
 
@@ -54,7 +54,7 @@ class GatherPlan:
       axes: Manual mesh axes to all-gather over and reduce-scatter over.
       batch_axes: Manual axes the batch is split over; a gradient is summed
         over those of them that are not in `axes`.
-      keep: Save the gathered copy for backward (no re-gather).
+      regather: Gather again in backward (False: save the gathered copy).
       prefetch: 0: each gather waits for its own call's input (forward) or
         output cotangent (backward). 1: for the previous call's token, so
         it can run while the previous call computes (see `gathered_call`).
@@ -67,7 +67,7 @@ class GatherPlan:
     dims: tuple[int | None, ...]
     axes: tuple[str, ...]
     batch_axes: tuple[str, ...] = ()
-    keep: bool = False
+    regather: bool = True
     prefetch: int = 0
     param_dtype: Any = None
     reduce_dtype: Any = None
@@ -249,9 +249,9 @@ def _custom(fn: Callable, plan: GatherPlan, chained: bool):
     def fwd(shards, inputs, prev):
         full = gather(shards, prev if chained else inputs)
         # The call's own residuals (activations) are saved, so backward does not
-        # run the forward again; the gathered matrices are not (keep: they are)
+        # run the forward again; the gathered matrices are not (without regather: they are)
         # and backward gathers them again. Vectors are saved: they are small.
-        drop = [] if plan.keep else [x for x in full if not is_vector(x)]
+        drop = [] if not plan.regather else [x for x in full if not is_vector(x)]
         out, kept, rebuild = _compat.vjp_without(forward, (full, inputs), drop)
         floats = jax.tree.map(_is_float, inputs)
         return (out, _token(inputs)), (shards, prev, kept, _Static((rebuild, floats)))
@@ -261,7 +261,7 @@ def _custom(fn: Callable, plan: GatherPlan, chained: bool):
         rebuild, floats = static.value
         g, g_token = cts
         again = []
-        if not plan.keep:
+        if plan.regather:
             # prefetch: the next call's backward sends g_token as soon as it starts.
             when = g_token if plan.prefetch else g
             again = [
@@ -309,31 +309,3 @@ class _Static:
 
 
 jax.tree_util.register_pytree_node(_Static, lambda s: ((), s), lambda s, _: s)
-
-
-# Prefetch: the token of the last gathered call in the current trace ---------------------
-
-_last: list = [None, None]  # [trace state, token]
-
-
-def last_token() -> Any:
-    """The token of the previous gathered call in this trace, or None."""
-    state, token = _last
-    return token if state is not None and state == _compat.trace_state() else None
-
-
-def set_last_token(token: Any) -> None:
-    _last[:] = [_compat.trace_state(), token]
-
-
-def clear_last_token() -> None:
-    _last[:] = [None, None]
-
-
-def last_token_state() -> tuple:
-    """What `restore_last_token_state` puts back (a refused trace's token must not leak)."""
-    return tuple(_last)
-
-
-def restore_last_token_state(saved: tuple) -> None:
-    _last[:] = list(saved)

@@ -5,15 +5,13 @@ and its outputs take the `Layout` a style asked for. Under Auto axes these
 are sharding constraints; under Explicit axes the sharding is part of each
 array's type, so the output layout is passed as `out_sharding=` to layers
 that take it, or the call runs inside `auto_axes` and its result gets the
-layout. The helpers here (context mesh, manual axes, probes) are shared with
-the FSDP paths in `runtime/fsdp.py`.
+layout. Which of these a call takes is its route's `output` choice
+(`runtime/routes.py`). The helpers here (context mesh, manual axes, specs)
+are shared with the other call-time modules.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import warnings
 from typing import Any
 
 import jax
@@ -24,42 +22,8 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layers import known_output_rank
 from nnx_parallel.core.layouts import Layout
-
-
-class FallbackWarning(UserWarning):
-    """A hook fell back to a correct but costlier layout."""
-
-
-_warned: set = set()
-
-
-def warn_once(key: Any, message: str) -> None:
-    """Warns with a `FallbackWarning` once per process for each `key`."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, FallbackWarning, stacklevel=5)
-
-
-_probing = False
-
-
-@contextlib.contextmanager
-def probe():
-    """Hooks step aside while we trace a call for its output shapes only."""
-    global _probing
-    saved, _probing = _probing, True
-    try:
-        yield
-    finally:
-        _probing = saved
-
-
-def probing() -> bool:
-    return _probing
-
-
-def is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array) or hasattr(x, "shape") and hasattr(x, "dtype")
+from nnx_parallel.runtime import trace
+from nnx_parallel.runtime.flat import is_array
 
 
 def context_mesh(mesh: Mesh) -> Any:
@@ -140,7 +104,7 @@ def out_ndim(module, method, args, kwargs, guess: int) -> int:
         return method(nnx.merge(graphdef, st), *a, **kw)
 
     try:
-        with _compat.no_mesh():
+        with _compat.no_mesh(), trace.probe():
             out = jax.eval_shape(call, plain(state), plain(args), plain(kwargs))
     except Exception:  # noqa: BLE001 - fall back to the style's static guess
         return guess
@@ -154,24 +118,6 @@ def _reshard_to(y, spec: P, mesh: Mesh):
     return reshard_here(y, mesh, spec)
 
 
-def run_in_auto_axes(module, call, out_spec: P, mesh: Mesh, args, kwargs):
-    """`call(module, *args, **kwargs)` with every mesh axis Auto inside; the
-    output gets `out_spec`, and the module's non-Param state is written back.
-
-    The module's state goes in as an argument: closed-over Explicit arrays
-    would clash with the Auto mesh inside `auto_axes`.
-    """
-    graphdef, state = nnx.split(module)
-
-    def run(state, *a):
-        inner = nnx.merge(graphdef, state)
-        return call(inner, *a, **kwargs), nnx.state(inner, nnx.Not(nnx.Param))
-
-    out, rest = _compat.auto_axes(run, mesh=mesh, out_sharding=(out_spec, None))(state, *args)
-    nnx.update(module, rest)
-    return out
-
-
 def output_spec(module, method, layout: Layout, mesh: Mesh, args, kwargs) -> P:
     """The full output spec of a call under Explicit axes."""
     x = args[0]
@@ -179,55 +125,36 @@ def output_spec(module, method, layout: Layout, mesh: Mesh, args, kwargs) -> P:
     return drop_manual(full_spec(x, layout.output, mesh, ndim, layout.out_from))
 
 
-# The ways `with_layout` lays out a call (see `runtime/dispatch.py`).
-CALLER = "layout.caller"  # the caller passed out_sharding=: it wins
-AS_WRITTEN = "layout.as-written"  # no output layout, or no array input
-CONSTRAIN = "layout.constrain"  # Auto axes: sharding constraints
-OUT_SHARDING = "layout.out-sharding"  # Explicit: the layer takes out_sharding=
-AUTO_AXES = "layout.auto-axes"  # Explicit: run in auto_axes, reshard the result
+def with_layout(method, layout: Layout, mesh: Mesh, output: str, auto_axes_call=None):
+    """`method` with its first input and outputs laid out as `layout` says,
+    the output as the route's `output` choice (`runtime/routes.py`) says.
 
-
-def layout_route(method, layout: Layout, mesh: Mesh, args, kwargs) -> str:
-    """Which of the five ways `with_layout` takes for this call."""
-    accepts = "out_sharding" in inspect.signature(method).parameters
-    if accepts and kwargs.get("out_sharding") is not None:
-        return CALLER
-    if layout.output is None or not (args and is_array(args[0])):
-        return AS_WRITTEN
-    if not explicit_here(mesh) or layout.force_auto:
-        return CONSTRAIN
-    return OUT_SHARDING if accepts else AUTO_AXES
-
-
-def with_layout(method, layout: Layout, mesh: Mesh, record=None):
-    """`method` with its first input and outputs laid out as `layout` says."""
+    `auto_axes_call` runs a call in `auto_axes` for `output == "resharded"`
+    (`regions.auto_axes_call`, passed in: it imports this module)."""
 
     def call(module, *args, **kwargs):
         if args and is_array(args[0]) and layout.input is not None:
             x = constrain(args[0], full_spec(args[0], layout.input, mesh), mesh)
             args = (x,) + args[1:]
-        route = layout_route(method, layout, mesh, args, kwargs)
-        if record is not None:
-            record(route)
-        if route == CALLER:
+        if output == "caller":
             spec = P(*getattr(kwargs["out_sharding"], "spec", kwargs["out_sharding"]))
             out = method(module, *args, **kwargs)
             fits = lambda y: is_array(y) and y.ndim == len(spec)  # noqa: E731
             return jax.tree.map(lambda y: constrain(y, spec, mesh) if fits(y) else y, out)
-        if route == AS_WRITTEN:
+        if output == "as-is":
             return method(module, *args, **kwargs)
-        if route == CONSTRAIN:
+        if output == "constrained":
             out = method(module, *args, **kwargs)
             fits = lambda y: is_array(y) and y.ndim  # noqa: E731
             lay = lambda y: constrain(y, full_spec(y, layout.output, mesh), mesh)  # noqa: E731
             return jax.tree.map(lambda y: lay(y) if fits(y) else y, out)
         spec = output_spec(module, method, layout, mesh, args, kwargs)
-        if route == OUT_SHARDING:
+        if output == "out-sharding":
             # Outside `jax.set_mesh` a bare spec means nothing to JAX: name the mesh.
             given = NamedSharding(mesh, spec) if _compat.current_mesh_is_empty() else spec
             out = method(module, *args, **{**kwargs, "out_sharding": given})
             # A bias added after the op (Conv, Linear) can shard it again.
             return jax.tree.map(lambda y: _reshard_to(y, spec, mesh), out)
-        return run_in_auto_axes(module, method, spec, mesh, args, kwargs)
+        return auto_axes_call(module, method, mesh, args, kwargs, out_specs=spec)
 
     return call

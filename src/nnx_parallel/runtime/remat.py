@@ -23,8 +23,6 @@ holds; the `Remat` plan style makes one, and `runtime/dispatch.py` calls
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable
 
 import jax
@@ -33,7 +31,9 @@ from flax import nnx
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layouts import Recompute
-from nnx_parallel.runtime.layout import warn_once
+from nnx_parallel.runtime import trace
+from nnx_parallel.runtime.flat import Flat
+from nnx_parallel.runtime.flat import is_array as _is_array
 
 
 def recompute_call(module: nnx.Module, call: Callable, remat: Recompute, args, kwargs):
@@ -42,50 +42,28 @@ def recompute_call(module: nnx.Module, call: Callable, remat: Recompute, args, k
     Non-array arguments are static; non-parameter state the call updates
     (batch stats, RNG counts) is written back to `module`.
     """
-    flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
-    if any(_is_graph_node(x) for x in flat):
+    flat = Flat.of((args, kwargs))
+    if flat.nodes:
         return _checkpoint_call(module, call, remat, args, kwargs)
-    where = [i for i, x in enumerate(flat) if _is_array(x)]
     # Replicated weights are kept as they are; sharded ones (FSDP, TP) are tied
     # too, so an FSDP gather inside runs again in the backward, not merged
     # with the forward's.
     graphdef, whole, sharded, rest = nnx.split(module, _replicated_param, nnx.Param, ...)
 
     def pure(whole, sharded, rest, arrays):
-        leaves = list(flat)
-        for i, a in zip(where, arrays):
-            leaves[i] = a
-        a, kw = jax.tree.unflatten(treedef, leaves)
+        a, kw = flat.splice(arrays)
         inner = nnx.merge(graphdef, whole, sharded, rest)
         out = call(inner, *a, **kw)
         return out, nnx.state(inner, nnx.Not(nnx.Param))
 
-    arrays = [flat[i] for i in where]
-    with _recomputed():
+    arrays = flat.arrays
+    # Its forward residuals are not saved but recomputed just before its
+    # backward, so an FSDP unit inside keeps its gathered params for its own
+    # backward instead of gathering them a third time (`runtime/fsdp.py`).
+    with trace.flagged("recomputed"):
         out, new_rest = recompute(pure, remat.policy)(whole, sharded, rest, arrays)
     nnx.update(module, new_rest)
     return out
-
-
-# Set while a call inside `recompute_call` is traced. Its forward residuals are
-# not saved but recomputed in backward, just before that backward, so an FSDP
-# unit inside keeps its gathered params for its own backward instead of
-# gathering them a third time (`runtime/fsdp.py`).
-_RECOMPUTED = contextvars.ContextVar("nnx_parallel_recomputed", default=False)
-
-
-@contextlib.contextmanager
-def _recomputed():
-    token = _RECOMPUTED.set(True)
-    try:
-        yield
-    finally:
-        _RECOMPUTED.reset(token)
-
-
-def recomputed() -> bool:
-    """True while tracing a call whose forward `Remat` recomputes in backward."""
-    return _RECOMPUTED.get()
 
 
 def _replicated_param(path, var) -> bool:
@@ -163,7 +141,7 @@ def _same_layout(x, c, lead: int | None = None) -> bool:
 def _checkpoint_call(module, call, remat: Recompute, args, kwargs):
     """Calls passed NNX objects (caches, rngs) go through `nnx.remat`."""
     name = type(module).__name__
-    warn_once(
+    trace.warn_once(
         (name, "remat"),
         f"Remat on {name}: its call is passed NNX objects (Rngs, caches), which the "
         "cotangent-tied recompute cannot carry; using nnx.remat (jax.checkpoint), which "
@@ -171,14 +149,6 @@ def _checkpoint_call(module, call, remat: Recompute, args, kwargs):
     )
     policy = remat.policy or jax.checkpoint_policies.nothing_saveable
     return nnx.remat(lambda m, a, kw: call(m, *a, **kw), policy=policy)(module, args, kwargs)
-
-
-def _is_graph_node(x) -> bool:
-    return isinstance(x, (nnx.Variable, nnx.Pytree))
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array) or hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _is_float(x) -> bool:

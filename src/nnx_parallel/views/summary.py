@@ -314,7 +314,7 @@ def _hook_lines(res: Resolution, modules, explicit: bool) -> list[str]:
         )
         if h.gather is not None and any("." in name for name, _ in h.gather.params):
             kinds = kinds.replace("gather", f"unit gather ({len(h.gather.params)} params)")
-        route = dispatch.static_route(modules[path], h, explicit)
+        route = dispatch.describe(modules[path], h)
         lines.append(f"  {(path or '<root>').ljust(width)}  {kinds or 'none'}  route {route}")
     return lines
 
