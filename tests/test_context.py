@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import nnx_parallel as npx
 from nnx_parallel.core.layouts import get_hooks
-from nnx_parallel.runtime import dispatch
+from nnx_parallel.runtime import dispatch, trace
 from nnx_parallel.runtime import routes as R
 from nnx_parallel.views.collectives import collectives
 from tests import context_models as cm
@@ -226,11 +226,18 @@ def test_static_route():
     mesh = _mesh(AxisType.Auto)
     model = npx.parallelize(cm.DPALM(rngs=nnx.Rngs(0)), mesh, _cp_plan("dpa", "ring"))
     text = str(npx.explain(cm.DPALM(rngs=nnx.Rngs(0)), mesh, _cp_plan("dpa", "ring")))
-    assert "layers.0  context  route context.constrain" in text
+    assert (
+        "layers.0  context  route context as-written/as-is/constrained "
+        "(else context as-written/as-is/as-is)"
+    ) in text
     layer = model.layers[0]
     assert type(layer).__name__ == "ContextDotProductAttention"
-    assert dispatch.static_route(layer, get_hooks(layer), explicit=False) == R.CONTEXT_CONSTRAIN.name
-    assert dispatch.static_route(layer, get_hooks(layer), explicit=True) == R.CONTEXT_AUTO_AXES.name
+    assert R.route(layer, get_hooks(layer), trace.Trace()) == R.CONTEXT_CONSTRAIN
+    explicit = npx.parallelize(
+        cm.DPALM(rngs=nnx.Rngs(0)), _mesh(AxisType.Explicit), _cp_plan("dpa", "ring")
+    )
+    hooks = get_hooks(explicit.layers[0])
+    assert R.route(explicit.layers[0], hooks, trace.Trace()) == R.CONTEXT_AUTO_AXES
 
 
 # plans.context_parallel ----------------------------------------------------------

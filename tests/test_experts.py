@@ -142,7 +142,10 @@ ROUTE = {
     ("loop", False): R.EXPERTS_MANUAL.name,
     ("loop", True): R.EXPERTS_MANUAL.name,
     ("ragged", False): R.EXPERTS_AS_WRITTEN.name,
-    ("ragged", True): R.EXPERTS_AUTO_AXES_GSPMD.name,  # ragged_dot/argsort refused on Explicit types
+    (
+        "ragged",
+        True,
+    ): R.EXPERTS_AUTO_AXES_GSPMD.name,  # ragged_dot/argsort refused on Explicit types
     ("dense", False): R.EXPERTS_AS_WRITTEN.name,
     ("dense", True): R.EXPERTS_AUTO_AXES_GSPMD.name,
 }
@@ -226,7 +229,7 @@ def test_scanned_stack_with_fsdp_and_remat(explicit=True):
         return {"blocks.moe": styles}
 
     mesh, model, compiled, loss, grads, routes = _run(cls, "2x4", explicit, plan)
-    assert {r for c, _, r in routes if c.startswith("Expert")} == {"remat", R.EXPERTS_MANUAL.name}
+    assert {r for c, _, r in routes if c.startswith("Expert")} == {R.REMAT, R.EXPERTS_MANUAL.name}
     assert "expert" not in str(model.blocks.moe.router.kernel.get_value().sharding.spec)
     _check_numerics(cls, model, loss, grads)
     ops = collectives(compiled, mesh)
@@ -271,12 +274,15 @@ def test_explain_and_communication_report_name_the_route():
     mesh = _mesh("8", False)
     model = mm.DenseMoE(rngs=nnx.Rngs(0))
     text = npx.explain(model, mesh, ExpertParallel("expert"))
-    assert "route expert.local (else expert.gspmd where the call uses whole stacks)" in text
+    assert (
+        "route experts manual/as-is/as-is (else experts auto-axes/as-is/resharded, "
+        "experts as-written/as-is/as-is, experts auto-axes/constrained/resharded)"
+    ) in text
     npx.parallelize(model, mesh, ExpertParallel("expert"))
     batch = jax.device_put(X, NamedSharding(mesh, P("expert")))
     report = npx.communication_report(nnx.jit(lambda m, x: m(x)), model, batch, mesh=mesh)
     assert report.routes == (("ExpertDenseMoE", "__call__", R.EXPERTS_AS_WRITTEN.name),)
-    assert "routes: ExpertDenseMoE.__call__: expert.gspmd" in str(report)
+    assert "routes: ExpertDenseMoE.__call__: experts as-written/as-is/as-is" in str(report)
 
 
 def test_expert_internal_tensor_parallel_explicit():
@@ -293,7 +299,7 @@ def test_expert_internal_tensor_parallel_explicit():
     mesh, model, compiled, loss, grads, routes = run
     # Explicit types refuse the matmul over the 'model'-sharded F dim inside:
     # the local route runs again inside auto_axes.
-    assert [r for *_, r in routes] == [R.EXPERTS_AUTO_AXES_GSPMD.name, R.EXPERTS_MANUAL.name]
+    assert [r for *_, r in routes] == [R.EXPERTS_AUTO_AXES.name, R.EXPERTS_MANUAL.name]
     _check_numerics(mm.LoopMoE, model, loss, grads)
     assert model.gate_proj.get_value().addressable_shards[0].data.shape == (4, 16, 8)
     ops = collectives(compiled, mesh)

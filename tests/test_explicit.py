@@ -79,6 +79,7 @@ GPT_ROUTES = {
     "2d": {
         R.AS_WRITTEN.name,
         R.FSDP_SHARD_MAP.name,
+        R.FSDP_SHARD_MAP_LAYOUT.name,
         R.FSDP_TP.name,
         R.FSDP_AUTO_AXES.name,
     },
@@ -120,8 +121,10 @@ def test_gpt_fsdp_tp_batch_not_dividing_fsdp(mesh, kind):
             ref_key="gpt-b3",
         )
     auto_axes = kind == jax.sharding.AxisType.Explicit
-    assert (R.FSDP_AUTO_AXES.name in routes) == auto_axes
-    assert (R.FSDP_GSPMD.name in routes) != auto_axes  # inside auto_axes: not recorded apart
+    # Explicit: the layout's auto_axes region; its shard_map refuses the batch
+    # and the retry gathers by constraints inside the same region.
+    assert (R.FSDP_AUTO_AXES_GSPMD.name in routes) == auto_axes
+    assert (R.FSDP_GSPMD_LAYOUT.name in routes) != auto_axes
 
 
 # Pattern 7: the Flax GSPMD guide's layer stack, with its own sharding constraints --------
@@ -145,7 +148,7 @@ def test_guide_stack_own_constraints(mesh, kind, plan):
         _, _, routes = _run(make, plan, mesh, x, loss, loss, ref_key=("guide", explicit))
         assert routes == set()  # no layer the auto-plan knows: the model's own specs stand
         return
-    with pytest.warns(npx.FallbackWarning, match="own sharding code names a batch axis"):
+    with pytest.warns(npx.FallbackWarning, match="refuses to run per batch shard"):
         model, _, routes = _run(make, plan, mesh, x, loss, loss, ref_key=("guide", explicit))
     assert routes == {R.FSDP_GSPMD.name}
     assert "fsdp" in model.layers.w1[...].sharding.spec

@@ -159,11 +159,11 @@ def test_explain_names_fsdp_gather_hooks(fsdp8):
         "1 pattern, 0 matched nothing; 4 params, 2 set by the plan"
     )
     assert "'up' -> FSDP('fsdp')" in text
-    fsdp = "gather  route fsdp.shard-map (else fsdp.gspmd or fsdp.own-sharding, at trace time)"
+    fsdp = "gather  route shard-map/gathered/as-is (else as-written/constrained/as-is)"
     if fsdp8.axis_types[0] == jax.sharding.AxisType.Explicit:  # the root is guarded
         assert text.endswith(
-            f"call-time hooks (2 modules):\n  up      {fsdp}\n  <root>  guard  route plain; "
-            "where Explicit types refuse the model's code: guard.auto-axes"
+            f"call-time hooks (2 modules):\n  up      {fsdp}\n  <root>  guard  route "
+            "wrapper:guard: as-written/as-is/as-is, else in auto-axes/as-is/resharded"
         )
     else:
         assert text.endswith(f"call-time hooks (1 module):\n  up  {fsdp}")
@@ -205,12 +205,17 @@ def test_explain_lists_matches_unmatched_and_untouched(mesh8):
     assert not any(".mlp." in p for p in untouched)
     # Explicit axes: the replicated nnx.Embed tables get a lookup layout too (issue 14).
     explicit = mesh8.axis_types[0] == jax.sharding.AxisType.Explicit
-    route = "layout.out-sharding" if explicit else "layout.constrain"
+    route = "as-written/as-is/constrained (else as-written/as-is/caller, as-written/as-is/as-is)"
+    if explicit:
+        route = (
+            "as-written/as-is/out-sharding (else as-written/as-is/caller, "
+            "as-written/as-is/as-is, as-written/as-is/constrained)"
+        )
     paths = [f"blocks.{i}.mlp.{n}" for i in (0, 1) for n in ("down", "up")]
     paths += ["embed", "pos"] if explicit else []
     hooked = [f"  {p.ljust(17)}  layout  route {route}" for p in paths]
-    if explicit:  # the root is guarded (runtime/guard.py)
-        guard = "route plain; where Explicit types refuse the model's code: guard.auto-axes"
+    if explicit:  # the root is guarded (runtime/regions.py)
+        guard = "route wrapper:guard: as-written/as-is/as-is, else in auto-axes/as-is/resharded"
         hooked.append(f"  {'<root>'.ljust(17)}  guard  {guard}")
     assert lines[-len(hooked) - 1 :] == [f"call-time hooks ({len(hooked)} modules):"] + hooked
     # explain resolves only: the model is untouched.

@@ -113,18 +113,20 @@ WRAPPERS = (REMAT, GUARD)
 
 # Where the arguments decide otherwise than `route(..., args=None)`: the
 # caller's own `out_sharding=`, no array input, a decoding call, a batch that
-# does not split, inputs the fully manual FSDP x TP region cannot take.
+# does not split, inputs the fully manual FSDP x TP region cannot take; and
+# where the call runs inside an enclosing module's `auto_axes` region, whose
+# axes are Auto (an Explicit-axes route turns into its Auto twin there).
 _GSPMD = (FSDP_GSPMD, FSDP_GSPMD_LAYOUT)
 ALTERNATIVES = {
     CONSTRAIN: (CALLER, AS_WRITTEN),
-    OUT_SHARDING: (CALLER, AS_WRITTEN),
-    AUTO_AXES: (CALLER, AS_WRITTEN),
+    OUT_SHARDING: (CALLER, AS_WRITTEN, CONSTRAIN),
+    AUTO_AXES: (CALLER, AS_WRITTEN, CONSTRAIN),
     FSDP_SHARD_MAP: (FSDP_GSPMD,),
     FSDP_SHARD_MAP_LAYOUT: (FSDP_GSPMD_LAYOUT,),
     FSDP_AUTO_AXES: (FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
     FSDP_TP: (FSDP_AUTO_AXES, FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
     CONTEXT_CONSTRAIN: (CONTEXT_DECODE,),
-    CONTEXT_AUTO_AXES: (CONTEXT_DECODE,),
+    CONTEXT_AUTO_AXES: (CONTEXT_DECODE, CONTEXT_CONSTRAIN),
 }
 
 
