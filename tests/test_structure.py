@@ -148,3 +148,60 @@ def test_graph_reads_the_package():
     assert "nnx_parallel.core.resolve" in GRAPH and "nnx_parallel.runtime.dispatch" in GRAPH
     assert "nnx_parallel.core.styles" in GRAPH["nnx_parallel.core.resolve"]
     assert "nnx_parallel.runtime.fsdp" in GRAPH["nnx_parallel.runtime.dispatch"]
+
+
+# The runtime as one decision (issue 20) -------------------------------------------------
+
+RUNTIME = {n: p for n, p in MODULES.items() if n.startswith("nnx_parallel.runtime.")}
+
+
+def _functions(path):
+    return [
+        node.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+
+
+def test_one_route_function():
+    """The whole decision is `runtime.routes.route`; no second copy for `explain`."""
+    owners = [n for n, p in MODULES.items() if "route" in _functions(p)]
+    assert owners == ["nnx_parallel.runtime.routes"]
+    for name, path in MODULES.items():
+        assert "static_route" not in path.read_text(), name
+
+
+def test_no_retry_matches_message_text():
+    """A retry matches error types: no `str(error)` / `in str(e)` inside an
+    `except` handler's condition anywhere in the runtime."""
+    for name, path in RUNTIME.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ExceptHandler):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.If):
+                    text = ast.unparse(sub.test)
+                    assert "str(" not in text and "repr(" not in text, (name, text)
+
+
+def test_no_module_level_mutable_state_in_the_runtime():
+    """Per-trace state lives in `runtime.trace.Trace`; module level holds only
+    constants (tuples, frozensets, strings, dataclass instances, functions)."""
+    mutable = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+    # The one exception: the class cache of `install.hooked_class` (one hooked
+    # subclass per (class, hooks) pair for the process; no trace reads it).
+    allowed = {("nnx_parallel.runtime.install", "_REGISTRY")}
+    for name, path in RUNTIME.items():
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            target = (
+                node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            )
+            if (name, getattr(target, "id", None)) in allowed:
+                continue
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, mutable):
+                raise AssertionError(f"{name}: module-level mutable {ast.unparse(node)[:80]}")
+            if isinstance(node, ast.Global) or any(
+                isinstance(sub, ast.Global) for sub in ast.walk(node)
+            ):
+                raise AssertionError(f"{name}: `global` statement")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections.abc import Callable
 
 from flax import nnx
@@ -35,7 +36,7 @@ from nnx_parallel.runtime.experts import NotLocal
 from nnx_parallel.runtime.flat import Flat
 from nnx_parallel.runtime.trace import recording
 
-__all__ = ["RETRIES", "Retry", "describe", "execute", "possible", "recording", "wrap"]
+__all__ = ("RETRIES", "Retry", "describe", "execute", "possible", "recording", "wrap")
 
 
 def _sharding_types(error: BaseException, hooks: ModuleHooks) -> bool:
@@ -76,7 +77,7 @@ RETRIES = (
     Retry(R.GUARD, _sharding_types, R.AUTO_AXES.name, "Explicit types"),
 )
 
-_BY_NAME = {r.name: r for r in R.ROUTES}
+_BY_NAME = types.MappingProxyType({r.name: r for r in R.ROUTES})
 
 
 def retries(source: str) -> tuple[Retry, ...]:

@@ -36,7 +36,7 @@ from nnx_parallel.runtime.batch import NotPerShard
 from nnx_parallel.runtime.flat import Flat, is_node
 from nnx_parallel.runtime.layout import context_mesh, explicit_here
 
-__all__ = ["NotPerShard"]
+__all__ = "NotPerShard"
 
 
 def base_name(module) -> str:

@@ -36,30 +36,32 @@ class Zero:
 
 
 # A result is zero if any operand is zero (products, matmuls, divisions of a zero).
-_ANY_ZERO = {"mul", "dot_general", "div"}
+_ANY_ZERO = frozenset({"mul", "dot_general", "div"})
 # A result is zero if the (first) operand is zero (layout ops, odd functions, sums).
-_FIRST_ZERO = {
-    "neg",
-    "reshape",
-    "broadcast_in_dim",
-    "transpose",
-    "squeeze",
-    "expand_dims",
-    "convert_element_type",
-    "slice",
-    "dynamic_slice",
-    "reduce_sum",
-    "copy",
-    "copy_p",
-    "tanh",
-    "sin",
-    "erf",
-    "integer_pow",
-    "pvary",
-    "pcast",
-}
-_SUMS = {"add", "add_any"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+_FIRST_ZERO = frozenset(
+    {
+        "neg",
+        "reshape",
+        "broadcast_in_dim",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "convert_element_type",
+        "slice",
+        "dynamic_slice",
+        "reduce_sum",
+        "copy",
+        "copy_p",
+        "tanh",
+        "sin",
+        "erf",
+        "integer_pow",
+        "pvary",
+        "pcast",
+    }
+)
+_SUMS = frozenset({"add", "add_any"})
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
 
 def has_collective(jaxpr) -> bool:

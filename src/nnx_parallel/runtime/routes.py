@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 
 from nnx_parallel.core.layouts import ModuleHooks
 from nnx_parallel.runtime import context, fsdp, fsdp_tp
@@ -117,17 +118,19 @@ WRAPPERS = (REMAT, GUARD)
 # where the call runs inside an enclosing module's `auto_axes` region, whose
 # axes are Auto (an Explicit-axes route turns into its Auto twin there).
 _GSPMD = (FSDP_GSPMD, FSDP_GSPMD_LAYOUT)
-ALTERNATIVES = {
-    CONSTRAIN: (CALLER, AS_WRITTEN),
-    OUT_SHARDING: (CALLER, AS_WRITTEN, CONSTRAIN),
-    AUTO_AXES: (CALLER, AS_WRITTEN, CONSTRAIN),
-    FSDP_SHARD_MAP: (FSDP_GSPMD,),
-    FSDP_SHARD_MAP_LAYOUT: (FSDP_GSPMD_LAYOUT,),
-    FSDP_AUTO_AXES: (FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
-    FSDP_TP: (FSDP_AUTO_AXES, FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
-    CONTEXT_CONSTRAIN: (CONTEXT_DECODE,),
-    CONTEXT_AUTO_AXES: (CONTEXT_DECODE, CONTEXT_CONSTRAIN),
-}
+ALTERNATIVES = types.MappingProxyType(
+    {
+        CONSTRAIN: (CALLER, AS_WRITTEN),
+        OUT_SHARDING: (CALLER, AS_WRITTEN, CONSTRAIN),
+        AUTO_AXES: (CALLER, AS_WRITTEN, CONSTRAIN),
+        FSDP_SHARD_MAP: (FSDP_GSPMD,),
+        FSDP_SHARD_MAP_LAYOUT: (FSDP_GSPMD_LAYOUT,),
+        FSDP_AUTO_AXES: (FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
+        FSDP_TP: (FSDP_AUTO_AXES, FSDP_NESTED_LAYOUT, FSDP_SHARD_MAP_LAYOUT, *_GSPMD),
+        CONTEXT_CONSTRAIN: (CONTEXT_DECODE,),
+        CONTEXT_AUTO_AXES: (CONTEXT_DECODE, CONTEXT_CONSTRAIN),
+    }
+)
 
 
 def route(module, hooks: ModuleHooks, trace, args=None, kwargs=None, name="__call__") -> Route:

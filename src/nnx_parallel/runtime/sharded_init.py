@@ -16,6 +16,7 @@ model with a `NamedSharding` on every `jax.ShapeDtypeStruct`, and the
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ Factory = Callable[[], nnx.Module]
 # XLA's algebraic simplifier folds chains of constant scalings (`normal(key) *
 # sqrt(2) * stddev`) that eager mode evaluates one op at a time, changing the
 # last bit. Initialisation runs once, so we keep eager numerics instead.
-EAGER_NUMERICS = {"xla_disable_hlo_passes": "algsimp"}
+EAGER_NUMERICS = types.MappingProxyType({"xla_disable_hlo_passes": "algsimp"})
 # Per-device bytes an init program creates at least (see `_chunks`).
 MIN_CHUNK_BYTES = 1 << 16
 
