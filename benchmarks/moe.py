@@ -7,9 +7,9 @@ Each row is one compiled train step (forward, backward, Adam) on 8 devices:
 - dp:  every param replicated, batch over 'data'.
 - fsdp: every param FSDP-sharded over 'fsdp' (the experts gathered per call).
 - ep-loop: the loop idiom, `plans.expert_parallel` on an 8-way 'expert' axis
-  (route expert.local: tokens all-gathered, outputs reduce-scattered).
-- ep-ragged: the sort + ragged_dot idiom, same plan (route expert.gspmd).
-- ep-dense: the einsum idiom, same plan (route expert.gspmd).
+  (route `experts manual/as-is/as-is`: tokens all-gathered, outputs reduce-scattered).
+- ep-ragged: the sort + ragged_dot idiom, same plan (route `experts as-written/as-is/as-is`).
+- ep-dense: the einsum idiom, same plan (route `experts as-written/as-is/as-is`).
 
 Ratios are against `dp` of the same idiom, measured in the same run. The
 all-to-all dispatch (moving only the k routed copies of each token) is not

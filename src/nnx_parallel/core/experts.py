@@ -81,9 +81,9 @@ class ExpertParallel:
     When the layer is called, tokens travel to the experts and the weights
     stay put: for code that indexes experts one at a time (`w[i]` in a
     loop) each device runs only its own experts on the tokens gathered over
-    `axis` and the outputs are reduce-scattered back (route `expert.local`);
+    `axis` and the outputs are reduce-scattered back (route `experts manual/as-is/as-is`);
     for code that uses whole stacks (`einsum`, `ragged_dot`) GSPMD does the
-    same from the shardings (route `expert.gspmd`). Combine with `FSDP` in a
+    same from the shardings (route `experts as-written/as-is/as-is`). Combine with `FSDP` in a
     tuple to shard the experts over the other axes too, and with `Remat`.
 
     Args:

@@ -40,6 +40,7 @@ def by_key(items: list, key: Callable[[Any], Hashable]) -> dict[Hashable, list[i
     return groups
 
 
+# XLA:CPU workaround, see docs/xla_cpu.md (bf16 gathers bit-cast).
 def _wire(x):
     """`x` as the bits the wire should carry: a sub-32-bit float as same-width
     unsigned ints (XLA:CPU widens a bf16 all-gather to f32 otherwise; on GPU

@@ -81,6 +81,7 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+# XLA:CPU workaround, see docs/xla_cpu.md (the tie against CSE).
 def tie(leaves: list, dep, batch_axes: tuple[str, ...] = ()) -> list:
     """`leaves`, made to depend on `dep` through a data dependency XLA keeps.
 

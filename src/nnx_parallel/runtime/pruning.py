@@ -1,7 +1,7 @@
-"""Dead-expert pruning for the `expert.local` route: each device computes
+"""Dead-expert pruning for the `experts manual/as-is/as-is` route: each device computes
 only the experts it owns.
 
-On `expert.local` a loop over experts (`for i in range(E): ... w[i] ...`)
+On `experts manual/as-is/as-is` a loop over experts (`for i in range(E): ... w[i] ...`)
 runs on every device with the tokens of all its peers, and without pruning
 the E - E/ep experts a device does not own are computed with zero weights:
 ep times the useful FLOPs (XLA does not fold a matmul by zeros). Here the

@@ -73,6 +73,7 @@ def _replicated_param(path, var) -> bool:
     return all(e is None for e in spec)
 
 
+# XLA:CPU workaround, see docs/xla_cpu.md (remat through custom_vjp).
 def recompute(f: Callable, policy: Callable[..., bool] | None = None) -> Callable:
     """`f` whose backward recomputes it after its output cotangent exists.
 

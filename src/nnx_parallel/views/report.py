@@ -58,7 +58,7 @@ class CommunicationReport:
         (None where the backend gives none).
       mesh: The mesh used to name axes.
       routes: `(class, method, route)` of every hooked call traced while
-        lowering (which path each module took, e.g. `expert.local` for an
+        lowering (which path each module took, e.g. `experts manual/as-is/as-is` for an
         MoE layer); empty for an already compiled program.
 
     Example:

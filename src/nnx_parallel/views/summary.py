@@ -252,7 +252,7 @@ def explain(model: Any, mesh: Mesh, plan: Any) -> str:
         down.bias    (16,)     P(None)
         down.kernel  (64, 16)  P(None, None)
       call-time hooks (1 module):
-        up  layout  route layout.constrain
+        up  layout  route as-written/as-is/constrained (else as-written/as-is/caller, as-written/as-is/as-is)
     """
     entries = normalize_plan(plan)
     res = resolve(model, mesh, plan, strict=False)
