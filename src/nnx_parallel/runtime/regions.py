@@ -56,8 +56,8 @@ def auto_axes_call(module, call, mesh: Mesh, args, kwargs, out_specs=None):
     """`call(module, *args, **kwargs)` with every mesh axis Auto inside.
 
     Modules passed in the arguments go in as state and are written back.
-    With `out_specs`, the output takes them and the state comes back
-    replicated; without, a shape-only trace finds the outputs first, which
+    With `out_specs`, the output takes them and each state leaf keeps its
+    layout; without, a shape-only trace finds the outputs first, which
     are laid out like the batch, and each state leaf keeps its layout (see
     the module docstring).
     """
@@ -71,8 +71,9 @@ def auto_axes_call(module, call, mesh: Mesh, args, kwargs, out_specs=None):
         return call(inner[0], *a, **kw), nnx.state(inner, nnx.Not(nnx.Param))
 
     arrays = flat.arrays
-    if out_specs is not None:
-        specs = (out_specs, None)
+    if out_specs is not None:  # state keeps the layout each array had
+        rest = nnx.state(nodes, nnx.Not(nnx.Param))
+        specs = (out_specs, jax.tree.map(lambda x: P(*type_spec(x)), rest))
     else:
         before = _specs_by_path(nnx.state(nodes, nnx.Not(nnx.Param)))
         with trace.probe():
