@@ -168,11 +168,9 @@ def _run(module, method, name: str, hooks: ModuleHooks, args, kwargs, first=None
         try:
             return execute(r, module, method, name, hooks, args, kwargs)
         except Exception as error:  # noqa: BLE001 - only what RETRIES names is retried
-            retry = next((f for f in fallbacks if f.matches(error, hooks)), None)
+            retry = _taken_back(error, r.name, module, name, hooks, undo)
             if retry is None:
                 raise
-            undo()
-            _warn(module, name, retry, error)
             r = _BY_NAME[retry.target]
 
 
@@ -193,6 +191,16 @@ def _undo(module, args, kwargs):
         trace.take_back(at)
 
     return undo
+
+
+def _taken_back(error, source: str, module, name: str, hooks: ModuleHooks, undo):
+    """The retry of `source` that `error` matches, after the take-back and its
+    warning; None where no retry matches (the caller re-raises)."""
+    retry = next((f for f in retries(source) if f.matches(error, hooks)), None)
+    if retry is not None:
+        undo()
+        _warn(module, name, retry, error)
+    return retry
 
 
 def _warn(module, name: str, retry: Retry, error: BaseException) -> None:
@@ -217,11 +225,8 @@ def _guarded(module, method, name: str, hooks: ModuleHooks, args, kwargs):
     try:
         return _remat(module, method, name, hooks, args, kwargs)
     except Exception as error:  # noqa: BLE001 - only what RETRIES names is retried
-        retry = next((f for f in retries(R.GUARD) if f.matches(error, hooks)), None)
-        if retry is None:
+        if _taken_back(error, R.GUARD, module, name, hooks, undo) is None:
             raise
-        undo()
-        _warn(module, name, retry, error)
         trace.record(module, name, R.GUARD)
         call = functools.partial(_remat, method=method, name=name, hooks=hooks)
         try:

@@ -67,7 +67,3 @@ class Flat:
             for i, node in zip(at, nodes):
                 leaves[i] = node
         return jax.tree.unflatten(self.treedef, leaves)
-
-    def map(self, fn: Callable[[Any], Any]) -> list:
-        """`fn` of each array, in order."""
-        return [fn(x) for x in self.arrays]
