@@ -32,7 +32,7 @@ def test_fsdp_batch_axes_on_the_tp_axis_is_refused(mesh2x4):
 
 def test_fsdp_and_tp_on_two_axes_still_resolve(mesh2x4):
     tp = {"up": ColumnParallel("model"), "down": RowParallel("model")}
-    res = npx.resolve(MLP(rngs=nnx.Rngs(0)), mesh2x4, npx.plans.combine(tp, FSDP("data", 1)))
+    res = npx.resolve(MLP(rngs=nnx.Rngs(0)), mesh2x4, npx.plans.combine(tp, FSDP("data", min_size=1)))
     assert res.specs()["up.kernel"] == P("data", "model")
 
 

@@ -57,7 +57,7 @@ def test_estimate_matches_the_real_compiled_step(name, kind):
     x = jax.random.normal(jax.random.key(0), (16, 32))
     plans = {
         "fsdp+remat": {"": npx.FSDP("data", min_size=64), "blocks.*": npx.Remat()},
-        "zero2": {"": npx.ZeRO(2, "data", min_size=64)},
+        "zero2": {"": npx.ZeRO(2, axis="data", min_size=64)},
     }
     plan = plans[name]
     model, peak, comm = real_peak(

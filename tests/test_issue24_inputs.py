@@ -72,10 +72,10 @@ def test_fsdp_on_one_device(explicit):
 
 def test_fsdp_over_a_size_one_axis_of_a_bigger_mesh():
     mesh = jax.make_mesh((1, 8), ("fsdp", "model"), axis_types=(AxisType.Explicit,) * 2)
-    specs = npx.resolve(MLP(rngs=nnx.Rngs(0)), mesh, {"": FSDP("fsdp", 1), **TP}).specs()
+    specs = npx.resolve(MLP(rngs=nnx.Rngs(0)), mesh, {"": FSDP("fsdp", min_size=1), **TP}).specs()
     assert specs["up.kernel"] == P(None, "model") and specs["down.bias"] == P(None)
     model, ref = (
-        npx.parallelize(MLP(rngs=nnx.Rngs(0)), mesh, FSDP("fsdp", 1)),
+        npx.parallelize(MLP(rngs=nnx.Rngs(0)), mesh, FSDP("fsdp", min_size=1)),
         MLP(rngs=nnx.Rngs(0)),
     )
     with jax.set_mesh(mesh):
@@ -131,7 +131,7 @@ def test_reshard_still_moves_its_own_optimizer(fsdp8, mesh8):
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     npx.reshard(model, mesh8, TP, optimizer=opt)
     assert opt.opt_state[0].mu["up"]["kernel"][...].sharding.spec == P(None, "model")
-    z = npx.parallelize(MLP(rngs=nnx.Rngs(0)), fsdp8, ZeRO(1, "fsdp", min_size=1))
+    z = npx.parallelize(MLP(rngs=nnx.Rngs(0)), fsdp8, ZeRO(1, axis="fsdp", min_size=1))
     zopt = npx.ShardedOptimizer(z, optax.adam(1e-3), wrt=nnx.Param)
     npx.reshard(z, mesh8, TP, optimizer=zopt)  # optimizer state laid out as ZeRO says
 

@@ -74,3 +74,29 @@ def test_style_resolves_applies_and_keeps_numerics(name, kind):
     with jax.set_mesh(mesh):
         out = jax.jit(lambda x: model(x))(x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: npx.FSDP("fsdp", 16),
+        lambda: npx.ColumnParallel("model", "kernel"),
+        lambda: npx.RowParallel("model", "kernel"),
+        lambda: npx.SequenceParallel("model", -2),
+        lambda: npx.SequenceColumnParallel("model", "kernel"),
+        lambda: npx.ExpertParallel("expert", 8),
+        lambda: npx.ContextParallel("context", "ring"),
+        lambda: npx.ZeRO(2, "data"),
+    ],
+    ids=["FSDP", "Column", "Row", "Sequence", "SequenceColumn", "Expert", "Context", "ZeRO"],
+)
+def test_options_after_the_first_are_keyword_only(make):
+    # FSDP("fsdp", 16) once set min_size silently; now only the first option is positional.
+    with pytest.raises(TypeError, match="positional argument"):
+        make()
+
+
+def test_keyword_options_still_work():
+    assert npx.FSDP("fsdp", min_size=16).min_size == 16
+    assert npx.ZeRO(1, axis="fsdp").axis == "fsdp"
+    assert npx.SequenceColumnParallel("model", seq_dim=-3).seq_dim == -3

@@ -2,7 +2,7 @@
 
 Three small pieces, optax-style:
 
-- `ZeRO(stage, axis)`: a plan entry. Parameters stay as they are (replicated,
+- `ZeRO(stage, axis=...)`: a plan entry. Parameters stay as they are (replicated,
   or as an earlier tensor-parallel entry left them) and get
   `optimizer_sharding` metadata, which `nnx.Optimizer` uses to create its
   state already sharded over `axis`.
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core import checks
-from nnx_parallel.core.styles import ModuleContext
+from nnx_parallel.core.styles import ModuleContext, largest_free_dim
 from nnx_parallel.errors import PlanError
 
 OPT_KEY = "optimizer_sharding"
@@ -56,6 +56,7 @@ class ZeRO:
     """
 
     stage: int = 2
+    _: dataclasses.KW_ONLY
     axis: str = "data"
     min_size: int = 2**10
     subtree = True
@@ -76,9 +77,9 @@ class ZeRO:
         out = {}
         for name, shape in ctx.shapes.items():
             spec = list(_specs.pad(specs[name], len(shape)))
-            free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0]
-            if math.prod(shape) >= self.min_size and free:
-                spec[max(free, key=lambda d: (shape[d], -d))] = self.axis
+            best = largest_free_dim(shape, spec, size)
+            if math.prod(shape) >= self.min_size and best is not None:
+                spec[best] = self.axis
             out[name] = {OPT_KEY: tuple(spec), STAGE_KEY: self.stage}
         return out
 

@@ -72,6 +72,7 @@ class ContextParallel:
     """
 
     axis: str = "context"
+    _: dataclasses.KW_ONLY
     strategy: str = "all_gather"
     seq_dim: int = -2
     subtree = False

@@ -107,6 +107,7 @@ class ExpertParallel:
     """
 
     axis: str = "expert"
+    _: dataclasses.KW_ONLY
     num_experts: int | None = None
     capacity_factor: float | None = None
     batch_axes: tuple[str, ...] | None = None

@@ -73,6 +73,7 @@ class SequenceParallel:
     """
 
     axis: AxisNames = "model"
+    _: dataclasses.KW_ONLY
     seq_dim: int = -2
     subtree = False
 
@@ -91,7 +92,7 @@ class SequenceParallel:
         return ModuleHooks(layout=Layout(input=layout, output=layout))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SequenceColumnParallel(ColumnParallel):
     """`ColumnParallel` whose input arrives sharded on the sequence dim.
 
@@ -115,7 +116,7 @@ class SequenceColumnParallel(ColumnParallel):
         return ColumnParallel.hooks(self, ctx, specs)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SequenceRowParallel(RowParallel):
     """`RowParallel` whose output is reduce-scattered onto the sequence dim.
 

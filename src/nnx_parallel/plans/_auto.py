@@ -215,7 +215,7 @@ def _candidates(model: nnx.Module, mesh: Mesh) -> list[tuple[str, dict, tuple[st
         tp, _ = tensor_parallel(model, a, mesh=mesh)
         if tp:
             out.append(("tp", tp, ()))
-        out += [("zero1", {"": ZeRO(1, a)}, names), ("zero2", {"": ZeRO(2, a)}, names)]
+        out += [("zero1", {"": ZeRO(1, axis=a)}, names), ("zero2", {"": ZeRO(2, axis=a)}, names)]
         return out
     if len(names) == 2:
         tp_axis = "model" if "model" in names else names[-1]
