@@ -136,7 +136,7 @@ def test_one_home(pattern, home):
     found = [
         f"{name}:{i}"
         for name, path in MODULES.items()
-        if name != home
+        if name != home and not name.startswith(home + ".")
         for i, line in enumerate(path.read_text().splitlines(), 1)
         if pattern.search(line) and ">>>" not in line and "..." not in line[:8]
     ]
