@@ -46,8 +46,9 @@ from nnx_parallel.runtime.sharded_init import (
 from nnx_parallel.runtime.trace import FallbackWarning
 from nnx_parallel.views import collectives as collectives
 from nnx_parallel.views import report as report
+from nnx_parallel.views.render import render, treescope_renderer
 from nnx_parallel.views.report import CommunicationReport, communication_report
-from nnx_parallel.views.summary import explain, render, summary, treescope_renderer
+from nnx_parallel.views.summary import explain, summary
 from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
