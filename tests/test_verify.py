@@ -1,0 +1,60 @@
+"""nnx_parallel.core.verify: resolution-time checks of specs, earlier plans and shared modules."""
+
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import nnx_parallel as npx
+from nnx_parallel.core.verify import (
+    _align,
+    _check_conflicts,
+    _check_shared,
+    _validate_inputs,
+    check_spec,
+)
+from tests import models
+
+
+def test_check_spec_accepts_a_fitting_spec_and_names_each_problem(mesh2x4):
+    check_spec("up.kernel", "up", P(None, "model"), (16, 64), mesh2x4)
+    with pytest.raises(npx.PlanError, match=r"'up.kernel' \(pattern 'up'\).*1 entries.*2 dims"):
+        check_spec("up.kernel", "up", P("model"), (16, 64), mesh2x4)
+    with pytest.raises(npx.MeshError, match="mesh axis 'modle'.*Did you mean 'model'"):
+        check_spec("up.kernel", None, P(None, "modle"), (16, 64), mesh2x4)
+    with pytest.raises(npx.PlanError, match="uses mesh axis 'model' twice"):
+        check_spec("up.kernel", None, P("model", "model"), (16, 64), mesh2x4)
+    with pytest.raises(npx.PlanError, match="dim 1 of shape .* not divisible"):
+        check_spec("up.kernel", None, P(None, "model"), (16, 6), mesh2x4)
+
+
+def test_align_puts_a_positional_spec_on_trailing_dims():
+    shapes = {"kernel": (16, 64), "bias": (64,)}
+    out = _align({"*": P(None, "model")}, shapes)
+    assert out == {"kernel": P(None, "model"), "bias": P("model")}
+    assert _align({"kernel": P("x", None)}, shapes) == {"kernel": P("x", None)}
+    with pytest.raises(npx.PlanError, match="has 3 entries.*name the parameter"):
+        _align({"*": P(None, None, "model")}, shapes, "up", nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_check_conflicts_refuses_moving_an_earlier_dim():
+    own = {"kernel": ("up.kernel",)}
+    _check_conflicts(own, {"kernel": P(None, "model")}, {"kernel": P("fsdp", "model")}, {})
+    with pytest.raises(npx.PlanError, match="'up.kernel' is already parallelized.*dim 0"):
+        _check_conflicts(
+            own, {"kernel": P(None, "model")}, {"kernel": P("model", None)}, {"kernel": "up"}
+        )
+
+
+def test_check_shared_refuses_two_styles_for_one_module():
+    every = {"a": "shared", "b": "shared"}
+    _check_shared({"a": (npx.FSDP(),), "b": (npx.FSDP(),)}, every)  # same styles: fine
+    with pytest.raises(npx.PlanError, match="'a' and 'b' are one shared module"):
+        _check_shared({"a": (npx.FSDP(),), "b": (npx.Replicated(),)}, every)
+
+
+def test_validate_inputs(mesh8):
+    _validate_inputs(models.MLP(rngs=nnx.Rngs(0)), mesh8)
+    with pytest.raises(npx.PlanError, match="expected an nnx.Module, got dict"):
+        _validate_inputs({}, mesh8)
+    with pytest.raises(npx.MeshError, match="expected a jax.sharding.Mesh, got str"):
+        _validate_inputs(models.MLP(rngs=nnx.Rngs(0)), "mesh")
