@@ -40,8 +40,7 @@ def test_param_entries_and_summary_with_mesh_override():
         "up.kernel",
     ]
     assert lines[-2] == (
-        "per device: 5,248 B (5.1 KiB) = sharded 1,088 B (2 params)"
-        " + replicated 4,160 B (2 params)"
+        "per device: 5,248 B (5.1 KiB) = sharded 1,088 B (2 params) + replicated 4,160 B (2 params)"
     )
     assert lines[-1] == "unsharded: 8,512 B (8.3 KiB); each device holds 61.7%"
 

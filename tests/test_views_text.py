@@ -35,7 +35,11 @@ def test_table_pads_columns_and_right_aligns():
         "long  123",
     ]
     # Left-aligned trailing cells leave no trailing spaces.
-    assert _text.table(["x", "note"], [["abc", ""]], right=set()) == ["x    note", "---  ----", "abc"]
+    assert _text.table(["x", "note"], [["abc", ""]], right=set()) == [
+        "x    note",
+        "---  ----",
+        "abc",
+    ]
 
 
 def test_plural_and_mesh_text():
