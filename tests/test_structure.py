@@ -205,3 +205,43 @@ def test_no_module_level_mutable_state_in_the_runtime():
                 isinstance(sub, ast.Global) for sub in ast.walk(node)
             ):
                 raise AssertionError(f"{name}: `global` statement")
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_source_module_over_400_lines():
+    long = {
+        name: n
+        for name, path in MODULES.items()
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these by idea: {long}"
+
+
+def _namesakes(name: str, path: pathlib.Path) -> set[str]:
+    """Test file names that mirror module `name`: `a/b/_c.py` -> test_c.py or test_b_c.py."""
+    parts = [p.lstrip("_") for p in name.split(".")[1:]]
+    own, parent = parts[-1], (parts[-2] if len(parts) > 1 else None)
+    nested = len(parts) > 1
+    out = {f"test_{parent}_{own}.py"} if nested else {f"test_{own}.py"}
+    if nested and not (SRC / f"{own}.py").exists() and not (SRC / own).is_dir():
+        out.add(f"test_{own}.py")  # no top-level namesake to confuse it with
+    return out
+
+
+def _defines_code(path: pathlib.Path) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body)
+
+
+def test_every_source_module_has_a_namesake_test():
+    tests = {p.name for p in (SRC.parents[1] / "tests").glob("test_*.py")}
+    missing = [
+        name
+        for name, path in MODULES.items()
+        if name != "nnx_parallel"
+        and (path.name != "__init__.py" or _defines_code(path))
+        and not _namesakes(name, path) & tests
+    ]
+    assert not missing, f"add tests/test_<module>.py for: {missing}"
