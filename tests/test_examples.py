@@ -95,3 +95,13 @@ def test_train_moe_example_matches_one_device():
     losses, reference = example.main(args)  # the loop idiom: tests/test_experts.py
     assert len(losses) == 2 and len(reference) == 2
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5
+
+
+def test_custom_style_example_specs_zero_state_and_one_step():
+    """examples/custom_style.py: a user-written style beside RowParallel and ZeRO-1."""
+    from jax.sharding import PartitionSpec as P
+
+    out = runpy.run_path(str(EXAMPLES / "custom_style.py"))["main"]()  # asserts numerics itself
+    assert out["specs"]["up.kernel"] == P(None, "model") and out["specs"]["up.bias"] == P("model")
+    assert out["mu"] == P("data", "model")  # ZeRO-1 added 'data' to the free dim of Adam's state
+    assert abs(out["loss"] - out["ref_loss"]) <= 1e-5 * abs(out["ref_loss"])

@@ -1,5 +1,7 @@
 """nnx_parallel.core.verify: resolution-time checks of specs, earlier plans and shared modules."""
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -11,6 +13,7 @@ from nnx_parallel.core.verify import (
     _check_shared,
     _validate_inputs,
     check_spec,
+    hook_axes,
 )
 from tests import models
 
@@ -58,3 +61,42 @@ def test_validate_inputs(mesh8):
         _validate_inputs({}, mesh8)
     with pytest.raises(npx.MeshError, match="expected a jax.sharding.Mesh, got str"):
         _validate_inputs(models.MLP(rngs=nnx.Rngs(0)), "mesh")
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"": npx.FSDP("nope")},
+        {"": npx.FSDP("data", batch_axes=("nope",))},
+        {"up": npx.ColumnParallel("nope")},
+        {"up": npx.ColumnParallel("model", input_spec=("nope",))},
+        {"down": npx.RowParallel("model", output_spec=(None, "nope"))},
+        {"up": npx.SequenceParallel("nope")},
+        {"up": npx.Shard(kernel=P(None, "nope"))},
+        {"up": npx.Shard(kernel=P(None, "model"), input_spec=("nope",))},
+        {"": npx.ZeRO(1, axis="nope")},
+        {"": npx.ContextParallel("nope")},
+        {"": npx.ExpertParallel("nope")},
+    ],
+    ids=lambda plan: repr(next(iter(plan.values())))[:40],
+)
+def test_a_missing_mesh_axis_is_one_plan_error_everywhere(plan, mesh2x4):
+    model = models.MLP(rngs=nnx.Rngs(0))
+    before = jax.tree.map(lambda x: x, nnx.state(model))
+    with pytest.raises(
+        npx.PlanError, match=r"mesh axis 'nope' is not in the mesh \('data', 'model'\)"
+    ):
+        npx.parallelize(model, mesh2x4, plan)
+    assert type(model.up) is nnx.Linear  # nothing applied
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), nnx.state(model), before)
+
+
+def test_hook_axes_lists_every_axis_a_hook_names():
+    from nnx_parallel.core.layouts import Gather, Layout, ModuleHooks
+
+    hooks = ModuleHooks(
+        layout=Layout(input=(None, "model"), output=(("data", "model"),)),
+        gather=Gather(axes=("fsdp",), batch_axes=("data",), params=()),
+    )
+    assert hook_axes(hooks) == ("model", "data", "fsdp")
+    assert hook_axes(None) == ()

@@ -11,7 +11,7 @@ from nnx_parallel.accumulate import accumulate
 from nnx_parallel.checkpoint import CheckpointManager, restore, save
 from nnx_parallel.core.context import ContextParallel
 from nnx_parallel.core.experts import ExpertParallel
-from nnx_parallel.core.layouts import ModuleHooks
+from nnx_parallel.core.layouts import Layout, ModuleHooks
 from nnx_parallel.core.resolve import ParamEntry, Resolution, resolve
 from nnx_parallel.core.sequence import (
     SequenceColumnParallel,
@@ -60,6 +60,7 @@ __all__ = [
     "FallbackWarning",
     "MeshError",
     "ModuleContext",
+    "Layout",
     "ModuleHooks",
     "ParallelError",
     "ParamEntry",

@@ -40,6 +40,7 @@ from nnx_parallel.core.verify import (
     _check_shared,
     _validate_inputs,
     check_spec,
+    hook_axes,
 )
 from nnx_parallel.errors import PlanError
 
@@ -327,7 +328,9 @@ def _resolve_module(scope: _Scope, owner: str, own) -> _Module:
                 sources[name] = pattern
                 setters[name] = style
             current[name] = spec
-        hooks = (hooks or ModuleHooks()).merge(style.hooks(ctx, new))
+        style_hooks = style.hooks(ctx, new)
+        ctx.check_axes(style, hook_axes(style_hooks))  # layouts and batch axes, as specs
+        hooks = (hooks or ModuleHooks()).merge(style_hooks)
         param_metadata = getattr(style, "param_metadata", None)  # optional protocol method
         if param_metadata is not None:
             for name, meta in param_metadata(ctx, dict(current)).items():

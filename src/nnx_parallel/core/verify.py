@@ -126,3 +126,21 @@ def _validate_inputs(model: Any, mesh: Any) -> None:
             f"expected a jax.sharding.Mesh, got {type(mesh).__name__}. "
             "Build one with jax.make_mesh((8,), ('model',)) or nnx_parallel.make_mesh(model=8)."
         )
+
+
+def hook_axes(hooks: Any) -> tuple[str, ...]:
+    """Every mesh axis a style's call-time hooks name (layouts, gathers, experts, context)."""
+    if hooks is None:
+        return ()
+    entries: list = []
+    if hooks.layout is not None:
+        entries += [*(hooks.layout.input or ()), *(hooks.layout.output or ())]
+        entries += list(hooks.layout.reduce)
+    if hooks.gather is not None:
+        entries += [*hooks.gather.axes, *hooks.gather.batch_axes]
+    if hooks.experts is not None:
+        entries += [hooks.experts.axis, *hooks.experts.batch_axes]
+    if hooks.context is not None:
+        entries.append(hooks.context.axis)
+    axes = (a for e in entries for a in _specs.axes_of(e) if isinstance(a, str))
+    return tuple(dict.fromkeys(axes))

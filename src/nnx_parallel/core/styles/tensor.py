@@ -264,6 +264,9 @@ class Shard:
         return f"Shard({inner})"
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
+        ctx.check_axes(
+            self, tuple(a for _, spec in self.specs for e in spec for a in _specs.axes_of(e))
+        )
         out = {}
         for name, spec in self.specs:
             if name not in ctx.shapes:
