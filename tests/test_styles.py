@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
@@ -56,9 +57,25 @@ def test_style_is_a_frozen_hashable_protocol_instance(name):
             style.subtree = not style.subtree
 
 
+def _train_step(model, opt, x):
+    def loss_fn(m):
+        y = m(x)
+        return jnp.mean(y**2), y
+
+    (loss, y), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    opt.update(model, grads)
+    return y, loss, grads
+
+
+def _flat(state):
+    return {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state)}
+
+
 @pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("name", list(STYLES))
 def test_style_resolves_applies_and_keeps_numerics(name, kind):
+    """Specs as resolved; forward, gradients and one optimizer step as unsharded
+    (a broken Remat or ZeRO backward fails here, not only a broken forward)."""
     mesh = jax.make_mesh((2, 4), MESH, axis_types=(kind, kind))
     plan = STYLES[name]
     abstract = nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0)))
@@ -71,9 +88,25 @@ def test_style_resolves_applies_and_keeps_numerics(name, kind):
             var = getattr(var, key)
         assert var[...].sharding.spec == entry.spec, path
     x = jax.random.normal(jax.random.key(1), (8, 4, 16), jnp.float32)
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt = npx.ShardedOptimizer(model, tx, wrt=nnx.Param)
+    ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
     with jax.set_mesh(mesh):
-        out = jax.jit(lambda x: model(x))(x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref(x)), atol=1e-5, rtol=1e-5)
+        out, loss, grads = nnx.jit(_train_step)(model, opt, x)
+    ref_out, ref_loss, ref_grads = nnx.jit(_train_step)(ref, ref_opt, x)
+    close = dict(atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), **close)
+    np.testing.assert_allclose(float(loss), float(ref_loss), **close)
+    got, want = _flat(grads), _flat(ref_grads)
+    assert set(got) == set(want) == {"up.kernel", "up.bias", "down.kernel", "down.bias"}
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], err_msg=path, **close)
+    after, ref_after = _flat(nnx.state(model, nnx.Param)), _flat(nnx.state(ref, nnx.Param))
+    for path in ref_after:
+        np.testing.assert_allclose(after[path], ref_after[path], err_msg=path, **close)
+        assert not np.allclose(
+            ref_after[path], _flat(nnx.state(models.MLP(rngs=nnx.Rngs(0))))[path]
+        )
 
 
 @pytest.mark.parametrize(
