@@ -77,12 +77,33 @@ def _in_subprocess(setup: str, argv: list[str]) -> dict:
     return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW ")))
 
 
+HEADER = (
+    f"{'setup':6} {'temp':>9} {'footprint':>10} {'all-gather':>11} {'red-scat':>9} "
+    f"{'all-reduce':>11} {'step ms':>9} {'peak MiB':>9}"
+)
+
+
+def table_row(row: dict, psi: int) -> str:
+    """One line of the table: MiB per device, collective bytes over psi, ms, peak."""
+    peak = "n/a" if row["peak"] is None else f"{row['peak'] / 2**20:.1f}"
+    return (
+        f"{row['setup']:6} {row['temp'] / 2**20:9.2f} {row['footprint'] / 2**20:10.2f} "
+        f"{row['all-gather'] / psi:11.3f} {row['reduce-scatter'] / psi:9.3f} "
+        f"{row['all-reduce'] / psi:11.3f} {row['ms']:9.2f} {peak:>9}"
+    )
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU test)")
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="each setup in a fresh process (the default on a GPU: peak_bytes_in_use is per process)",
+    )
     parser.add_argument("--only", choices=["fsdp", "naive"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
@@ -91,42 +112,30 @@ def main(argv=None) -> list[dict]:
     width = args.width or (8192 if gpu else 64)
     batch = 8 * jax.device_count()
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-    if args.only is None and platform != "gpu":
+    psi = depth * (width * width + width) * 4
+    if args.only is not None:  # the child process of an isolated run: one row, as JSON
+        r = run(args.only, depth, width, batch, mesh, args.steps)
+        print("ROW " + json.dumps(r))
+        return [r]
+    if platform != "gpu":
         print(
             f"no GPU found: running on {platform} at tiny sizes; step times and peaks below are "
             "not GPU figures"
         )
-    if args.only is None:
-        print(
-            f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
-            f"L={depth} x Linear({width},{width}), "
-            f"batch {batch}, f32 Adam; memory per device in MiB, collective bytes / psi"
-        )
-    psi = depth * (width * width + width) * 4
-    if args.only is None:
-        print(
-            f"{'setup':6} {'temp':>9} {'footprint':>10} {'all-gather':>11} {'red-scat':>9} "
-            f"{'all-reduce':>11} {'step ms':>9} {'peak MiB':>9}"
-        )
+    print(
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"L={depth} x Linear({width},{width}), "
+        f"batch {batch}, f32 Adam; memory per device in MiB, collective bytes / psi"
+    )
+    print(HEADER)
     rows = []
     for setup in ("fsdp", "naive"):
-        if args.only is not None and setup != args.only:
-            continue
-        if gpu and args.only is None:  # a fresh process each: peak_bytes_in_use is per process
+        if gpu or args.isolate:
             r = _in_subprocess(setup, sys.argv[1:] if argv is None else list(argv))
         else:
             r = run(setup, depth, width, batch, mesh, args.steps)
-        if args.only is not None:
-            print("ROW " + json.dumps(r))
-            return [r]
-        peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.1f}"
-        print(
-            f"{setup:6} {r['temp'] / 2**20:9.2f} {r['footprint'] / 2**20:10.2f} "
-            f"{r['all-gather'] / psi:11.3f} {r['reduce-scatter'] / psi:9.3f} "
-            f"{r['all-reduce'] / psi:11.3f} {r['ms']:9.2f} {peak:>9}",
-            flush=True,
-        )
         rows.append({"setup": setup, **r})
+        print(table_row(rows[-1], psi), flush=True)
     return rows
 
 

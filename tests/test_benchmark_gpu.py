@@ -27,3 +27,51 @@ def test_gpu_benchmark_runs_at_tiny_sizes(capsys):
     assert fsdp["reduce-scatter"] == kernels and fsdp["all-reduce"] == 4 + 2 * biases
     assert naive["all-reduce"] >= kernels + biases
     assert all(r["ms"] > 0 and r["peak"] is None for r in rows)  # CPU: no memory_stats
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(ROOT)
+    return bench
+
+
+def test_table_row_formats_what_a_gpu_reports():
+    bench = _bench()
+    row = {
+        "setup": "fsdp",
+        "temp": 3 * 2**20,
+        "footprint": 49158.27 * 2**20,
+        "all-gather": 2048,
+        "reduce-scatter": 1024,
+        "all-reduce": 0,
+        "ms": 30.214,
+        "peak": 49158.3 * 2**20,
+    }
+    line = bench.table_row(row, psi=1024)
+    assert line.split() == [
+        "fsdp",
+        "3.00",
+        "49158.27",
+        "2.000",
+        "1.000",
+        "0.000",
+        "30.21",
+        "49158.3",
+    ]
+    assert len(bench.table_row(row, 1024)) == len(bench.HEADER)
+    assert bench.table_row({**row, "peak": None}, 1024).split()[-1] == "n/a"
+
+
+def test_the_gpu_path_runs_each_setup_in_its_own_process(capsys):
+    # What a GPU run does (one child process per setup, rows passed back as JSON),
+    # forced here with --isolate at tiny sizes.
+    rows = _bench().main(["--tiny", "--depth", "2", "--steps", "1", "--isolate"])
+    assert [r["setup"] for r in rows] == ["fsdp", "naive"]
+    assert rows[0]["reduce-scatter"] == 2 * 64 * 64 * 4  # the same bytes as in-process
+    out = capsys.readouterr().out
+    assert out.count("\nfsdp ") == 1 and out.count("\nnaive ") == 1
