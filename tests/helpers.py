@@ -165,3 +165,43 @@ def hlo_shapes(compiled, skip=("pred",)) -> set[tuple[int, ...]]:
     those of the dtypes in `skip` (default: booleans, e.g. masks)."""
     found = re.findall(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]", compiled.as_text())
     return {tuple(int(d) for d in dims.split(",") if d) for t, dims in found if t not in skip}
+
+
+def assert_allclose(actual, expected, atol=1e-5, rtol=1e-5):
+    """numpy's assert_allclose on host copies (the tests' default tolerance)."""
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=atol, rtol=rtol)
+
+
+def rel_err(actual, expected) -> float:
+    """Max abs error relative to the largest magnitude of `expected`."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    assert a.shape == e.shape
+    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
+
+
+def flat_state(tree) -> dict:
+    """An nnx.State (or module state) as dotted path -> value."""
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(tree)}
+
+
+def max_rel_err(tree, ref_tree) -> float:
+    """The largest `rel_err` over the leaves of two states with the same paths."""
+    got, want = flat_state(tree), flat_state(ref_tree)
+    assert got.keys() == want.keys()
+    return max(rel_err(got[k], want[k]) for k in want)
+
+
+def adam(model, lr=1e-2):
+    """The checkpoint tests' optimizer: Adam over the Params."""
+    return nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+
+def host_state(obj) -> dict:
+    """`obj`'s whole state as a pure dict of numpy arrays (host copies)."""
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(obj)))
+
+
+def assert_trees_equal(a, b):
+    """Same structure and bit-identical leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -7,7 +7,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -27,6 +26,7 @@ from nnx_parallel import (
 )
 from nnx_parallel.views.collectives import collectives, count_collectives
 from tests import helpers, models
+from tests.helpers import max_rel_err, rel_err
 
 K = 4
 BATCH = 2048  # 256 rows per device on 8 devices: activations dominate temp memory
@@ -41,22 +41,6 @@ def loss_fn(model, x):
 def aux_loss_fn(model, x):
     y = model(x)
     return jnp.mean(y**2), {"mean_out": jnp.mean(y), "positive": jnp.sum(y > 0)}
-
-
-def rel_err(actual, expected) -> float:
-    a, e = np.asarray(actual), np.asarray(expected)
-    assert a.shape == e.shape
-    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
-
-
-def flat(grads) -> dict:
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(grads)}
-
-
-def max_grad_err(grads, ref_grads) -> float:
-    got, want = flat(grads), flat(ref_grads)
-    assert got.keys() == want.keys()
-    return max(rel_err(got[k], want[k]) for k in want)
 
 
 def batch(size=BATCH):
@@ -122,9 +106,9 @@ def test_matches_full_batch_on_one_device(which):
     want = nnx.jit(make())(models.MLP(rngs=nnx.Rngs(0)), x)
     got = nnx.jit(accumulate(make(), microbatches=K))(models.MLP(rngs=nnx.Rngs(0)), x)
     if which == "grad":
-        assert max_grad_err(got, want) <= REL_TOL
+        assert max_rel_err(got, want) <= REL_TOL
         return
-    assert max_grad_err(got[1], want[1]) <= REL_TOL
+    assert max_rel_err(got[1], want[1]) <= REL_TOL
     if which == "has_aux":
         (loss, aux), ((ref_loss, ref_aux), _) = got[0], want
         assert rel_err(aux["mean_out"], ref_aux["mean_out"]) <= REL_TOL
@@ -144,7 +128,7 @@ def test_sum_reduction_matches_a_sum_loss():
     got = accumulate(nnx.value_and_grad(sum_loss), microbatches=K, reduction="sum")
     acc_loss, acc_grads = nnx.jit(got)(models.MLP(rngs=nnx.Rngs(0)), x)
     assert rel_err(acc_loss, loss) <= REL_TOL
-    assert max_grad_err(acc_grads, grads) <= REL_TOL
+    assert max_rel_err(acc_grads, grads) <= REL_TOL
 
 
 # Data parallel and ZeRO-1/2: one gradient sync per step --------------------------------
@@ -173,7 +157,7 @@ def test_data_parallel_syncs_once(case, kind):
     assert count_collectives(one, mesh)["all-reduce"] == 1  # XLA combines them into one
     assert temp(four) <= MEMORY_RATIO * temp(one), (temp(four), temp(one))
     assert rel_err(loss, ref_loss) <= REL_TOL
-    assert max_grad_err(grads, ref_grads) <= REL_TOL
+    assert max_rel_err(grads, ref_grads) <= REL_TOL
     assert grads["up"]["kernel"][...].sharding.spec in (grad_spec, P())
 
 
@@ -218,7 +202,7 @@ def test_fsdp_accumulates_shards(kind):
     assert grads["up"]["kernel"][...].sharding.spec == P(None, "fsdp")
     assert temp(four) <= MEMORY_RATIO * temp(one), (temp(four), temp(one))
     assert rel_err(loss, ref_loss) <= REL_TOL
-    assert max_grad_err(grads, ref_grads) <= REL_TOL
+    assert max_rel_err(grads, ref_grads) <= REL_TOL
 
 
 # One optimizer step ----------------------------------------------------------------------
@@ -318,7 +302,7 @@ def test_tensor_parallel_times_data_parallel(kind):
     assert grads["up"]["kernel"][...].sharding.spec == P(None, "model")
     assert temp(four) <= MEMORY_RATIO * temp(one), (temp(four), temp(one))
     assert rel_err(loss, ref_loss) <= REL_TOL
-    assert max_grad_err(grads, ref_grads) <= REL_TOL
+    assert max_rel_err(grads, ref_grads) <= REL_TOL
 
 
 class DropoutMLP(nnx.Module):
@@ -357,7 +341,7 @@ def test_batch_stats_match_sequential_microbatches():
     want_loss, want_grads = jax.tree.map(lambda *a: sum(a) / K, *outs)
     loss, grads = nnx.jit(accumulate(nnx.value_and_grad(loss_fn), microbatches=K))(model, x)
     assert rel_err(loss, want_loss) <= REL_TOL
-    assert max_grad_err(grads, want_grads) <= REL_TOL
+    assert max_rel_err(grads, want_grads) <= REL_TOL
     for name in ("mean", "var"):
         got, want = getattr(model.norm, name)[...], getattr(ref.norm, name)[...]
         assert rel_err(got, want) <= REL_TOL, name

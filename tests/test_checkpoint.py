@@ -21,6 +21,7 @@ from nnx_parallel import (
 )
 from nnx_parallel.checkpoint import CheckpointError
 from tests import helpers, models
+from tests.helpers import adam
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")
 
@@ -40,10 +41,6 @@ def assert_same(a, b):
     ha, hb = host(a), host(b)
     assert jax.tree.structure(ha) == jax.tree.structure(hb)
     jax.tree.map(np.testing.assert_array_equal, ha, hb)
-
-
-def adam(model):
-    return nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
 
 def train_step(model, opt, mesh):

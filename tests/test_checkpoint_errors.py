@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 import nnx_parallel as npx
 from nnx_parallel.checkpoint import CheckpointError
 from tests import models
+from tests.helpers import adam
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")
 
@@ -32,10 +33,6 @@ class Net(nnx.Module):
 
 def sgd(m):
     return nnx.Optimizer(m, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-
-
-def adam(m):
-    return nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
 
 
 def test_flipped_byte_raises_naming_the_array(tmp_path):

@@ -6,13 +6,15 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import nnx_parallel as npx
 from nnx_parallel.checkpoint import CheckpointError
 from tests import models
+from tests.helpers import adam
+from tests.helpers import assert_trees_equal as assert_same
+from tests.helpers import host_state as host
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:orbax")
 
@@ -22,19 +24,6 @@ PLAN = npx.FSDP(min_size=16)
 
 def factory():
     return models.MLP(rngs=nnx.Rngs(9))
-
-
-def adam(m):
-    return nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
-
-
-def host(obj) -> dict:
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(obj)))
-
-
-def assert_same(a: dict, b: dict):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 @nnx.jit(donate_argnums=(0, 1))

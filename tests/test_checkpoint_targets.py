@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -11,6 +10,7 @@ import nnx_parallel as npx
 from nnx_parallel.checkpoint import targets as T
 from nnx_parallel.errors import PlanError
 from tests import models
+from tests.helpers import adam
 
 MESH = jax.make_mesh((8,), ("model",))
 PLAN = {"up": npx.ColumnParallel("model"), "down": npx.RowParallel("model")}
@@ -24,10 +24,6 @@ class Holder(nnx.Module):
 
 class EmptyNet(nnx.Module):
     pass
-
-
-def adam(m):
-    return nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
 
 
 def test_model_target_from_factory_and_module_and_bad_input():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
@@ -19,6 +18,7 @@ import nnx_parallel as npx
 from nnx_parallel.runtime import dispatch, trace
 from nnx_parallel.runtime import routes as R
 from tests import models
+from tests.helpers import assert_allclose as _assert_close
 from tests.helpers import guard_warning
 
 AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
@@ -38,10 +38,6 @@ def _routes(model, mesh, *args, **kwargs):
 def _twin(factory, mesh, plan):
     ref = factory()
     return ref, npx.parallelize(factory(), mesh, plan)
-
-
-def _assert_close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
 X = jax.random.normal(jax.random.key(0), (8, 16), jnp.float32)

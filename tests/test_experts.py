@@ -17,6 +17,7 @@ from nnx_parallel.runtime.dispatch import recording
 from nnx_parallel.views.collectives import collectives
 from tests import moe_models as mm
 from tests.helpers import assert_close
+from tests.helpers import flat_state as _flat
 
 MESHES = {"8": ((8,), ("expert",)), "2x4": ((2, 4), ("data", "expert"))}
 X = jax.random.normal(jax.random.key(1), (8, 3, 16))  # T = 24 tokens, D = 16
@@ -36,10 +37,6 @@ def _step(model, opt, x):
     loss, grads = nnx.value_and_grad(_loss)(model, x)
     opt.update(model, grads)
     return loss, grads
-
-
-def _flat(tree):
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(tree)}
 
 
 _REF: dict = {}
