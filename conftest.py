@@ -44,6 +44,17 @@ def fsdp8(kind):
     return _mesh((8,), ("fsdp",), kind)
 
 
+@pytest.fixture
+def data8(kind):
+    return _mesh((8,), ("data",), kind)
+
+
+@pytest.fixture
+def one_device():
+    """A 1-device mesh over ('data',): what runs with no sharding at all."""
+    return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+
+
 @pytest.fixture(autouse=True)
 def _fresh_trace():
     """Each test gets its own call-time trace state: route logs, warn-once

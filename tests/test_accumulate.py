@@ -142,9 +142,9 @@ DP_CASES = {  # plan, grad_fn, spec of the up.kernel gradient
 
 
 @pytest.mark.parametrize("case", list(DP_CASES))
-def test_data_parallel_syncs_once(case, kind):
+def test_data_parallel_syncs_once(case, kind, data8):
     plan, make, grad_spec = DP_CASES[case]
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+    mesh = data8
     x = batch()
     ref_loss, ref_grads = reference()
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
@@ -178,8 +178,8 @@ def test_a_plain_scan_would_sync_every_microbatch():
 # FSDP: the accumulator is a shard ---------------------------------------------------------
 
 
-def test_fsdp_accumulates_shards(kind):
-    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
+def test_fsdp_accumulates_shards(kind, fsdp8):
+    mesh = fsdp8
     x = batch()
     ref_loss, ref_grads = reference()
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, FSDP("fsdp", min_size=16))
@@ -227,8 +227,8 @@ def reference_step(size=256):
     return helpers.params(ref)
 
 
-def test_optimizer_step_matches_full_batch(kind):
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+def test_optimizer_step_matches_full_batch(kind, data8):
+    mesh = data8
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, {"": Replicated()})
     with jax.set_mesh(mesh):
         opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
@@ -282,8 +282,8 @@ def test_error_batch_not_divisible_by_devices_times_k(style):
 # Tensor parallel x data parallel; model state ----------------------------------------------
 
 
-def test_tensor_parallel_times_data_parallel(kind):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind, kind))
+def test_tensor_parallel_times_data_parallel(kind, mesh2x4):
+    mesh = mesh2x4
     plan = {"up": ColumnParallel("model"), "down": RowParallel("model")}
     model = parallelize(models.MLP(rngs=nnx.Rngs(0)), mesh, plan)
     x = batch()

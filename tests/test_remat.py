@@ -149,8 +149,8 @@ def test_remat_composes_with_fsdp_x_tp_on_explicit_axes():
     assert_grads_equal(grads, reference_grads(x))
 
 
-def test_remat_policies_by_name_and_value():
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+def test_remat_policies_by_name_and_value(one_device):
+    mesh = one_device
     x = jax.random.normal(jax.random.key(1), (8, 32))
     ref = reference_grads(x)
     for policy in ("dots_saveable", jax.checkpoint_policies.dots_with_no_batch_dims_saveable):
@@ -163,8 +163,8 @@ def test_remat_policies_by_name_and_value():
     assert "remat" in npx.explain(model, mesh, {"blocks.*": npx.Remat()})
 
 
-def test_remat_keeps_dropout_state_and_masks():
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+def test_remat_keeps_dropout_state_and_masks(one_device):
+    mesh = one_device
     x = jax.random.normal(jax.random.key(1), (8, 32))
     ref_model = Net(drop=0.5, rngs=nnx.Rngs(0))
     ref = grad(ref_model, x)
@@ -184,8 +184,8 @@ class TakesRngs(nnx.Module):
         return self.drop(self.up(x), rngs=rngs)
 
 
-def test_remat_call_passed_nnx_objects_falls_back_with_a_warning():
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+def test_remat_call_passed_nnx_objects_falls_back_with_a_warning(one_device):
+    mesh = one_device
     x = jax.random.normal(jax.random.key(1), (8, 32))
     f = nnx.jit(nnx.grad(lambda m, x, rngs: jnp.mean(m(x, rngs) ** 2)))
     ref = f(TakesRngs(rngs=nnx.Rngs(0)), x, nnx.Rngs(dropout=1))
