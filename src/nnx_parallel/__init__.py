@@ -49,6 +49,7 @@ from nnx_parallel.views import report as report
 from nnx_parallel.views.render import render, treescope_renderer
 from nnx_parallel.views.report import CommunicationReport, communication_report
 from nnx_parallel.views.summary import explain, summary
+from nnx_parallel.xla_flags import gpu_overlap_flags
 from nnx_parallel.zero import ShardedOptimizer, ZeRO
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "get_declared",
     "make_mesh",
     "add_distributed_flags",
+    "gpu_overlap_flags",
     "batch_spec",
     "initialize",
     "initialize_from_args",
