@@ -185,3 +185,29 @@ def test_hooked_calls_trace_at_most_twice_on_the_fsdp_route():
         jax.jit(lambda x: model(x)).trace(jnp.ones((8, 16)))
     assert [r for *_, r in log] == [R.FSDP_SHARD_MAP.name]
     assert calls[0] == 2
+
+
+@pytest.mark.parametrize("kind", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+def test_hooked_calls_trace_at_most_twice_on_layout_routes(kind):
+    """A module with an activation layout and an output rank the layer table does
+    not know: one shape pass (`out_ndim`) and the real call, on both axis types."""
+    calls = [0]
+
+    class Proj(nnx.Module):
+        def __init__(self, rngs):
+            self.kernel = nnx.Param(jax.random.normal(rngs.params(), (16, 64)))
+
+        def __call__(self, x):
+            calls[0] += 1
+            return (x @ self.kernel[...])[..., None, :]  # rank + 1: no static guess fits
+
+    mesh = _mesh((8,), ("model",), kind)
+    model = npx.parallelize(
+        Proj(nnx.Rngs(0)), mesh, npx.Shard(kernel=P(None, "model"), output_spec=("model",))
+    )
+    x = jax.device_put(jnp.ones((8, 16)), jax.NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh), trace.recording() as log:
+        out = jax.jit(lambda x: model(x)).trace(x).out_info
+    assert out.shape == (8, 1, 64)
+    assert len([r for *_, r in log if r != R.GUARD]) == 1
+    assert calls[0] <= 2
