@@ -97,3 +97,43 @@ def test_auto_candidates_on_a_2d_mesh_and_repeated_blocks(mesh2x4):
     )  # TP over 'model', FSDP over 'data'
     nested = nnx.eval_shape(lambda: nnx.List([Net(n=2, rngs=nnx.Rngs(0)) for _ in range(2)]))
     assert repeated_blocks(nested) == ("*",)  # the outer list; its entries' lists are inside
+
+
+def test_an_expert_axis_adds_expert_parallel_candidates():
+    from nnx_parallel.plans._auto import _candidates
+    from tests import moe_models as mm
+    from tests.models import GPT
+
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    moe = nnx.eval_shape(lambda: mm.MoEGPT(rngs=nnx.Rngs(0)))
+    found = {name: (plan, axes) for name, plan, axes in _candidates(moe, mesh)}
+    assert list(found) == ["dp", "fsdp", "ep", "ep x fsdp"]  # no TP over the expert axis
+    assert found["ep"] == ({"blocks.*.moe": npx.ExpertParallel("expert")}, ("data", "expert"))
+    specs = npx.resolve(moe, mesh, found["ep x fsdp"][0]).specs()
+    assert specs["blocks.0.moe.down_proj"][0] == "expert"  # experts spread
+    assert "data" in tuple(specs["blocks.0.attn.q.kernel"])  # the rest FSDP over 'data'
+    one_d = jax.make_mesh((8,), ("expert",), axis_types=(AxisType.Auto,))
+    names = [name for name, *_ in _candidates(moe, one_d)]
+    assert names[-1] == "ep" and "ep x fsdp" not in names  # FSDP over 'expert' would clash
+    dense = nnx.eval_shape(lambda: GPT(rngs=nnx.Rngs(0)))
+    assert not {"ep", "ep x fsdp"} & {name for name, *_ in _candidates(dense, mesh)}
+
+
+def test_auto_picks_expert_parallelism_for_a_moe_model_when_it_moves_least():
+    from tests import moe_models as mm
+
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    tokens = jax.ShapeDtypeStruct((16, 16), jnp.int32)
+
+    def loss(model, t):
+        return model(t).astype(jnp.float32).mean()
+
+    plan, report = npx.plans.auto(
+        lambda: mm.MoEGPT(layers=1, rngs=nnx.Rngs(0)), mesh, tokens,
+        budget_bytes=10**12,
+        loss_fn=loss, optimizer=SGD,
+    )  # fmt: skip
+    by = {c.name: c for c in report.candidates}
+    assert report.chosen.name == "ep x fsdp"
+    assert by["ep x fsdp"].wire_bytes < min(by[n].wire_bytes for n in ("dp", "fsdp", "ep"))
+    assert plan == by["ep x fsdp"].plan

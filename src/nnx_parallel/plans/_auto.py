@@ -7,6 +7,11 @@ time by `estimate` (nothing runs, nothing is allocated):
   tensor-parallel auto-plan (`plans.tensor_parallel`), ZeRO-1 and ZeRO-2;
 - 2-D meshes: data parallel and FSDP over both axes, and FSDP x TP
   (`plans.combine`: TP over `'model'`, or the last axis, FSDP over the other);
+- meshes with an `'expert'` axis, for models with Mixture-of-Experts layers
+  (`plans.expert_parallel` finds them): expert parallelism alone (`ep`: the
+  experts spread over `'expert'`, everything else replicated) and with FSDP
+  (`ep x fsdp`, on a 2-D mesh: the other parameters FSDP-sharded over the
+  other axis), the batch over every axis;
 
 each also with `Remat()` on the model's repeated blocks (the entries of an
 `nnx.List`/`nnx.Dict` that all have the same structure). The choice is the
@@ -31,6 +36,7 @@ from nnx_parallel.core.graph import walk
 from nnx_parallel.core.styles import FSDP, Remat, Replicated, as_styles
 from nnx_parallel.errors import ParallelError, PlanError
 from nnx_parallel.memory import Estimate, LossFn, default_optimizer, estimate, mean_square
+from nnx_parallel.plans._experts import expert_parallel
 from nnx_parallel.plans._recipes import combine, fsdp, tensor_parallel
 from nnx_parallel.runtime.sharded_init import abstract_copy, abstract_state
 from nnx_parallel.views import _text
@@ -216,20 +222,39 @@ def _candidates(model: nnx.Module, mesh: Mesh) -> list[tuple[str, dict, tuple[st
         if tp:
             out.append(("tp", tp, ()))
         out += [("zero1", {"": ZeRO(1, axis=a)}, names), ("zero2", {"": ZeRO(2, axis=a)}, names)]
-        return out
+        return out + _expert_candidates(model, names)
     if len(names) == 2:
         tp_axis = "model" if "model" in names else names[-1]
         (fsdp_axis,) = (n for n in names if n != tp_axis)
         out = [("dp", {"": Replicated()}, names), ("fsdp", fsdp(names), names)]
         tp, _ = tensor_parallel(model, tp_axis, mesh=mesh)
-        if tp:
+        if tp and tp_axis != EXPERT_AXIS:
             out.append(("fsdp x tp", combine(tp, FSDP(fsdp_axis)), (fsdp_axis,)))
-        return out
+        return out + _expert_candidates(model, names)
     raise PlanError(
         f"plans.auto plans for 1-D and 2-D meshes; this mesh has {len(names)} axes of size > 1 "
         f"({dict(mesh.shape)}). Build a 1-D or 2-D mesh, or write the plan for it yourself and "
         "check it with npx.estimate."
     )
+
+
+EXPERT_AXIS = "expert"
+
+
+def _expert_candidates(model: nnx.Module, names: tuple[str, ...]) -> list:
+    """`ep` and `ep x fsdp` where the mesh has an 'expert' axis and the model MoE layers."""
+    if EXPERT_AXIS not in names:
+        return []
+    ep, _ = expert_parallel(model, EXPERT_AXIS)
+    if not ep:
+        return []
+    out = [("ep", dict(ep), names)]
+    others = tuple(n for n in names if n != EXPERT_AXIS)
+    if others:  # FSDP over the expert axis too would gather the experts back
+        out.append(
+            ("ep x fsdp", combine(ep, FSDP(others[0] if len(others) == 1 else others)), names)
+        )
+    return out
 
 
 def _with_remat(candidates, blocks: tuple[str, ...]):
