@@ -107,8 +107,8 @@ ERROR_CASES = {
     ),
     "unknown axis in spec": (
         {"up": Shard(kernel=P(None, "tensor"))},
-        MeshError,
-        r"'up.kernel'.*names mesh axis 'tensor'",
+        MeshError,  # a MeshAxisError: both a MeshError and a PlanError
+        r"Shard\(kernel=P\(None, 'tensor'\)\) cannot shard module 'up'.*mesh axis 'tensor'",
     ),
     "rank mismatch": (
         {"up": Shard(kernel=P("model"))},

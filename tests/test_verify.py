@@ -22,7 +22,7 @@ def test_check_spec_accepts_a_fitting_spec_and_names_each_problem(mesh2x4):
     check_spec("up.kernel", "up", P(None, "model"), (16, 64), mesh2x4)
     with pytest.raises(npx.PlanError, match=r"'up.kernel' \(pattern 'up'\).*1 entries.*2 dims"):
         check_spec("up.kernel", "up", P("model"), (16, 64), mesh2x4)
-    with pytest.raises(npx.MeshError, match="mesh axis 'modle'.*Did you mean 'model'"):
+    with pytest.raises(npx.MeshAxisError, match="mesh axis 'modle'.*Did you mean 'model'"):
         check_spec("up.kernel", None, P(None, "modle"), (16, 64), mesh2x4)
     with pytest.raises(npx.PlanError, match="uses mesh axis 'model' twice"):
         check_spec("up.kernel", None, P("model", "model"), (16, 64), mesh2x4)
@@ -84,7 +84,7 @@ def test_a_missing_mesh_axis_is_one_plan_error_everywhere(plan, mesh2x4):
     model = models.MLP(rngs=nnx.Rngs(0))
     before = jax.tree.map(lambda x: x, nnx.state(model))
     with pytest.raises(
-        npx.PlanError, match=r"mesh axis 'nope' is not in the mesh \('data', 'model'\)"
+        npx.MeshAxisError, match=r"mesh axis 'nope' is not in the mesh \('data', 'model'\)"
     ):
         npx.parallelize(model, mesh2x4, plan)
     assert type(model.up) is nnx.Linear  # nothing applied
@@ -100,3 +100,17 @@ def test_hook_axes_lists_every_axis_a_hook_names():
     )
     assert hook_axes(hooks) == ("model", "data", "fsdp")
     assert hook_axes(None) == ()
+
+
+def test_mesh_axis_error_is_both_a_plan_error_and_a_mesh_error(mesh8):
+    assert issubclass(npx.MeshAxisError, npx.PlanError)
+    assert issubclass(npx.MeshAxisError, npx.MeshError)
+    import jax.numpy as jnp
+
+    for call in (
+        lambda: npx.shard_batch(jnp.zeros((8, 4)), mesh8, seq_axis="nope"),
+        lambda: npx.cross_entropy(jnp.zeros((8, 4)), jnp.zeros(8, int), mesh8, axis="nope"),
+        lambda: npx.resolve(models.MLP(rngs=nnx.Rngs(0)), mesh8, {"up": npx.FSDP("nope")}),
+    ):
+        with pytest.raises(npx.MeshAxisError, match="nope"):
+            call()

@@ -31,7 +31,7 @@ from nnx_parallel.core.styles import (
 from nnx_parallel.data import batch_spec, local_batch_slice, reduce_metrics, shard_batch
 from nnx_parallel.decorators import get_declared, sharded
 from nnx_parallel.distributed import add_distributed_flags, initialize, initialize_from_args
-from nnx_parallel.errors import CheckpointError, MeshError, ParallelError, PlanError
+from nnx_parallel.errors import CheckpointError, MeshAxisError, MeshError, ParallelError, PlanError
 from nnx_parallel.losses import cross_entropy
 from nnx_parallel.memory import Estimate, estimate
 from nnx_parallel.mesh import make_mesh
@@ -59,6 +59,7 @@ __all__ = [
     "ColumnParallel",
     "ContextParallel",
     "FallbackWarning",
+    "MeshAxisError",
     "MeshError",
     "ModuleContext",
     "Layout",

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat
-from nnx_parallel.errors import MeshError, ParallelError
+from nnx_parallel.errors import MeshAxisError, MeshError, ParallelError
 
 # Mesh axes that split the batch, in the order they split it.
 BATCH_AXES = ("data", "fsdp")
@@ -144,7 +144,7 @@ def shard_batch(
     spec = batch_spec(mesh) if spec is None else spec
     local_shards = _local_batch_shards(mesh, spec)
     if seq_axis is not None and seq_axis not in mesh.axis_names:
-        raise MeshError(
+        raise MeshAxisError(
             f"shard_batch: seq_axis={seq_axis!r} is not an axis of the mesh "
             f"{tuple(mesh.axis_names)}. Pass one of them, or None."
         )
@@ -286,7 +286,7 @@ def _batch_shards(mesh: Mesh, spec: P) -> int:
     axes = () if first is None else (first if isinstance(first, tuple) else (first,))
     unknown = [a for a in axes if a not in mesh.axis_names]
     if unknown:
-        raise MeshError(
+        raise MeshAxisError(
             f"spec {spec} names mesh axes {unknown} that mesh {dict(mesh.shape)} does not have. "
             f"Use axes from {mesh.axis_names}, or omit spec for batch_spec(mesh)."
         )

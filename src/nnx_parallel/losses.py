@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
-from nnx_parallel.errors import MeshError, PlanError
+from nnx_parallel.errors import MeshAxisError, PlanError
 
 
 def cross_entropy(
@@ -57,7 +57,7 @@ def cross_entropy(
       (4,)
     """
     if axis not in mesh.axis_names:
-        raise MeshError(
+        raise MeshAxisError(
             f"cross_entropy: mesh axis {axis!r} is not in the mesh {tuple(mesh.axis_names)}. "
             f"Pass axis= the axis the logits' vocab dim is sharded over."
         )

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _compat, _specs, zero
 from nnx_parallel.core.resolve import Resolution
 from nnx_parallel.data import batch_spec
-from nnx_parallel.errors import MeshError, PlanError, did_you_mean
+from nnx_parallel.errors import MeshAxisError, PlanError, did_you_mean
 from nnx_parallel.runtime.sharded_init import abstract_copy, abstract_parallelize
 from nnx_parallel.views import _text
 from nnx_parallel.views.report import CommunicationReport
@@ -245,7 +245,7 @@ def _batch_axes(mesh: Mesh, batch_axes: Any) -> tuple[str, ...]:
     axes = _specs.axes_of(batch_axes)
     for a in axes:
         if a not in mesh.axis_names:
-            raise MeshError(
+            raise MeshAxisError(
                 f"batch_axes={batch_axes!r} names {a!r}, which the mesh {dict(mesh.shape)} does "
                 f"not have.{did_you_mean(str(a), mesh.axis_names)} Name mesh axes, or pass "
                 "batch_axes=() to replicate the batch."

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _specs
 from nnx_parallel.core.graph import match
-from nnx_parallel.errors import MeshError, PlanError, did_you_mean
+from nnx_parallel.errors import MeshAxisError, MeshError, PlanError, did_you_mean
 
 
 def _check_shared(entries, every: Mapping[str, str]) -> None:
@@ -95,7 +95,7 @@ def check_spec(path: str, source: str | None, spec: P, shape: tuple, mesh: Mesh)
     for d, entry in enumerate(entries):
         for a in _specs.axes_of(entry):
             if a not in mesh.axis_names:
-                raise MeshError(
+                raise MeshAxisError(
                     f"spec {spec} for {where} names mesh axis {a!r}, which the mesh "
                     f"{dict(mesh.shape)} does not have.{did_you_mean(a, mesh.axis_names)} "
                     "Rename the axis in the plan or build the mesh with it."

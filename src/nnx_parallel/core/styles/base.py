@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from nnx_parallel import _specs
 from nnx_parallel._specs import AxisNames
 from nnx_parallel.core.layouts import ModuleHooks
-from nnx_parallel.errors import PlanError, did_you_mean
+from nnx_parallel.errors import MeshAxisError, PlanError, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +46,15 @@ class ModuleContext:
     def param_path(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def fail(self, style: Any, name: str | None, why: str, fix: str) -> PlanError:
+    def fail(
+        self, style: Any, name: str | None, why: str, fix: str, error: type = PlanError
+    ) -> PlanError:
         where = f"{self.param_path(name)!r}" if name else f"module {self.path or '<root>'!r}"
-        return PlanError(f"{style!r} cannot shard {where} (pattern {self.pattern!r}): {why}. {fix}")
+        return error(f"{style!r} cannot shard {where} (pattern {self.pattern!r}): {why}. {fix}")
 
     def check_axes(self, style: Any, axes: AxisNames) -> None:
-        """Raises `PlanError` naming the style if an axis of `axes` is not in the mesh."""
+        """Raises `MeshAxisError` (a `PlanError`) naming the style if an axis of
+        `axes` is not in the mesh."""
         names = tuple(self.mesh.axis_names)
         for a in _specs.axes_of(axes):
             if a not in names:
@@ -60,6 +63,7 @@ class ModuleContext:
                     None,
                     f"mesh axis {a!r} is not in the mesh {names}",
                     f"Use one of {names}.{did_you_mean(a, names)}",
+                    MeshAxisError,
                 )
 
 
