@@ -36,7 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nnx_parallel as npx  # noqa: E402
 from tests.context_models import DPALM, VOCAB  # noqa: E402
 
-SETUPS = (("whole", 1, None), *((s, cp, s) for cp in (4, 8) for s in ("all_gather", "ring")))
+SETUPS = (
+    ("whole", 1, None),
+    *((s, cp, s) for cp in (4, 8) for s in ("all_gather", "ring", "ring+lb")),
+)
 
 
 def step_fn(graphdef):
@@ -54,9 +57,11 @@ def measure(seq: int, cp: int, strategy: str | None, steps: int = 3) -> tuple[in
     mesh = jax.make_mesh((cp,), ("context",), devices=jax.devices()[:cp])
     model = DPALM(2, (None,), rngs=nnx.Rngs(0))
     if strategy is not None:
-        npx.parallelize(
-            model, mesh, {"layers.*": npx.ContextParallel("context", strategy=strategy)}
+        balanced = strategy == "ring+lb"  # ring with the head-tail load balancer
+        style = npx.ContextParallel(
+            "context", strategy="ring" if balanced else strategy, load_balance=balanced
         )
+        npx.parallelize(model, mesh, {"layers.*": style})
     graphdef, state = nnx.split(model)
     tokens = jax.random.randint(jax.random.key(0), (1, seq), 0, VOCAB)
     tokens = jax.device_put(tokens, NamedSharding(mesh, P(None, "context" if strategy else None)))

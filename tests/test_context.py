@@ -95,10 +95,14 @@ def _compiled(name, kind, strategy):
 
 
 def _cp_plan(name, strategy):
+    if strategy == "ringlb":  # ring with the head-tail load balancer
+        return {MODELS[name][1]: npx.ContextParallel("context", strategy="ring", load_balance=True)}
     return {MODELS[name][1]: npx.ContextParallel("context", strategy=strategy)}
 
 
-CASES = ["mha-all_gather", "mha-ring", "rope-all_gather", "dpa-all_gather", "dpa-ring"]
+CASES = [
+    "mha-all_gather", "mha-ring", "rope-all_gather", "dpa-all_gather", "dpa-ring", "dpa-ringlb"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -122,7 +126,7 @@ def test_equal_to_unsharded(kind, case):
     # whole [B, S, S] (JAX's types replicate `arange`'s broadcast on Explicit axes).
     assert not [s for s in shapes if len(s) >= 4 and sum(d == seq for d in s) >= 2]
     whole_kv = [s for s in shapes if seq in s and cm.DH in s]  # [.., S, heads, Dh]
-    assert bool(whole_kv) == (strategy == "all_gather"), whole_kv
+    assert bool(whole_kv) == (strategy == "all_gather"), whole_kv  # ring: K/V blocks only
 
 
 def _kv_bytes(kv_heads):
@@ -300,3 +304,49 @@ def test_ring_with_caller_bias_mask_and_scale():
     lengths = npx.parallelize(cm.BiasedAttention(True, rngs=nnx.Rngs(0)), mesh, ring)
     with pytest.raises(npx.PlanError, match=r"does not take arguments \['key_value_seq_lengths'\]"):
         _traced(lengths, mesh, *on_mesh)
+
+
+def test_load_balance_scores_chunk_pairs_and_skips_those_above_the_diagonal():
+    """Ring with load_balance on a causal GQA layer at S = 256, cp = 4: scores
+    come in [S/2cp, S/2cp] chunk pairs, pairs above the diagonal sit behind a
+    `conditional`, and temp memory falls (benchmarks/context_parallel.py has
+    the step times and longer sequences)."""
+    seq, c = 256, 256 // (2 * CP)
+    mesh = jax.make_mesh((CP,), ("context",), devices=jax.devices()[:CP])
+    whole = jax.random.randint(jax.random.key(0), (1, seq), 0, cm.VOCAB)
+    y_ref = cm.DPALM(2, (None,), rngs=nnx.Rngs(0))(whole)
+    tokens = jax.device_put(whole, NamedSharding(mesh, P(None, "context")))
+    out = {}
+    for balanced in (False, True):
+        model = cm.DPALM(2, (None,), rngs=nnx.Rngs(0))
+        style = npx.ContextParallel("context", strategy="ring", load_balance=balanced)
+        npx.parallelize(model, mesh, {"layers.*": style})
+        graphdef, state = nnx.split(model)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(_step(graphdef)).lower(state, tokens).compile()
+            y, _ = compiled(state, tokens)
+        assert_close(y, y_ref, FWD_TOL, f"forward, load_balance={balanced}")
+        out[balanced] = compiled
+    balanced, plain = out[True], out[False]
+    temp = {k: v.memory_analysis().temp_size_in_bytes for k, v in out.items()}
+    assert temp[True] < 0.8 * temp[False], temp
+    assert "conditional(" in balanced.as_text() and "conditional(" not in plain.as_text()
+    chunk_pairs = [s for s in hlo_shapes(balanced) if len(s) >= 4 and s[-2:] == (c, c)]
+    assert chunk_pairs and not [s for s in hlo_shapes(balanced) if s[-2:] == (2 * c, 2 * c)]
+
+
+def test_load_balance_errors():
+    with pytest.raises(npx.PlanError, match="load_balance=True.*Use strategy='ring'"):
+        npx.ContextParallel("context", load_balance=True)
+    with pytest.raises(npx.PlanError, match="load_balance"):
+        npx.ContextParallel("context", strategy="ring", load_balance="yes")
+    mesh = _mesh(AxisType.Auto)
+    model = cm.DPALM(2, (None,), rngs=nnx.Rngs(0))
+    npx.parallelize(
+        model,
+        mesh,
+        {"layers.*": npx.ContextParallel("context", strategy="ring", load_balance=True)},
+    )
+    tokens = jax.device_put(jnp.ones((2, 36), int), NamedSharding(mesh, P("data")))
+    with pytest.raises(npx.PlanError, match=r"not divisible by 2 x the size 4 .* Pad .* to 40"):
+        _traced(model, mesh, tokens)

@@ -130,6 +130,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "param": _optional(_str),
     "dim": _optional(_int()),
     "shard_bias": _bool,
+    "load_balance": _bool,
     "input_spec": _optional(_layout),
     "output_spec": _optional(_layout),
     "min_size": _int(0),

@@ -53,6 +53,13 @@ class ContextParallel:
         `"ring"` (K/V blocks rotated with `ppermute`, online softmax).
       seq_dim: The sequence dim of the first input, counted from the end
         (default -2: `(batch, seq, features)`).
+      load_balance: Ring only. Put the sequence in `2 * cp` chunks, device d
+        holding chunks d and 2*cp-1-d (PyTorch's head-tail balancer), inside
+        the attention call (in and back out, so the module sees its own order
+        and a mask built from positions or the sequence length stays right);
+        with `is_causal`, chunk pairs wholly above the diagonal are skipped,
+        and every device scores the same number. The sequence must split into
+        `2 * cp` chunks.
 
     Raises:
       PlanError: an unknown strategy, a non-negative `seq_dim`, or (at plan
@@ -75,6 +82,7 @@ class ContextParallel:
     _: dataclasses.KW_ONLY
     strategy: str = "all_gather"
     seq_dim: int = -2
+    load_balance: bool = False
     subtree = False
 
     def __post_init__(self) -> None:
@@ -83,6 +91,13 @@ class ContextParallel:
             raise PlanError(
                 f"ContextParallel(strategy={self.strategy!r}): unknown strategy. Use "
                 "'all_gather' (K/V gathered where attention runs) or 'ring' (K/V rotated)."
+            )
+        if self.load_balance and self.strategy != "ring":
+            raise PlanError(
+                f"ContextParallel(strategy={self.strategy!r}, load_balance=True): load balancing "
+                "reorders the sequence so that ring attention's causal work is even; all_gather "
+                "scores every query row against the whole sequence anyway. Use strategy='ring', "
+                "or load_balance=False."
             )
 
     def param_specs(self, ctx: ModuleContext) -> dict[str, P]:
@@ -94,4 +109,6 @@ class ContextParallel:
 
     def hooks(self, ctx: ModuleContext, specs: Mapping[str, P]) -> ModuleHooks:
         ctx.check_axes(self, self.axis)
-        return ModuleHooks(context=ContextAttention(self.axis, self.strategy, self.seq_dim))
+        return ModuleHooks(
+            context=ContextAttention(self.axis, self.strategy, self.seq_dim, self.load_balance)
+        )

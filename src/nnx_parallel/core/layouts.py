@@ -93,6 +93,9 @@ class ContextAttention:
     axis: str
     strategy: str = "all_gather"
     seq_dim: int = -2
+    # Ring only: the sequence in 2 x cp chunks in head-tail order (see
+    # `runtime/context.balanced_order`), so causal work is the same on each device.
+    load_balance: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
