@@ -94,7 +94,7 @@ class ContextAttention:
     strategy: str = "all_gather"
     seq_dim: int = -2
     # Ring only: the sequence in 2 x cp chunks in head-tail order (see
-    # `runtime/context.balanced_order`), so causal work is the same on each device.
+    # `runtime/ring.balanced_order`), so causal work is the same on each device.
     load_balance: bool = False
 
 
