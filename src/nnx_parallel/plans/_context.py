@@ -63,7 +63,7 @@ def context_parallel(
       ...         self.attn = nnx.MultiHeadAttention(4, 32, decode=False, rngs=rngs)
       >>> plan, report = plans.context_parallel(Block(nnx.Rngs(0)))
       >>> plan
-      {'attn': ContextParallel(axis='context', strategy='all_gather', seq_dim=-2)}
+      {'attn': ContextParallel(axis='context', strategy='all_gather', seq_dim=-2, load_balance=False)}
     """
     if not isinstance(model, nnx.Module):
         raise PlanError(f"context_parallel expects an nnx.Module, got {type(model).__name__}.")
