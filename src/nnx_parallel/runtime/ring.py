@@ -79,6 +79,17 @@ def ring_call(query, key, value, bias=None, mask=None, *, ctx, mesh, **kwargs):
     return fn(query, key, value, *present)
 
 
+def _chunk_of(dev, j: int, size: int):
+    """The head-tail layout: the global chunk index of device `dev`'s j-th
+    chunk (j = 0 or 1) of `2 * size`; `dev` may be traced."""
+    return dev if j == 0 else 2 * size - 1 - dev
+
+
+def _holder(chunk: int, size: int) -> int:
+    """The device that holds global chunk `chunk` in the head-tail layout."""
+    return chunk if chunk < size else 2 * size - 1 - chunk
+
+
 def _to_balanced(x, dim: int, axis: str, n: int):
     """This device's rows in `balanced_order` (natural chunks 2d, 2d+1 in;
     chunks d, 2n-1-d out): one `ppermute` per half block, each a bijection."""
@@ -86,7 +97,7 @@ def _to_balanced(x, dim: int, axis: str, n: int):
     halves = jnp.split(x, 2, axis=dim)
     got = []
     for s in (0, 1):
-        dest = [g if g < n else 2 * n - 1 - g for g in (2 * src + s for src in range(n))]
+        dest = [_holder(2 * src + s, n) for src in range(n)]  # natural chunk 2src+s
         got.append(jax.lax.ppermute(halves[s], axis, list(enumerate(dest))))
     even = d % 2 == 0  # an even device gets its first chunk from the even halves
     return jnp.concatenate([jnp.where(even, got[0], got[1]), jnp.where(even, got[1], got[0])], dim)
@@ -99,7 +110,7 @@ def _from_balanced(x, dim: int, axis: str, n: int):
     out = []
     for s in (0, 1):
         mine = jnp.where(d % 2 == s, first, second)  # the chunk of parity s this device holds
-        dest = [(src if src % 2 == s else 2 * n - 1 - src) // 2 for src in range(n)]
+        dest = [_chunk_of(src, int(src % 2 != s), n) // 2 for src in range(n)]
         out.append(jax.lax.ppermute(mine, axis, list(enumerate(dest))))
     return jnp.concatenate(out, dim)
 
@@ -117,7 +128,7 @@ def balanced_order(seq: int, size: int) -> list[int]:
     return [
         j
         for d in range(size)
-        for chunk in (d, 2 * size - 1 - d)
+        for chunk in (_chunk_of(d, 0, size), _chunk_of(d, 1, size))
         for j in range(chunk * c, (chunk + 1) * c)
     ]
 
@@ -190,11 +201,6 @@ class _Shape(NamedTuple):
     groups: int
     parts: int
     c: int
-
-
-def _chunk_of(dev, j: int, size: int):
-    """The global chunk index of a device's j-th chunk (`balanced_order`)."""
-    return dev if j == 0 else 2 * size - 1 - dev
 
 
 def _block(stats, k, v, i, src, qg, merges, shape: _Shape, size: int, skip: bool):
