@@ -45,3 +45,9 @@ def test_get_hooks_and_base_class_read_an_installed_module(mesh8):
     hooks = get_hooks(mlp.up)
     assert hooks is not None and hooks.layout is not None and hooks.mesh is mesh8
     assert base_class(mlp.up) is nnx.Linear and type(mlp.up) is not nnx.Linear
+
+
+def test_layout_axes_lists_each_named_axis_once_in_order():
+    layout = Layout(input=(None, "model"), output=(("data", "model"), None), reduce=("fsdp",))
+    assert layout.axes == ("model", "data", "fsdp")
+    assert Layout().axes == ()

@@ -19,6 +19,8 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from nnx_parallel import _specs
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -41,6 +43,12 @@ class Layout:
     # For each output dim, the input dim it comes from (None: new), when the
     # layer says (einsums); otherwise leading dims match position by position.
     out_from: tuple[int | None, ...] | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Every mesh axis the layout names (input, output, then reduce), once each."""
+        entries = (*(self.input or ()), *(self.output or ()), *self.reduce)
+        return tuple(dict.fromkeys(a for e in entries for a in _specs.axes_of(e)))
 
 
 @dataclasses.dataclass(frozen=True)

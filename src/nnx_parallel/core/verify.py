@@ -132,10 +132,7 @@ def hook_axes(hooks: Any) -> tuple[str, ...]:
     """Every mesh axis a style's call-time hooks name (layouts, gathers, experts, context)."""
     if hooks is None:
         return ()
-    entries: list = []
-    if hooks.layout is not None:
-        entries += [*(hooks.layout.input or ()), *(hooks.layout.output or ())]
-        entries += list(hooks.layout.reduce)
+    entries: list = list(hooks.layout.axes) if hooks.layout is not None else []
     if hooks.gather is not None:
         entries += [*hooks.gather.axes, *hooks.gather.batch_axes]
     if hooks.experts is not None:

@@ -25,17 +25,13 @@ from nnx_parallel.runtime.fsdp import gathered, laid_out, param_specs
 from nnx_parallel.runtime.layout import context_mesh, explicit_here
 
 
-def _layout_axes(layout: Layout) -> set[str]:
-    return set(layout.reduce) | _specs.spec_axes((layout.input or ()) + (layout.output or ()))
-
-
 def applies(module, hooks: ModuleHooks, args=None, kwargs=None) -> bool:
     """True where a module with FSDP + TP hooks can run fully manual (without
     `args`: as far as the module alone tells)."""
     layout, gather = hooks.layout, hooks.gather
     if _compat.manual_axes() or not layers.local_safe(module):
         return False
-    tp = _layout_axes(layout)
+    tp = set(layout.axes)
     if not tp or tp & set(gather.axes):
         return False
     allowed = tp | set(gather.axes) | set(gather.batch_axes)
@@ -76,7 +72,7 @@ def call(module, method, hooks: ModuleHooks, args, kwargs):
     """The call, fully manual over the batch, FSDP and tensor-parallel axes."""
     layout, gather, mesh = hooks.layout, hooks.gather, hooks.mesh
     entry = _specs.entry_of(gather.batch_axes)
-    manual = set(gather.batch_axes) | set(gather.axes) | _layout_axes(layout)
+    manual = set(gather.batch_axes) | set(gather.axes) | set(layout.axes)
     x = args[0]
     in_spec = _manual_io_spec(x.ndim, entry, layout.input)
     out_spec = _manual_io_spec(x.ndim + layout.rank_delta, entry, layout.output)
