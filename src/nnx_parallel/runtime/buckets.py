@@ -14,8 +14,6 @@ each) per parameter and lets the collective run at full link bandwidth.
 
 Example:
   >>> import jax.numpy as jnp
-
-from nnx_parallel import _compat
   >>> groups = by_key([jnp.ones(2), jnp.ones(3, jnp.int32), jnp.ones(4)], lambda x: x.dtype)
   >>> sorted(len(v) for v in groups.values())
   [1, 2]
