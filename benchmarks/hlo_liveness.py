@@ -122,8 +122,13 @@ def xla_peak(assignment: str, live_range: str, hlo: str = "") -> dict:
     made = {True: 0, False: 0}
     for name, _, size, *_ in live:
         made[backward(name)] += size
-    return {"bytes": usage[t], "time": t, "forward": made[False], "backward": made[True],
-            "live": live}
+    return {
+        "bytes": usage[t],
+        "time": t,
+        "forward": made[False],
+        "backward": made[True],
+        "live": live,
+    }
 
 
 def main(argv=None) -> None:

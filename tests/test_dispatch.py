@@ -45,7 +45,7 @@ X = jax.random.normal(jax.random.key(0), (8, 16), jnp.float32)
 
 def test_every_route_is_named_once():
     names = [r.name for r in R.ROUTES]
-    assert len(set(names)) == len(names) == 21
+    assert len(set(names)) == len(names) == 22
     assert not set(names) & set(R.WRAPPERS)
     for retry in dispatch.RETRIES:  # every retry goes from a route to a route
         assert {retry.source, retry.target} <= set(names) | {R.GUARD}, retry

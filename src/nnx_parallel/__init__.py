@@ -37,6 +37,7 @@ from nnx_parallel.memory import Estimate, estimate
 from nnx_parallel.mesh import make_mesh
 from nnx_parallel.parallelize import parallelize
 from nnx_parallel.reshard import gather, move, reshard
+from nnx_parallel.runtime.experts_a2a import dropped_tokens
 from nnx_parallel.runtime.sharded_init import (
     InitMemory,
     abstract_parallelize,
@@ -114,4 +115,5 @@ __all__ = [
     "resolve",
     "sharded",
     "zero",
+    "dropped_tokens",
 ]

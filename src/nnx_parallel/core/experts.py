@@ -89,8 +89,15 @@ class ExpertParallel:
     Args:
       axis: The mesh axis the experts are spread over.
       num_experts: E; default: found from the router's output size.
-      capacity_factor: Reserved for the all-to-all dispatch; None (the only
-        value accepted today) keeps every token.
+      capacity_factor: None (default): every device gathers the tokens of
+        the expert axis and the outputs are reduce-scattered back; exact. A
+        number c > 0: each token goes by all-to-all only to the devices
+        that own its top-k experts, at most ceil(c * k * T / ep) tokens from
+        one device to another per call (T: a device's tokens); a token
+        past that gets nothing from that device's experts, and the count is
+        reported by `npx.dropped_tokens()`. The top-k is the layer's own
+        (found in its code); a layer with no single `top_k` over its E
+        experts keeps the gather (see `runtime/experts_a2a.py`).
       batch_axes: Mesh axes the batch (dim 0 of every input) is sharded
         over; default: a `'data'` axis if the mesh has one, then `axis`.
 
@@ -124,11 +131,12 @@ class ExpertParallel:
         n = self.num_experts
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise PlanError(f"ExpertParallel(num_experts={n!r}): expected an int >= 1 or None.")
-        if self.capacity_factor is not None:
+        c = self.capacity_factor
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0):
             raise PlanError(
-                f"ExpertParallel(capacity_factor={self.capacity_factor!r}): the all-to-all "
-                "dispatch that drops tokens over capacity is not implemented yet. Pass "
-                "capacity_factor=None (every token is kept)."
+                f"ExpertParallel(capacity_factor={c!r}): expected a number > 0 (e.g. 1.25: "
+                "room for 1.25x the tokens an even split sends each device) or None (gather "
+                "every token: exact, no all-to-all)."
             )
 
     def __repr__(self) -> str:
@@ -215,5 +223,6 @@ class ExpertParallel:
                 num_experts=num,
                 params=dims,
                 batch_axes=self.batch_axes_for(ctx.mesh),
+                capacity_factor=self.capacity_factor,
             )
         )

@@ -80,6 +80,9 @@ class Experts:
     num_experts: int
     params: tuple[tuple[str, int], ...]
     batch_axes: tuple[str, ...]
+    # Not None: tokens go to their experts by all-to-all with this capacity
+    # factor (`runtime/experts_a2a.py`); None: the token gather.
+    capacity_factor: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,11 @@ def _moe_layer(module: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[int, li
 
 
 def expert_parallel(
-    model: Any, axis: str = "expert", *, batch_axes: tuple[str, ...] | None = None
+    model: Any,
+    axis: str = "expert",
+    *,
+    batch_axes: tuple[str, ...] | None = None,
+    capacity_factor: float | None = None,
 ) -> tuple[dict[str, ExpertParallel], PlanReport]:
     """A plan that spreads every Mixture-of-Experts layer's experts over `axis`.
 
@@ -41,6 +45,8 @@ def expert_parallel(
       model: The model (concrete or from `nnx.eval_shape`).
       axis: The mesh axis the experts are spread over.
       batch_axes: Passed to each `ExpertParallel`.
+      capacity_factor: Passed to each `ExpertParallel`: a number sends each
+        token by all-to-all to its experts' devices only; None gathers.
 
     Returns:
       `(plan, report)`: the plan dict, and a `PlanReport` whose roles name
@@ -65,7 +71,9 @@ def expert_parallel(
         layer = _moe_layer(modules[owner], shapes)
         if layer is not None:
             num, stacks, router = layer
-            plan[generalize(owner)] = ExpertParallel(axis, batch_axes=batch_axes)
+            plan[generalize(owner)] = ExpertParallel(
+                axis, batch_axes=batch_axes, capacity_factor=capacity_factor
+            )
             roles[owner] = f"experts: E={num} in {', '.join(stacks)}; router {router}"
         elif sum(len(s) >= 3 for s in shapes.values()) >= 2:
             unclassified[owner] = (

@@ -29,7 +29,17 @@ from flax import nnx
 
 from nnx_parallel import _compat
 from nnx_parallel.core.layouts import HOOKS_ATTR, ModuleHooks
-from nnx_parallel.runtime import context, experts, fsdp, fsdp_tp, layout, regions, remat, trace
+from nnx_parallel.runtime import (
+    context,
+    experts,
+    experts_a2a,
+    fsdp,
+    fsdp_tp,
+    layout,
+    regions,
+    remat,
+    trace,
+)
 from nnx_parallel.runtime import routes as R
 from nnx_parallel.runtime.batch import NotPerShard
 from nnx_parallel.runtime.experts import NotLocal
@@ -69,6 +79,8 @@ RETRIES = (
     Retry(
         R.FSDP_AUTO_AXES.name, _is(NotPerShard), R.FSDP_AUTO_AXES_GSPMD.name, "not per batch shard"
     ),
+    Retry(R.EXPERTS_ALL_TO_ALL.name, _sharding_types, R.EXPERTS_AUTO_AXES.name, "Explicit types"),
+    Retry(R.EXPERTS_ALL_TO_ALL.name, _is(NotLocal), R.EXPERTS_MANUAL.name, "no top-k to route by"),
     Retry(R.EXPERTS_MANUAL.name, _sharding_types, R.EXPERTS_AUTO_AXES.name, "Explicit types"),
     Retry(R.EXPERTS_MANUAL.name, _is(NotLocal), R.EXPERTS_AS_WRITTEN.name, "whole stacks"),
     Retry(
@@ -105,7 +117,7 @@ def possible(module, hooks: ModuleHooks, name: str = "__call__") -> tuple[str, .
             if rest.gather is not None or rest.layout is not None:
                 todo += list(possible(module, rest, name))
         if current == R.EXPERTS_AUTO_AXES.name:
-            todo.append(R.EXPERTS_MANUAL.name)
+            todo.append(first.name)
     if hooks.guard:
         seen.append(R.GUARD)
     return tuple(seen)
@@ -206,6 +218,15 @@ def _taken_back(error, source: str, module, name: str, hooks: ModuleHooks, undo)
 def _warn(module, name: str, retry: Retry, error: BaseException) -> None:
     if isinstance(error, NotPerShard):
         fsdp.warn_gspmd(module, str(error))
+    elif retry.source == R.EXPERTS_ALL_TO_ALL.name and isinstance(error, NotLocal):
+        where = f"{fsdp.base_name(module)}.{name}"
+        trace.warn_once(
+            (where, "all-to-all"),
+            f"ExpertParallel(capacity_factor=...) on {where}: no all-to-all dispatch ({error}); "
+            "the tokens are gathered over the expert axis instead (exact, ep/(k x capacity) "
+            "times the bytes).",
+            stacklevel=6,
+        )
     elif retry.source == R.GUARD:
         first = str(error).strip().splitlines()[0][:200]
         where = f"{type(module).__name__}.{name}"
@@ -248,7 +269,7 @@ def execute(r: R.Route, module, method, name: str, hooks: ModuleHooks, args, kwa
             return method(module, *args, **kwargs)
         auto = r.region == "auto-axes"
         return context.call(module, method, hooks.context, mesh, args, kwargs, auto_axes=auto)
-    if r.body == "experts":
+    if r.body in ("experts", "experts-a2a"):
         return _experts(r, module, method, name, hooks, args, kwargs)
     if r.params == "as-is":  # activation layouts only
         if lay is None:
@@ -308,13 +329,16 @@ def _experts(r: R.Route, module, method, name: str, hooks: ModuleHooks, args, kw
             return method(m, *a, **kw)
         return _run(m, method, name, rest, a, kw)
 
+    if r == R.EXPERTS_ALL_TO_ALL:
+        return experts_a2a.dispatch_call(module, method, hooks, args, kwargs)
     if r == R.EXPERTS_MANUAL:
         return experts.local_call(module, method, hooks, args, kwargs)
     if r == R.EXPERTS_AS_WRITTEN:
         return as_written(module, *args, **kwargs)
 
     def manual(m, *a, **kw):
-        return _run(m, method, name, hooks, a, kw, first=R.EXPERTS_MANUAL)
+        first = R.route(m, hooks, trace.current(), a, kw, name)
+        return _run(m, method, name, hooks, a, kw, first=first)
 
     inner = manual if r == R.EXPERTS_AUTO_AXES else as_written
     spec = experts.output_spec(args)

@@ -45,7 +45,7 @@ from nnx_parallel.runtime.layout import explicit_here, is_array
 REGIONS = ("as-written", "auto-axes", "shard-map", "manual", "nested")
 PARAMS = ("as-is", "gathered", "constrained")
 OUTPUTS = ("as-is", "constrained", "out-sharding", "caller", "resharded")
-BODIES = ("", "experts", "context")
+BODIES = ("", "experts", "experts-a2a", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,7 @@ CONTEXT_DECODE = Route(body="context")
 CONTEXT_CONSTRAIN = Route(output="constrained", body="context")
 CONTEXT_AUTO_AXES = Route("auto-axes", output="resharded", body="context")
 EXPERTS_MANUAL = Route("manual", body="experts")
+EXPERTS_ALL_TO_ALL = Route("manual", body="experts-a2a")
 EXPERTS_AS_WRITTEN = Route(body="experts")
 EXPERTS_AUTO_AXES = Route("auto-axes", output="resharded", body="experts")
 EXPERTS_AUTO_AXES_GSPMD = Route("auto-axes", "constrained", "resharded", body="experts")
@@ -103,7 +104,7 @@ ROUTES = (
     FSDP_SHARD_MAP, FSDP_SHARD_MAP_LAYOUT, FSDP_NESTED, FSDP_NESTED_LAYOUT,
     FSDP_GSPMD, FSDP_GSPMD_LAYOUT, FSDP_TP, FSDP_AUTO_AXES, FSDP_AUTO_AXES_GSPMD,
     CONTEXT_DECODE, CONTEXT_CONSTRAIN, CONTEXT_AUTO_AXES,
-    EXPERTS_MANUAL, EXPERTS_AS_WRITTEN, EXPERTS_AUTO_AXES, EXPERTS_AUTO_AXES_GSPMD,
+    EXPERTS_ALL_TO_ALL, EXPERTS_MANUAL, EXPERTS_AS_WRITTEN, EXPERTS_AUTO_AXES, EXPERTS_AUTO_AXES_GSPMD,
 )  # fmt: skip
 
 # Wrappers: not routes; each runs the call, on its own route, inside something.
@@ -147,7 +148,7 @@ def route(module, hooks: ModuleHooks, trace, args=None, kwargs=None, name="__cal
     if name == "__call__" and hooks.context is not None:
         return _context_route(module, hooks, args, kwargs)
     if name == "__call__" and hooks.experts is not None:
-        return EXPERTS_MANUAL
+        return EXPERTS_MANUAL if hooks.experts.capacity_factor is None else EXPERTS_ALL_TO_ALL
     if hooks.gather is None:
         return AS_WRITTEN if lay is None else layout_route(module, lay, hooks.mesh, args, kwargs)
     return _fsdp_route(module, hooks, lay, args, kwargs)
