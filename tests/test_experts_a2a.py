@@ -20,6 +20,7 @@ from nnx_parallel.runtime import routes as R
 from nnx_parallel.runtime.dispatch import recording
 from nnx_parallel.views.collectives import collectives
 from tests import moe_models as mm
+from tests.helpers import flat_state as _flat
 from tests.test_experts import (
     X,
     _check_local,
@@ -160,3 +161,45 @@ def test_capacity_rounds_up_and_stays_within_the_tokens():
     assert experts_a2a.capacity(64, 2, 8, 1.25) == math.ceil(1.25 * 2 * 64 / 8) == 20
     assert experts_a2a.capacity(3, 2, 8, 0.01) == 1
     assert experts_a2a.capacity(3, 2, 8, 100.0) == 3
+
+
+@pytest.mark.parametrize("cf", [None, CF])
+def test_scanned_stack_without_fsdp_keeps_experts_put(cf):
+    """A scanned stack of loop MoE blocks (an untagged `nnx.vmap` stack: inside
+    `nnx.scan` its params carry no layout): each device still enters the call
+    with its own experts, on the gather route (cf None) and the all-to-all
+    (before, the gather route took the whole stack and fell back to GSPMD,
+    which moved per-expert slices over the expert axis)."""
+    cls = mm.SmallScannedMoE  # E = 4: one expert per device on the 'expert' axis
+
+    def plan(mesh):
+        return {"blocks.moe": ExpertParallel("expert", capacity_factor=cf)}
+
+    mesh, model, compiled, loss, grads, routes = _run(cls, "2x4", False, plan)
+    route = R.EXPERTS_MANUAL if cf is None else R.EXPERTS_ALL_TO_ALL
+    assert {r for *_, r in routes} == {route.name}
+    _check_numerics(cls, model, loss, grads)
+    ops = collectives(compiled, mesh)
+    stacks = {k: v for k, v in _flat(nnx.state(model, nnx.Param)).items() if "proj" in k}
+    per_layer = {k: v[0] for k, v in stacks.items()}
+    assert not [c for c in weight_collectives(ops, per_layer) if "expert" in c.axes]
+    assert not [c for c in ops if c.kind == "collective-permute"]
+
+
+def test_all_to_all_composes_with_fsdp_and_remat():
+    """(ExpertParallel(capacity_factor), FSDP('data'), Remat) on ('data', 'expert'),
+    Explicit axes: equal to unsharded; the stacks are gathered over 'data' only."""
+
+    def plan(mesh):
+        return (
+            ExpertParallel("expert", capacity_factor=CF),
+            npx.FSDP("data", min_size=64),
+            npx.Remat(),
+        )
+
+    mesh, model, compiled, loss, grads, routes = _run(mm.LoopMoE, "2x4", True, plan)
+    assert R.EXPERTS_ALL_TO_ALL.name in {r for *_, r in routes}
+    _check_numerics(mm.LoopMoE, model, loss, grads)
+    ops = collectives(compiled, mesh)
+    assert not [c for c in weight_collectives(ops, _stacks(model)) if "expert" in c.axes]
+    assert [c for c in ops if c.kind == "all-to-all"]

@@ -149,6 +149,18 @@ def _param_spec(var) -> P:
     return P(*_specs.pad(declared[max(len(declared) - ndim, 0) :], ndim))
 
 
+def stack_spec(path, var, dims: dict, axis: str):
+    """A param's spec, an expert stack's with `axis` on its expert dim: a stack
+    whose variable carries no layout (inside `nnx.scan` over an untagged
+    stack) still enters as this device's experts, never whole."""
+    spec = _param_spec(var)
+    name = str(path[-1].key) if len(path) == 1 else None
+    if name in dims:
+        ndim = var.get_value().ndim
+        spec = _specs.with_dim(spec, ndim, ndim + dims[name], axis)
+    return spec
+
+
 def _manual_axes(hooks: ModuleHooks) -> tuple[str, ...]:
     ex, gather, mesh = hooks.experts, hooks.gather, hooks.mesh
     manual = {ex.axis} | set(ex.batch_axes)
@@ -187,13 +199,17 @@ def _local_call(module, method, hooks: ModuleHooks, args, kwargs):
     graphdef, pstate, flat, treedef, where, batched, entry, manual = _plan(
         module, hooks, args, kwargs
     )
-    specs = jax.tree.map(_param_spec, pstate, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    dims = dict(ex.params)
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, var: stack_spec(path, var, dims, ex.axis),
+        pstate,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
     param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), specs)
     arrays = [flat[i] for i in where]
     arg_in = [P(entry) if bat else P() for bat in batched]
     if layout.explicit_here(mesh):
         arrays = [_to_manual(x, s, manual, mesh) for x, s in zip(arrays, arg_in)]
-    dims = dict(ex.params)
 
     def body(pstate, arrays):
         pstate = _gather_params(pstate, specs, dims, ex.axis, manual)

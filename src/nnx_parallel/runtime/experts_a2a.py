@@ -97,13 +97,15 @@ def _dispatch_call(module, method, hooks: ModuleHooks, args, kwargs):
     )
     if entry is None:
         raise experts.NotLocal("the batch does not split over the expert axis")
-    specs = jax.tree.map(experts._param_spec, pstate, is_leaf=_is_var)
+    dims = dict(ex.params)
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, var: experts.stack_spec(path, var, dims, ex.axis), pstate, is_leaf=_is_var
+    )
     param_in = jax.tree.map(lambda s: _specs.keep_axes(s, manual), specs)
     arrays = [flat[i] for i in where]
     arg_in = [P(entry) if bat else P() for bat in batched]
     if layout.explicit_here(mesh):
         arrays = [experts._to_manual(x, s, manual, mesh) for x, s in zip(arrays, arg_in)]
-    dims = dict(ex.params)
     name = experts_name(module)
 
     def body(pstate, arrays):
