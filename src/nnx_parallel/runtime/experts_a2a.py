@@ -106,7 +106,6 @@ def _dispatch_call(module, method, hooks: ModuleHooks, args, kwargs):
     arg_in = [P(entry) if bat else P() for bat in batched]
     if layout.explicit_here(mesh):
         arrays = [experts._to_manual(x, s, manual, mesh) for x, s in zip(arrays, arg_in)]
-    name = experts_name(module)
 
     def body(pstate, arrays):
         pstate = experts._gather_params(pstate, specs, dims, ex.axis, manual)
@@ -136,7 +135,7 @@ def _dispatch_call(module, method, hooks: ModuleHooks, args, kwargs):
         axis_names=set(manual),
     )
     out, counts = mapped(pstate, arrays)
-    jax.debug.callback(functools.partial(_record, name), counts)
+    jax.debug.callback(functools.partial(_record, experts_name(module)), counts)
     return out
 
 

@@ -153,10 +153,14 @@ def ring_attention(
     order), and chunk pairs
     are scored one by one; with `causal`, a chunk pair wholly above the
     diagonal is skipped (`lax.cond`), so every device scores 2 of its 4 chunk
-    pairs per hop (3 on its own block). Without `balanced` nothing is skipped:
-    device `size - 1` would still score all `size` blocks (the critical path),
-    and the `lax.cond` costs temp memory (measured: 71,944 against 48,952 B
-    on the GQA test model), so masked blocks are computed and masked there.
+    pairs per hop (3 on its own block). Without `balanced`, causal alone skips
+    nothing: device `size - 1` would still score all `size` blocks (the
+    critical path), and the `lax.cond` costs temp memory (measured: 71,944
+    against 48,952 B on the GQA test model), so masked blocks are computed and
+    masked there. With a `window` (left, right), every chunk pair out of
+    reach is skipped on every device, and without `balanced` the ring stops
+    after the hops that bring a block in reach (`_hops`): with a causal
+    window shorter than a block, one hop instead of `size - 1`.
     """
     i = jax.lax.axis_index(axis)
     b, tq, n_heads, h = q.shape
@@ -170,8 +174,13 @@ def ring_attention(
     ]
     qg = q.reshape(b, shape.parts, shape.c, kv_heads, shape.groups, h)
 
+    # A window makes most chunk pairs dead on every device: skip them, and
+    # without balancing stop the ring once no block is in reach.
+    skip = (causal and balanced) or window is not None
+
     def block(stats, k, v, src):
-        return _block(stats, k, v, i, src, qg, merges, shape, size, skip=causal and balanced)
+        live = functools.partial(_pair_live, c=shape.c, causal=causal, window=window)
+        return _block(stats, k, v, i, src, qg, merges, shape, size, live if skip else None)
 
     perm = [(d, (d + 1) % size) for d in range(size)]
 
@@ -187,7 +196,9 @@ def ring_attention(
     # returns its carry, whose type must match the merged one's.
     stats = jax.tree.map(lambda x: _compat.pcast_varying(x, (axis,)), stats)
     stats = block(stats, k, v, i)
-    (_, _, stats), _ = jax.lax.scan(hop, (k, v, stats), jnp.arange(1, size))
+    hops = _hops(size, tq, causal, window, balanced)
+    if hops:
+        (_, _, stats), _ = jax.lax.scan(hop, (k, v, stats), jnp.arange(1, hops + 1))
     out = jnp.concatenate([acc / l_sum[..., None] for _, l_sum, acc in stats], axis=3)
     out = out.astype(q.dtype)  # [b, k, g, t, h]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, n_heads, h)
@@ -203,9 +214,38 @@ class _Shape(NamedTuple):
     c: int
 
 
-def _block(stats, k, v, i, src, qg, merges, shape: _Shape, size: int, skip: bool):
+def _hops(size: int, rows: int, causal: bool, window, balanced: bool) -> int:
+    """How many times K/V move on: `size - 1`, fewer where a window keeps every
+    query from the blocks further back (natural order, nothing ahead: causal
+    or a right window of 0). At hop s a device holds the block s behind its
+    own, whose nearest key is (s - 1) * rows + 1 before its first query.
+
+    Example:
+      >>> _hops(4, 16, True, (8, 0), False), _hops(4, 16, True, (17, 0), False)
+      (1, 2)
+    """
+    if window is None or balanced or not (causal or window[1] == 0):
+        return size - 1
+    if window[0] <= 0:
+        return 0
+    return min(size - 1, (window[0] - 1) // rows + 1)
+
+
+def _pair_live(qid, kid, *, c: int, causal: bool, window):
+    """Whether global query chunk `qid` may attend to any key of chunk `kid`
+    (chunks of `c` rows): not wholly above the causal diagonal, not wholly
+    outside the window (left, right)."""
+    live = kid <= qid if causal else jnp.bool_(True)
+    if window is not None:
+        gap = (qid - kid) * c  # first query minus first key
+        live = live & (gap - (c - 1) <= window[0]) & (-gap - (c - 1) <= window[1])
+    return live
+
+
+def _block(stats, k, v, i, src, qg, merges, shape: _Shape, size: int, live):
     """All chunk pairs of the local queries against device `src`'s K/V block;
-    with `skip`, pairs wholly above the causal diagonal behind a `lax.cond`."""
+    with `live`, pairs that cannot attend (above the causal diagonal, outside
+    the window) are skipped behind a `lax.cond`."""
     c, out = shape.c, []
     for qj in range(shape.parts):
         carry = stats[qj]
@@ -214,8 +254,8 @@ def _block(stats, k, v, i, src, qg, merges, shape: _Shape, size: int, skip: bool
             kc, vc = k[:, kj * c : (kj + 1) * c], v[:, kj * c : (kj + 1) * c]
             args = (qg[:, qj], kc, vc, qid, kid, kid * c)  # bias/mask columns: natural order
             step = lambda carry, f=merges[qj], args=args: f(carry, *args)  # noqa: E731
-            if skip:  # a chunk pair wholly above the diagonal adds nothing
-                carry = jax.lax.cond(kid <= qid, step, lambda carry: carry, carry)
+            if live is not None:  # a chunk pair no query may attend adds nothing
+                carry = jax.lax.cond(live(qid, kid), step, lambda carry: carry, carry)
             else:
                 carry = step(carry)
         out.append(carry)
