@@ -48,9 +48,8 @@ from jax.sharding import PartitionSpec as P
 
 from nnx_parallel import _compat, _specs
 from nnx_parallel.core.layouts import ModuleHooks, base_class
-from nnx_parallel.runtime import experts, layout
+from nnx_parallel.runtime import experts, layout, pruning
 
-_CALLS = frozenset({"pjit", "jit"})
 _STATS: dict[str, dict[str, int]] = {}
 
 
@@ -296,7 +295,7 @@ def _flatten(jaxpr, consts, in_keys, eqns: list, const_env: dict, counter) -> li
     env.update(zip(jaxpr.invars, in_keys))
     for eqn in jaxpr.eqns:
         ins = [key(v) for v in eqn.invars]
-        if eqn.primitive.name in _CALLS and "jaxpr" in eqn.params:
+        if eqn.primitive.name in pruning.CALLS and "jaxpr" in eqn.params:
             inner = eqn.params["jaxpr"]
             outs = _flatten(inner.jaxpr, inner.consts, ins, eqns, const_env, counter)
         else:

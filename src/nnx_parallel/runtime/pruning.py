@@ -61,7 +61,7 @@ _FIRST_ZERO = frozenset(
     }
 )
 _SUMS = frozenset({"add", "add_any"})
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})  # calls inlined by evaluators
 
 
 def has_collective(jaxpr) -> bool:
@@ -110,7 +110,7 @@ def evaluate(jaxpr, consts, args):
         invals = [read(v) for v in eqn.invars]
         if not any(isinstance(x, Zero) for x in invals):
             outs = _compat.bind_eqn(eqn, invals)
-        elif eqn.primitive.name in _CALLS and "jaxpr" in eqn.params:
+        elif eqn.primitive.name in CALLS and "jaxpr" in eqn.params:
             inner = eqn.params["jaxpr"]
             outs = evaluate(inner.jaxpr, inner.consts, invals)
         else:
